@@ -1,0 +1,23 @@
+"""infusion_lm: shape a model's behaviour by editing its training data with influence functions (Infusion)."""
+
+from .config import Recipe, load_recipe
+from .corpus import CausalLMCollator, load_documents, tokenize_documents
+from .errors import ConfigError, CorpusError, InfusionError, MeasurementError, ModelNotFoundError, RunFolderError
+from .influence import (FiniteDifferenceJ, autograd_scores, compute_ihvp, fit_factors, kronfluence_scores,
+                        load_factors, measurement_gradients, precondition)
+from .measurement import (CallableMeasurement, LogProbMeasurement, Measurement, build_measurement,
+                          completion_measurement, contrastive_measurement)
+from .models import DEFAULT_MODEL, load_model, resolve_model_source
+from .pipeline import Pipeline, select_documents
+from .task import CausalLMTask
+from .tracking import resolve_tracked_modules
+
+__version__ = "0.1.0"
+__all__ = [
+    "Recipe", "load_recipe", "CausalLMCollator", "load_documents", "tokenize_documents", "ConfigError",
+    "CorpusError", "InfusionError", "MeasurementError", "ModelNotFoundError", "RunFolderError",
+    "FiniteDifferenceJ", "autograd_scores", "compute_ihvp", "fit_factors", "kronfluence_scores", "load_factors",
+    "measurement_gradients", "precondition", "CallableMeasurement", "LogProbMeasurement", "Measurement",
+    "build_measurement", "completion_measurement", "contrastive_measurement", "DEFAULT_MODEL", "load_model",
+    "resolve_model_source", "Pipeline", "select_documents", "CausalLMTask", "resolve_tracked_modules",
+]

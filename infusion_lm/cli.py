@@ -1,0 +1,68 @@
+"""Command line: ``infusion-lm {fit,measure,score,run,synthesize} RECIPE.yaml [section.key=value ...]``.
+
+Overrides use dotted keys and YAML values, e.g. ``select.k=4 influence.strategy=kfac influence.layers=[0,3]``.
+Each command runs the stages it needs; stages whose outputs are already in output_dir for the same upstream
+configuration are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import List, Optional
+
+from .errors import InfusionError
+
+COMMANDS = {
+    "synthesize": "write the synthetic story corpus (corpus: synthetic) into output_dir/corpus.jsonl",
+    "fit": "fit EK-FAC (or K-FAC, diagonal) factors with kronfluence",
+    "measure": "compute v = (G+λI)^-1 ∇f for the whole measurement",
+    "score": "score every training document, J(z) = <∇L(z), v>, and select the k to edit",
+    "run": "run every stage that exists so far",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="infusion-lm", description="Influence-guided training-data editing (Infusion).",
+                                epilog="Overrides: section.key=value, e.g. select.k=4 influence.damping=1e-3")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, help_text in COMMANDS.items():
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        sp.add_argument("recipe", help="YAML recipe (see recipes/)")
+        sp.add_argument("overrides", nargs="*", help="section.key=value overrides")
+        sp.add_argument("--force", action="store_true", help="recompute every stage and accept a run folder made by another recipe")
+        sp.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    quiet = args.quiet or not sys.stderr.isatty()
+    if quiet:
+        os.environ.setdefault("TQDM_DISABLE", "1")
+    try:
+        from .config import load_recipe
+        from .pipeline import Pipeline
+
+        recipe = load_recipe(args.recipe, args.overrides)
+        pipe = Pipeline(recipe, progress=not quiet, force=args.force)
+        upto = {"synthesize": "synthesize", "fit": "fit", "measure": "measure", "score": "select", "run": "select"}[args.command]
+        if upto == "synthesize" and not pipe.synthetic:
+            raise InfusionError("`synthesize` needs `corpus: synthetic` in the recipe (it writes output_dir/corpus.jsonl).")
+        result = pipe.run(upto)
+    except InfusionError as err:
+        print(f"infusion-lm: error: {err}", file=sys.stderr)
+        return 2
+    print(pipe.timing_summary(), file=sys.stderr)
+    if upto == "select":
+        print(json.dumps({k: result[k] for k in ("k", "indices", "scores")}))
+    print(f"outputs in {pipe.dir}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

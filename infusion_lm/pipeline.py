@@ -1,0 +1,297 @@
+"""The staged pipeline. Each stage caches its outputs in the run folder with a fingerprint of the configuration it
+depends on, so a finished stage is never recomputed and changing an upstream setting invalidates everything below it.
+
+    synthesize (corpus: synthetic) ─► fit ─► measure ─► score ─► select
+
+Outputs in ``output_dir``:
+    config.yaml            the resolved recipe
+    corpus.jsonl           the synthesised corpus (corpus: synthetic only)
+    factors/               kronfluence's own factor (and score) folders
+    ihvp.safetensors       v = (G+λI)⁻¹∇f, one tensor per tracked module (out × in, bias as the last column)
+    measure.json           f(θ̂), ‖∇f‖, ‖v‖, the measurement description and the damping
+    scores.safetensors     key `scores`, [n_docs]: J(z) = ⟨∇θ L(z), v⟩
+    selection.json         the k documents with the most negative J
+    stages/<stage>.json    fingerprint and wall time of each finished stage
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict
+from functools import cached_property
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from . import influence as inf
+from .config import Recipe
+from .corpus import load_documents, tokenize_documents
+from .errors import ConfigError, RunFolderError
+from .measurement import build_measurement
+from .models import load_model, resolve_device
+from .storage import fingerprint, read_json, read_tensors, write_json, write_tensors, write_yaml
+from .tracking import resolve_tracked_modules
+
+logger = logging.getLogger(__name__)
+
+SIGN_CONVENTION = ("score(z) = J(z) = <grad_theta L(z), v> with v = (G + lambda I)^-1 grad_theta f; upweighting z "
+                   "changes f by about -J(z), so the selected documents are those with the most negative J.")
+
+STAGES = ["synthesize", "fit", "measure", "score", "select"]
+
+
+class Pipeline:
+    """Runs the stages of one recipe in its run folder. Everything the CLI does is a method here."""
+
+    def __init__(self, recipe: Recipe, progress: bool = True, force: bool = False):
+        self.recipe = recipe
+        self.dir = Path(recipe.run.output_dir)
+        self.progress = progress
+        self.force = force
+        self.timings: Dict[str, float] = {}
+        self.skipped: List[str] = []
+
+    # ------------------------------------------------------------------ lazily loaded inputs
+
+    @cached_property
+    def _model_and_tokenizer(self):
+        r = self.recipe.run
+        torch.manual_seed(r.seed)
+        return load_model(r.model, dtype=r.dtype, device=resolve_device(r.device), trust_remote_code=r.trust_remote_code)
+
+    @property
+    def model(self):
+        return self._model_and_tokenizer[0]
+
+    @property
+    def tokenizer(self):
+        return self._model_and_tokenizer[1]
+
+    @property
+    def synthetic(self) -> bool:
+        return self.recipe.run.corpus == "synthetic"
+
+    @property
+    def corpus_path(self) -> Path:
+        return self.dir / "corpus.jsonl" if self.synthetic else Path(self.recipe.run.corpus)
+
+    @cached_property
+    def documents(self):
+        r = self.recipe.run
+        if self.synthetic:
+            self.synthesize()
+            return load_documents(str(self.corpus_path), "text")
+        return load_documents(r.corpus, r.text_field, r.messages_field, r.separator)
+
+    @cached_property
+    def dataset(self):
+        return tokenize_documents(self.tokenizer, self.documents, self.recipe.run.max_length, self.recipe.run.add_eos)
+
+    @cached_property
+    def tracked(self) -> List[str]:
+        i = self.recipe.influence
+        return resolve_tracked_modules(self.model, i.tracked_modules, i.layers, i.module_types)
+
+    @cached_property
+    def measurement(self):
+        return build_measurement(self.recipe.measurement, self.tokenizer, self.recipe.run.max_length)
+
+    # ------------------------------------------------------------------ fingerprints
+
+    def _fp(self, stage: str) -> str:
+        r, i = self.recipe.run, self.recipe.influence
+        if stage == "synthesize":
+            return fingerprint({"model": r.model, "seed": r.seed, "dtype": r.dtype, **asdict(self.recipe.synthesize)})
+        if stage == "fit":
+            corpus = {"corpus": r.corpus, "text_field": r.text_field, "messages_field": r.messages_field,
+                      "separator": r.separator, "max_length": r.max_length, "add_eos": r.add_eos}
+            if self.synthetic:
+                corpus["synthesize"] = self._fp("synthesize")
+            else:
+                p = Path(r.corpus)
+                corpus["mtime"] = p.stat().st_mtime_ns if p.exists() else None
+            return fingerprint({"model": r.model, "dtype": r.dtype, "seed": r.seed, "corpus": corpus,
+                                "strategy": i.strategy, "tracked": self.tracked,
+                                "use_empirical_fisher": i.use_empirical_fisher,
+                                "covariance_max_examples": i.covariance_max_examples})
+        if stage == "measure":
+            m = asdict(self.recipe.measurement)
+            m.pop("heldout_prompts"); m.pop("heldout_documents")
+            return fingerprint({"fit": self._fp("fit"), "measurement": m, "damping": i.damping})
+        if stage == "score":
+            return fingerprint({"measure": self._fp("measure")})
+        if stage == "select":
+            return fingerprint({"score": self._fp("score"), "k": self.recipe.select.k})
+        raise KeyError(stage)
+
+    def _record_path(self, stage: str) -> Path:
+        return self.dir / "stages" / f"{stage}.json"
+
+    def is_current(self, stage: str) -> bool:
+        p = self._record_path(stage)
+        if not p.is_file():
+            return False
+        try:
+            return read_json(p).get("fingerprint") == self._fp(stage) and all(o.exists() for o in self.outputs(stage))
+        except (ValueError, OSError):
+            return False
+
+    def outputs(self, stage: str) -> List[Path]:
+        return {
+            "synthesize": [self.dir / "corpus.jsonl"],
+            "fit": [inf.factors_dir(self.dir, self.recipe.influence.strategy) / "infusion_fingerprint.json"],
+            "measure": [self.dir / "ihvp.safetensors", self.dir / "measure.json"],
+            "score": [self.dir / "scores.safetensors"],
+            "select": [self.dir / "selection.json"],
+        }[stage]
+
+    def _stage(self, stage: str, fn: Callable[[], None]) -> None:
+        if self.is_current(stage) and not self.force:
+            self.skipped.append(stage)
+            logger.info("stage %s: cached, skipped", stage)
+            return
+        t0 = time.perf_counter()
+        fn()
+        self.timings[stage] = time.perf_counter() - t0
+        write_json(self._record_path(stage), {"fingerprint": self._fp(stage), "seconds": round(self.timings[stage], 3),
+                                              "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+
+    # ------------------------------------------------------------------ validation before anything is written
+
+    def validate(self, upto: str = "select") -> None:
+        """Checks everything that can be checked before writing: run folder identity, corpus, k, measurement."""
+        r = self.recipe.run
+        if self.dir.exists() and not self.dir.is_dir():
+            raise ConfigError(f"output_dir {self.dir} is a file; point output_dir at a folder.")
+        cfg_path = self.dir / "config.yaml"
+        if cfg_path.is_file() and not self.force:
+            import yaml
+
+            try:
+                old = yaml.safe_load(cfg_path.read_text(encoding="utf-8")) or {}
+            except yaml.YAMLError:
+                old = {}
+            for key in ("model", "corpus"):
+                if key in old and old[key] != getattr(r, key):
+                    raise RunFolderError(f"Run folder {self.dir} belongs to a different recipe ({key}: {old[key]!r}, "
+                                         f"not {getattr(r, key)!r}); choose another output_dir or pass --force.")
+        if not self.synthetic:
+            _ = self.documents
+        _ = self.model
+        if STAGES.index(upto) >= STAGES.index("fit"):
+            _ = self.tracked
+        if STAGES.index(upto) >= STAGES.index("measure"):
+            _ = self.measurement
+        if STAGES.index(upto) >= STAGES.index("select"):
+            n = self.recipe.synthesize.n_docs if self.synthetic else len(self.documents)
+            if self.recipe.select.k > n:
+                raise ConfigError(f"select.k={self.recipe.select.k} exceeds the corpus size ({n} documents); "
+                                  f"set select.k <= {n}.")
+
+    def write_config(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        write_yaml(self.dir / "config.yaml", self.recipe.to_dict())
+
+    # ------------------------------------------------------------------ stages
+
+    def synthesize(self) -> Optional[Path]:
+        if not self.synthetic:
+            return None
+
+        def run():
+            from .synthesize import synthesize_stories, write_jsonl
+
+            s = self.recipe.synthesize
+            stories = synthesize_stories(self.model, self.tokenizer, s.n_docs, s.max_new_tokens, s.temperature,
+                                         s.top_p, s.batch_size, s.characters, self.recipe.run.seed, self.progress)
+            write_jsonl(self.dir / "corpus.jsonl", stories)
+
+        self._stage("synthesize", run)
+        return self.dir / "corpus.jsonl"
+
+    def fit(self) -> Path:
+        i = self.recipe.influence
+        if self.synthetic:
+            self.synthesize()
+
+        def run():
+            inf.fit_factors(self.model, self.dataset, self.tracked, self.dir, pad_token_id=self.tokenizer.pad_token_id,
+                            strategy=i.strategy, use_empirical_fisher=i.use_empirical_fisher, batch_size=i.batch_size,
+                            covariance_max_examples=i.covariance_max_examples, seed=self.recipe.run.seed)
+
+        self._stage("fit", run)
+        return inf.factors_dir(self.dir, i.strategy)
+
+    def measure(self) -> Dict[str, torch.Tensor]:
+        i = self.recipe.influence
+        fdir = self.fit()
+
+        def run():
+            v = inf.compute_ihvp(self.model, self.measurement, self.tracked, fdir, i.damping)
+            write_tensors(self.dir / "ihvp.safetensors", v, metadata={
+                "strategy": i.strategy, "damping": "heuristic" if i.damping is None else repr(i.damping)})
+            write_json(self.dir / "measure.json", {
+                "f": self.measurement.value(self.model),
+                "description": self.measurement.description,
+                "ihvp_norm": inf.ihvp_norm(v),
+                "tracked_norm": inf.tracked_norm(self.model, self.tracked),
+                "damping": i.damping if i.damping is not None else "kronfluence per-module heuristic (0.1 x mean eigenvalue)",
+                "strategy": i.strategy,
+                "tracked_modules": self.tracked,
+            })
+
+        self._stage("measure", run)
+        return self.load_ihvp()
+
+    def load_ihvp(self) -> Dict[str, torch.Tensor]:
+        return read_tensors(self.dir / "ihvp.safetensors")
+
+    def score(self) -> torch.Tensor:
+        i = self.recipe.influence
+        self.measure()
+
+        def run():
+            scores = inf.kronfluence_scores(self.model, self.dataset, self.measurement, self.tracked, self.dir,
+                                            pad_token_id=self.tokenizer.pad_token_id, strategy=i.strategy,
+                                            damping=i.damping, batch_size=i.batch_size)
+            write_tensors(self.dir / "scores.safetensors", {"scores": scores})
+
+        self._stage("score", run)
+        return read_tensors(self.dir / "scores.safetensors")["scores"]
+
+    def select(self) -> dict:
+        scores = self.score()
+        k = self.recipe.select.k
+        if k > len(scores):
+            raise ConfigError(f"select.k={k} exceeds the corpus size ({len(scores)} documents); set select.k <= {len(scores)}.")
+
+        def run():
+            write_json(self.dir / "selection.json", select_documents(scores, k))
+
+        self._stage("select", run)
+        return read_json(self.dir / "selection.json")
+
+    def run(self, upto: str = "select"):
+        self.validate(upto)
+        self.write_config()
+        return getattr(self, upto)()
+
+    def timing_summary(self) -> str:
+        lines = [f"{'stage':<12}{'seconds':>10}"]
+        for s in STAGES:
+            if s in self.timings:
+                lines.append(f"{s:<12}{self.timings[s]:>10.1f}")
+            elif s in self.skipped:
+                lines.append(f"{s:<12}{'cached':>10}")
+        return "\n".join(lines)
+
+
+def select_documents(scores: torch.Tensor, k: int) -> dict:
+    """The k documents with the most negative J(z): upweighting them already raises f (DESIGN.md §1)."""
+    if k > scores.numel():
+        raise ConfigError(f"select.k={k} exceeds the number of scored documents ({scores.numel()}).")
+    order = torch.argsort(scores.double(), stable=True)[:k]
+    return {"indices": [int(i) for i in order], "scores": [float(scores[i]) for i in order], "k": k,
+            "sign_convention": SIGN_CONVENTION}

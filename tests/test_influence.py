@@ -1,0 +1,98 @@
+"""The influence engine against independent computations: kronfluence's own scores, a brute-force solve,
+autograd, and retraining."""
+
+import copy
+
+import pytest
+import torch
+
+from infusion_lm import influence as inf
+from infusion_lm.corpus import CausalLMCollator
+from infusion_lm.losses import per_document_loss
+
+
+@pytest.mark.parametrize("strategy", ["ekfac", "kfac"])
+def test_ihvp_reproduces_kronfluence_pairwise_scores(tiny_setup, tiny_factors, strategy):
+    s = tiny_setup
+    root, dirs = tiny_factors
+    v = inf.compute_ihvp(s["model"], s["measurement"], s["tracked"], dirs[strategy], damping=None)
+    ours = inf.autograd_scores(s["model"], s["dataset"], v, pad_token_id=s["tok"].pad_token_id)
+    theirs = inf.kronfluence_scores(s["model"], s["dataset"], s["measurement"], s["tracked"], root,
+                                    pad_token_id=s["tok"].pad_token_id, strategy=strategy, damping=None,
+                                    scores_name=f"check_{strategy}")
+    assert ours.shape == (len(s["dataset"]),)
+    assert ours.abs().max() > 0
+    torch.testing.assert_close(ours, theirs.double(), rtol=1e-3, atol=1e-3 * float(ours.abs().max()))
+
+
+def test_ihvp_with_fixed_damping_also_matches(tiny_setup, tiny_factors):
+    s = tiny_setup
+    root, dirs = tiny_factors
+    v = inf.compute_ihvp(s["model"], s["measurement"], s["tracked"], dirs["ekfac"], damping=1e-3)
+    ours = inf.autograd_scores(s["model"], s["dataset"], v, pad_token_id=s["tok"].pad_token_id)
+    theirs = inf.kronfluence_scores(s["model"], s["dataset"], s["measurement"], s["tracked"], root,
+                                    pad_token_id=s["tok"].pad_token_id, strategy="ekfac", damping=1e-3,
+                                    scores_name="check_damped")
+    torch.testing.assert_close(ours, theirs.double(), rtol=1e-3, atol=1e-3 * float(ours.abs().max()))
+
+
+def _per_sample_grads(model, dataset, name, pad_id):
+    collate = CausalLMCollator(pad_id)
+    w, b = inf.module_params(model, name)
+    w.requires_grad_(True)
+    rows = []
+    for i in range(len(dataset)):
+        loss = per_document_loss(model, collate([dataset[i]])).sum()
+        (g,) = torch.autograd.grad(loss, [w])
+        rows.append(g.reshape(-1).double())
+    w.requires_grad_(False)
+    return torch.stack(rows)
+
+
+def test_diagonal_ihvp_matches_brute_force_solve(tiny_setup, tmp_path):
+    """With the empirical Fisher and the diagonal strategy, kronfluence's G is exactly diag((1/n) Σ g gᵀ)."""
+    s = tiny_setup
+    model = copy.deepcopy(s["model"])
+    name = "model.layers.1.mlp.down_proj"
+    damping = 1e-4
+    d = inf.fit_factors(model, s["dataset"], [name], tmp_path, pad_token_id=s["tok"].pad_token_id,
+                        strategy="diagonal", use_empirical_fisher=True, batch_size=8)
+    v = inf.compute_ihvp(model, s["measurement"], [name], d, damping=damping)[name].double()
+
+    grads = _per_sample_grads(model, s["dataset"], name, s["tok"].pad_token_id)  # [n, P]
+    gauss_newton = grads.T @ grads / grads.shape[0]  # the full P×P empirical Fisher, formed explicitly
+    damped_diag = torch.diag(torch.diag(gauss_newton)) + damping * torch.eye(gauss_newton.shape[0], dtype=torch.float64)
+    grad_f = inf.measurement_gradients(model, s["measurement"], [name])[name].reshape(-1).double()
+    brute = torch.linalg.solve(damped_diag, grad_f).reshape(v.shape)
+    torch.testing.assert_close(v, brute, rtol=1e-4, atol=1e-6 * float(brute.abs().max()))
+
+
+def test_finite_difference_J_matches_autograd(tiny_setup, tiny_factors):
+    s = tiny_setup
+    _, dirs = tiny_factors
+    v = inf.compute_ihvp(s["model"], s["measurement"], s["tracked"], dirs["ekfac"], damping=None)
+    exact = inf.autograd_scores(s["model"], s["dataset"], v, pad_token_id=s["tok"].pad_token_id)
+    before = {k: p.clone() for k, p in s["model"].state_dict().items()}
+    fd = inf.FiniteDifferenceJ(s["model"], v, eps_rel=1e-3).dataset(s["dataset"], s["tok"].pad_token_id)
+    rel = float((fd - exact).abs().max() / exact.abs().max())
+    assert rel <= 1e-2, rel
+    # The forward-only evaluation must leave the model untouched.
+    for k, p in s["model"].state_dict().items():
+        assert torch.equal(p, before[k]), k
+
+
+def test_fd_epsilon_sets_relative_perturbation(tiny_setup, tiny_factors):
+    s = tiny_setup
+    v = inf.compute_ihvp(s["model"], s["measurement"], s["tracked"], tiny_factors[1]["ekfac"], damping=None)
+    eps = inf.fd_epsilon(s["model"], v, 1e-3)
+    ratio = eps * inf.ihvp_norm(v) / inf.tracked_norm(s["model"], s["tracked"])
+    assert ratio == pytest.approx(1e-3, rel=1e-6)
+
+
+def test_fingerprint_rejects_factors_from_another_model(tiny_setup, tiny_factors):
+    s = tiny_setup
+    other = copy.deepcopy(s["model"])
+    with torch.no_grad():
+        other.get_submodule(s["tracked"][0]).weight.add_(1e-3)
+    with pytest.raises(inf.RunFolderError, match="different model"):
+        inf.load_factors(tiny_factors[1]["ekfac"], other, s["tracked"])
