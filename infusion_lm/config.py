@@ -189,10 +189,11 @@ def _parser(cls):
 def _to_argv(section: str, values: Dict[str, Any], cls) -> List[str]:
     argv: List[str] = []
     names = {f.name for f in fields(cls)}
+    suggestions = sorted(names | ({s for s in SECTIONS if s} if not section else set()))
     for key, value in values.items():
         if key not in names:
             where = f"{section}." if section else ""
-            close = difflib.get_close_matches(key, sorted(names), n=1)
+            close = difflib.get_close_matches(key, suggestions, n=1)
             hint = f" Did you mean `{where}{close[0]}`?" if close else f" Valid keys: {', '.join(sorted(names))}."
             raise ConfigError(f"Unknown recipe key `{where}{key}`.{hint}")
         if value is None:

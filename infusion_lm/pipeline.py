@@ -182,6 +182,7 @@ class Pipeline:
         _ = self.model
         if STAGES.index(upto) >= STAGES.index("fit"):
             _ = self.tracked
+            self._check_factor_fingerprint()
         if STAGES.index(upto) >= STAGES.index("measure"):
             _ = self.measurement
         if STAGES.index(upto) >= STAGES.index("select"):
@@ -189,6 +190,19 @@ class Pipeline:
             if self.recipe.select.k > n:
                 raise ConfigError(f"select.k={self.recipe.select.k} exceeds the corpus size ({n} documents); "
                                   f"set select.k <= {n}.")
+
+    def _check_factor_fingerprint(self) -> None:
+        """Factors already in the run folder must come from this very model (weights included)."""
+        fp_path = inf.factors_dir(self.dir, self.recipe.influence.strategy) / "infusion_fingerprint.json"
+        if self.force or not fp_path.is_file():
+            return
+        recorded = read_json(fp_path)
+        if recorded.get("tracked_modules") != self.tracked:
+            return  # a different tracking choice is a legitimate config change: the fit stage refits
+        current = inf.model_fingerprint(self.model, self.tracked)
+        if recorded.get("model") != current:
+            raise RunFolderError(f"Factors in {fp_path.parent} were fitted on a different model (fingerprint "
+                                 f"{recorded.get('model')} != {current}); use a new output_dir, or pass --force to refit.")
 
     def write_config(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)

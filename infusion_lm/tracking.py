@@ -27,11 +27,23 @@ def _decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     raise ConfigError("Could not find the decoder layers (an nn.ModuleList); list influence.tracked_modules explicitly.")
 
 
-def is_forbidden(name: str, module: nn.Module, vocab_size: int | None) -> bool:
+def _embedding_modules(model: nn.Module) -> list:
+    out = []
+    for getter in ("get_output_embeddings", "get_input_embeddings"):
+        try:
+            mod = getattr(model, getter)()
+        except (AttributeError, NotImplementedError):
+            mod = None
+        if mod is not None:
+            out.append(mod)
+    return out
+
+
+def is_forbidden(name: str, module: nn.Module, embeddings: Sequence[nn.Module] = ()) -> bool:
     parts = name.split(".")
     if any(p in _FORBIDDEN or p.startswith("embed") for p in parts):
         return True
-    return isinstance(module, nn.Linear) and vocab_size is not None and module.out_features == vocab_size
+    return any(module is e for e in embeddings)
 
 
 def _is_lora(model: nn.Module) -> bool:
@@ -66,7 +78,6 @@ def default_tracked_modules(model: nn.Module, layers: Sequence[int] = (), module
 def resolve_tracked_modules(model: nn.Module, patterns: Sequence[str] = (), layers: Sequence[int] = (),
                             module_types: Sequence[str] = ("mlp", "attn")) -> List[str]:
     """Module names to track: explicit names/globs if given, else the default projections."""
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if not patterns:
         names = default_tracked_modules(model, layers, module_types)
     else:
@@ -79,7 +90,8 @@ def resolve_tracked_modules(model: nn.Module, patterns: Sequence[str] = (), laye
                                   f"e.g. {next(iter(candidates), '?')!r}.")
             names.extend(h for h in hits if h not in names)
     modules = dict(model.named_modules())
-    bad = [n for n in names if is_forbidden(n, modules[n], vocab)]
+    embeddings = _embedding_modules(model)
+    bad = [n for n in names if is_forbidden(n, modules[n], embeddings)]
     if bad:
         raise ConfigError(f"Tracking {bad[:3]} is not allowed: lm_head and embeddings are never tracked (their "
                           f"vocabulary-wide covariance does not fit in memory). Track MLP/attention projections.")

@@ -1,0 +1,55 @@
+import pytest
+
+from infusion_lm.config import load_recipe
+from infusion_lm.errors import ConfigError
+
+BASE = {"model": "m", "measurement": {"kind": "contrastive", "documents": ["a dog"], "probe": "dog", "target": "cat"}}
+
+
+def test_yaml_and_overrides_are_typed(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("model: m\nmax_length: 32\nselect:\n  k: 3\ninfluence:\n  layers: [0, -1]\n")
+    r = load_recipe(p, ["select.k=5", "influence.damping=0.001", "influence.strategy=kfac", "seed=7"])
+    assert (r.select.k, r.influence.damping, r.influence.strategy, r.run.seed) == (5, 0.001, "kfac", 7)
+    assert r.influence.layers == [0, -1] and r.run.max_length == 32
+    assert r.influence.damping is not None and isinstance(r.influence.damping, float)
+
+
+def test_damping_unset_means_heuristic():
+    assert load_recipe(raw=BASE).influence.damping is None
+
+
+@pytest.mark.parametrize("raw, match", [
+    ({"modle": "m"}, "Did you mean `model`"),
+    ({"select": {"kk": 3}}, "Did you mean `select.k`"),
+    ({"max_length": "abc"}, "invalid int value"),
+    ({"select": {"k": 0}}, "select.k must be >= 1"),
+    ({"influence": {"damping": -1.0}}, "damping must be >= 0"),
+    ({"influence": {"strategy": "foo"}}, "strategy"),
+    ({"measurement": {"kind": "contrastive", "documents": ["x"], "probe": "dog", "target": "dog"}}, "same word"),
+    ({"measurement": {"kind": "completion", "prompts": ["a", "b"], "completions": ["x", "y", "z"]}}, "give 1 or one per"),
+])
+def test_bad_recipes_raise_clear_errors(raw, match):
+    with pytest.raises(ConfigError, match=match):
+        load_recipe(raw=raw)
+
+
+def test_malformed_yaml_names_the_line(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("model: m\nselect: [k: 3\n")
+    with pytest.raises(ConfigError, match="not valid YAML at line"):
+        load_recipe(p)
+
+
+def test_override_syntax_errors():
+    with pytest.raises(ConfigError, match="key=value"):
+        load_recipe(raw=BASE, overrides=["select.k"])
+    with pytest.raises(ConfigError, match="Did you mean `select`"):
+        load_recipe(raw=BASE, overrides=["selct.k=3"])
+
+
+def test_output_dir_that_is_a_file(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(ConfigError, match="is a file"):
+        load_recipe(raw={"output_dir": str(f)})

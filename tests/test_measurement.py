@@ -1,0 +1,71 @@
+import pytest
+import torch
+
+from infusion_lm.errors import MeasurementError
+from infusion_lm.measurement import CallableMeasurement, completion_measurement, contrastive_measurement, find_word
+
+
+@torch.no_grad()
+def _logp_of(model, ids, start):
+    """Σ_{t >= start} log p(ids[t] | ids[:t]), one unbatched forward pass."""
+    x = torch.tensor([ids])
+    logp = torch.log_softmax(model(input_ids=x).logits[0].float(), -1)
+    return sum(float(logp[t - 1, ids[t]]) for t in range(start, len(ids)))
+
+
+def test_completion_is_mean_logprob(tiny_setup):
+    tok, model = tiny_setup["tok"], tiny_setup["model"]
+    prompts = ["The cat sat in the", "The dog ran to the"]
+    m = completion_measurement(tok, prompts, [" park."])
+    expect = []
+    for p in prompts:
+        p_ids, c_ids = tok(p)["input_ids"], tok(" park.", add_special_tokens=False)["input_ids"]
+        expect.append(_logp_of(model, p_ids + c_ids, len(p_ids)))
+    assert m.value(model) == pytest.approx(sum(expect) / 2, rel=1e-5)
+
+
+def test_contrastive_is_mean_difference_over_probe_positions(tiny_setup):
+    tok, model = tiny_setup["tok"], tiny_setup["model"]
+    docs = ["The dog ran. The dog sat.", "A dog."]
+    m = contrastive_measurement(tok, docs, "dog", "cat")
+    diffs = []
+    for d in docs:
+        for start in find_word(d, "dog"):
+            prefix = tok(d[: start - 1])["input_ids"]
+            t = tok(" cat", add_special_tokens=False)["input_ids"]
+            p = tok(" dog", add_special_tokens=False)["input_ids"]
+            diffs.append(_logp_of(model, prefix + t, len(prefix)) - _logp_of(model, prefix + p, len(prefix)))
+    assert len(diffs) == 3
+    assert m.value(model) == pytest.approx(sum(diffs) / 3, rel=1e-5, abs=1e-6)
+
+
+def test_multi_token_words_use_every_token(tok, tiny_setup):
+    word = "hippopotamus"  # not in the toy BPE vocabulary as one token
+    ids = tok(" " + word, add_special_tokens=False)["input_ids"]
+    assert len(ids) > 1
+    m = contrastive_measurement(tok, ["The dog ran."], "dog", word)
+    target_row = m.rows[0]
+    assert sum(target_row.score_mask) == len(ids)
+    assert target_row.input_ids[-len(ids):] == ids
+
+
+def test_whole_word_matching():
+    assert find_word("dog dogs hotdog dog.", "dog") == [0, 16]
+
+
+def test_contrastive_errors(tok):
+    with pytest.raises(MeasurementError, match="occurs in none"):
+        contrastive_measurement(tok, ["The cat sat."], "dog", "cat")
+    with pytest.raises(MeasurementError, match="empty"):
+        contrastive_measurement(tok, ["The dog sat."], "dog", " ")
+
+
+def test_callable_measurement_sums_batches(tiny_setup):
+    model = tiny_setup["model"]
+    batches = [{"input_ids": torch.tensor([[1, 2, 3]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}] * 2
+    m = CallableMeasurement(lambda batch, model: model(**batch).logits[0, -1, 5], batches)
+    one = float(model(**batches[0]).logits[0, -1, 5])
+    assert m.value(model) == pytest.approx(2 * one, rel=1e-6)
+    bad = CallableMeasurement(lambda batch, model: model(**batch).logits, batches)
+    with pytest.raises(MeasurementError, match="scalar"):
+        bad.value(model)
