@@ -109,8 +109,9 @@ class InfluenceArguments:
     batch_size: int = field(default=8, metadata=_help("Per-device batch size for factor fitting and scoring."))
     covariance_max_examples: Optional[int] = field(default=None, metadata=_help(
         "Fit covariances on at most this many documents (None: all)."))
-    fd_eps_rel: float = field(default=1e-3, metadata=_help(
-        "Finite-difference step for the forward-only J(z): ε‖v‖ = fd_eps_rel · ‖θ_tracked‖."))
+    fd_eps_rel: float = field(default=1e-4, metadata=_help(
+        "Finite-difference step for the forward-only J(z): ε‖v‖ = fd_eps_rel · ‖θ_tracked‖. On SmolLM2 (fp32) the "
+        "central-difference error vs autograd was 2.5e-4..6e-4 at 1e-4 and 0.15%..0.9% at 1e-3 (curvature)."))
 
     def __post_init__(self):
         strategies = {"ekfac", "kfac", "diagonal", "identity"}
@@ -124,7 +125,7 @@ class InfluenceArguments:
         if self.batch_size < 1:
             raise ConfigError("influence.batch_size must be >= 1.")
         if not 0 < self.fd_eps_rel < 1:
-            raise ConfigError("influence.fd_eps_rel must be in (0, 1); 1e-3 is a good default.")
+            raise ConfigError("influence.fd_eps_rel must be in (0, 1); 1e-4 is a good default for fp32.")
 
 
 @dataclass

@@ -34,6 +34,11 @@ FACTORS_ANALYSIS = "factors"
 # Layout helpers: a tracked module's parameters <-> one matrix in kronfluence's layout.
 
 
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: at least fp32, fp64 kept."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def module_params(model: nn.Module, name: str) -> tuple[nn.Parameter, Optional[nn.Parameter]]:
     mod = model.get_submodule(name)
     return mod.weight, getattr(mod, "bias", None)
@@ -197,11 +202,11 @@ def measurement_gradients(model: nn.Module, measurement: Measurement, tracked: S
         p.requires_grad_(True)
     try:
         device = leaves[0].device
-        grads = [torch.zeros_like(p, dtype=torch.float32) for p in leaves]
+        grads = [torch.zeros_like(p, dtype=_acc(p.dtype)) for p in leaves]
         for batch in measurement.batches:
             value = measurement(model, _to(batch, device))
             for g, d in zip(grads, torch.autograd.grad(value, leaves)):
-                g.add_(d.float())
+                g.add_(d.to(g.dtype))
     finally:
         for p, f in flags.items():
             p.requires_grad_(f)
@@ -286,7 +291,7 @@ def autograd_scores(model: nn.Module, dataset, v: Mapping[str, torch.Tensor], *,
                 gb = None
                 if b is not None:
                     gb = grads[j]; j += 1
-                total += float((to_layout(gw.float(), None if gb is None else gb.float()) * v[n].to(device)).sum())
+                total += float((to_layout(gw, gb).double() * v[n].to(device).double()).sum())
             out.append(total)
     finally:
         for p, f in zip(leaves, flags):
@@ -302,7 +307,7 @@ def ihvp_norm(v: Mapping[str, torch.Tensor]) -> float:
     return float(torch.sqrt(sum((t.float() ** 2).sum() for t in v.values())))
 
 
-def fd_epsilon(model: nn.Module, v: Mapping[str, torch.Tensor], eps_rel: float = 1e-3) -> float:
+def fd_epsilon(model: nn.Module, v: Mapping[str, torch.Tensor], eps_rel: float = 1e-4) -> float:
     """ε with ε‖v‖ = eps_rel · ‖θ_tracked‖, so the perturbation is a fixed small fraction of the weights."""
     vn = ihvp_norm(v)
     if vn == 0:
@@ -315,10 +320,11 @@ def perturbed_params(model: nn.Module, v: Mapping[str, torch.Tensor], step: floa
     out = {}
     for name, mat in v.items():
         w, b = module_params(model, name)
-        dw, db = from_layout(mat.to(device=w.device, dtype=torch.float32), w, b)
-        out[f"{name}.weight"] = (w.float() + step * dw).to(w.dtype)
+        acc = _acc(w.dtype)
+        dw, db = from_layout(mat.to(device=w.device, dtype=acc), w, b)
+        out[f"{name}.weight"] = (w.to(acc) + step * dw).to(w.dtype)
         if b is not None:
-            out[f"{name}.bias"] = (b.float() + step * db).to(b.dtype)
+            out[f"{name}.bias"] = (b.to(acc) + step * db).to(b.dtype)
     return out
 
 
@@ -329,7 +335,7 @@ class FiniteDifferenceJ:
     gradients and no double backprop. The model itself is never modified.
     """
 
-    def __init__(self, model: nn.Module, v: Mapping[str, torch.Tensor], eps: Optional[float] = None, eps_rel: float = 1e-3):
+    def __init__(self, model: nn.Module, v: Mapping[str, torch.Tensor], eps: Optional[float] = None, eps_rel: float = 1e-4):
         self.model = model
         self.eps = eps if eps is not None else fd_epsilon(model, v, eps_rel)
         with torch.no_grad():

@@ -10,13 +10,18 @@ import torch.nn.functional as F
 from .corpus import IGNORE_INDEX
 
 
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision logits go to fp32 for the softmax; fp32 and fp64 stay as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def forward_logits(model, batch: Dict[str, torch.Tensor], **kwargs) -> torch.Tensor:
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs).logits
 
 
 def per_document_loss_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed next-token cross-entropy per row, [B]. Computed in fp32 whatever the model dtype."""
-    shift_logits = logits[:, :-1].float()
+    shift_logits = upcast(logits[:, :-1])
     shift_labels = labels[:, 1:]
     nll = F.cross_entropy(
         shift_logits.reshape(-1, shift_logits.size(-1)),
@@ -34,7 +39,7 @@ def per_document_loss(model, batch: Dict[str, torch.Tensor], **kwargs) -> torch.
 def sampled_labels(logits: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Labels drawn from the model's own predictive distribution at the trained positions (true Fisher)."""
     with torch.no_grad():
-        probs = torch.softmax(logits[:, :-1].float(), dim=-1)
+        probs = torch.softmax(upcast(logits[:, :-1]), dim=-1)
         draws = torch.multinomial(probs.reshape(-1, probs.size(-1)), 1, generator=generator).view(probs.shape[:2])
         out = labels.clone()
         trained = labels[:, 1:] != IGNORE_INDEX

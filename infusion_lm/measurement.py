@@ -71,9 +71,11 @@ def _collate_rows(rows: Sequence[LogProbRow], pad_id: int) -> Dict[str, torch.Te
 
 def row_logprobs(model, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
     """Σ_{t in score_mask} log p(x_t | x_<t) per row, [B]."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    from .losses import upcast
+
+    logits = upcast(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1])
     logp = torch.log_softmax(logits, dim=-1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
-    return (logp * batch["score_mask"][:, 1:]).sum(dim=1)
+    return (logp * batch["score_mask"][:, 1:].to(logp.dtype)).sum(dim=1)
 
 
 class LogProbMeasurement(Measurement):
@@ -88,7 +90,8 @@ class LogProbMeasurement(Measurement):
                         for i in range(0, len(self.rows), batch_size)]
 
     def __call__(self, model, batch):
-        return (row_logprobs(model, batch) * batch["weights"].to(torch.float32)).sum()
+        lp = row_logprobs(model, batch)
+        return (lp * batch["weights"].to(lp.dtype)).sum()
 
 
 def _word_ids(tokenizer, word: str, role: str) -> List[int]:
