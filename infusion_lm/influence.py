@@ -8,9 +8,9 @@ Conventions (DESIGN.md §1):
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
@@ -89,13 +89,33 @@ class _Collate:
         return self.collator(items)
 
 
-def _analyzer(model: nn.Module, task: CausalLMTask, root: Path, pad_token_id: int, disable_tqdm: bool = False):
-    from kronfluence.analyzer import Analyzer, prepare_model
+@contextmanager
+def kronfluence_view(model: nn.Module, task: CausalLMTask):
+    """kronfluence's `prepare_model` freezes and wraps modules in place; this undoes it afterwards, so the caller's
+    model comes back unchanged without paying for a deep copy (a full second model in memory)."""
+    from kronfluence.analyzer import prepare_model
+    from kronfluence.module.tracked_module import TrackedModule
+
+    flags = {p: p.requires_grad for p in model.parameters()}
+    training = model.training
+    try:
+        yield prepare_model(model, task)
+    finally:
+        for name, mod in list(model.named_modules()):
+            if isinstance(mod, TrackedModule):
+                parent_name, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent_name) if parent_name else model, child, mod.original_module)
+        for p, f in flags.items():
+            p.requires_grad_(f)
+        model.train(training)
+
+
+def _analyzer(wrapped: nn.Module, task: CausalLMTask, root: Path, pad_token_id: int, disable_tqdm: bool = False):
+    from kronfluence.analyzer import Analyzer
     from kronfluence.utils.dataset import DataLoaderKwargs
 
-    wrapped = prepare_model(copy.deepcopy(model), task)  # kronfluence freezes and wraps modules in place
     analyzer = Analyzer(analysis_name=FACTORS_ANALYSIS, model=wrapped, task=task, output_dir=str(root),
-                        cpu=next(model.parameters()).device.type == "cpu", disable_tqdm=disable_tqdm,
+                        cpu=next(wrapped.parameters()).device.type == "cpu", disable_tqdm=disable_tqdm,
                         log_level=logging.WARNING)
     analyzer.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=_Collate(pad_token_id)))
     return analyzer
@@ -129,11 +149,12 @@ def fit_factors(
     from .storage import write_json
 
     task = CausalLMTask(tracked, seed=seed)
-    analyzer = _analyzer(model, task, Path(root), pad_token_id)
     factor_args = FactorArguments(strategy=strategy, use_empirical_fisher=use_empirical_fisher,
                                   covariance_max_examples=covariance_max_examples)
-    analyzer.fit_all_factors(factors_name=factors_name(strategy), dataset=dataset, per_device_batch_size=batch_size,
-                             factor_args=factor_args, overwrite_output_dir=overwrite)
+    with kronfluence_view(model, task) as wrapped:
+        analyzer = _analyzer(wrapped, task, Path(root), pad_token_id)
+        analyzer.fit_all_factors(factors_name=factors_name(strategy), dataset=dataset, per_device_batch_size=batch_size,
+                                 factor_args=factor_args, overwrite_output_dir=overwrite)
     out = factors_dir(root, strategy)
     write_json(out / "infusion_fingerprint.json", {"model": model_fingerprint(model, tracked), "tracked_modules": list(tracked)})
     return out
@@ -258,13 +279,14 @@ def kronfluence_scores(model: nn.Module, dataset, measurement: Measurement, trac
     from kronfluence.arguments import ScoreArguments
 
     task = CausalLMTask(tracked, measurement)
-    analyzer = _analyzer(model, task, Path(root), pad_token_id)
     score_args = ScoreArguments(damping_factor=damping, aggregate_query_gradients=True)
-    analyzer.compute_pairwise_scores(scores_name=scores_name, factors_name=factors_name(strategy),
-                                     query_dataset=list(measurement.batches), train_dataset=dataset,
-                                     per_device_query_batch_size=1, per_device_train_batch_size=batch_size,
-                                     score_args=score_args, overwrite_output_dir=True)
-    scores = analyzer.load_pairwise_scores(scores_name)["all_modules"]
+    with kronfluence_view(model, task) as wrapped:
+        analyzer = _analyzer(wrapped, task, Path(root), pad_token_id)
+        analyzer.compute_pairwise_scores(scores_name=scores_name, factors_name=factors_name(strategy),
+                                         query_dataset=list(measurement.batches), train_dataset=dataset,
+                                         per_device_query_batch_size=1, per_device_train_batch_size=batch_size,
+                                         score_args=score_args, overwrite_output_dir=True)
+        scores = analyzer.load_pairwise_scores(scores_name)["all_modules"]
     return scores.sum(dim=0).float().cpu()
 
 

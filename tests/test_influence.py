@@ -97,3 +97,20 @@ def test_fingerprint_rejects_factors_from_another_model(tiny_setup, tiny_factors
         other.get_submodule(s["tracked"][0]).weight.add_(1e-3)
     with pytest.raises(inf.RunFolderError, match="different model"):
         inf.load_factors(tiny_factors[1]["ekfac"], other, s["tracked"])
+
+
+def test_kronfluence_stages_leave_the_model_as_it_was(tiny_setup, tiny_factors):
+    s = tiny_setup
+    model = s["model"]
+    flags = [p.requires_grad for p in model.parameters()]
+    types = {n: type(m) for n, m in model.named_modules()}
+    batch = CausalLMCollator(s["tok"].pad_token_id)([s["dataset"][0]])
+    with torch.no_grad():
+        before = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    inf.kronfluence_scores(model, s["dataset"], s["measurement"], s["tracked"], tiny_factors[0],
+                           pad_token_id=s["tok"].pad_token_id, scores_name="untouched")
+    assert {n: type(m) for n, m in model.named_modules()} == types
+    assert [p.requires_grad for p in model.parameters()] == flags
+    with torch.no_grad():
+        after = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert torch.equal(before, after)

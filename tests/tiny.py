@@ -89,3 +89,9 @@ def train_briefly(model, dataset, pad_token_id: int, steps: int = 60, lr: float 
         opt.step()
     model.eval()
     return model
+
+
+def last_token_logit(batch, model):
+    """An example user measurement for `measurement.callable: tiny:last_token_logit`."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return logits[:, -1, 5].sum()

