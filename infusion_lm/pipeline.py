@@ -204,8 +204,16 @@ class Pipeline:
             raise RunFolderError(f"Factors in {fp_path.parent} were fitted on a different model (fingerprint "
                                  f"{recorded.get('model')} != {current}); use a new output_dir, or pass --force to refit.")
 
+    def sweep_temporaries(self) -> None:
+        """Removes the temporary files a killed run left behind (they never took a real output's name)."""
+        import shutil
+
+        for tmp in list(self.dir.rglob(".*.tmp")) if self.dir.is_dir() else []:
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+
     def write_config(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.sweep_temporaries()
         write_yaml(self.dir / "config.yaml", self.recipe.to_dict())
 
     # ------------------------------------------------------------------ stages
