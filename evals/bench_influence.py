@@ -13,7 +13,6 @@ Prints a table and writes JSON (default evals/results/bench_influence.json).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import resource

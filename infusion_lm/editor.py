@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import List, Mapping, Optional, Sequence
 
 import torch
 from torch.func import functional_call
@@ -206,7 +206,7 @@ class SwapEditor:
             ok[torch.arange(len(cur_ids)), cur_ids] = False
             changed = cur_ids != ids0
             if int(changed.sum()) >= budget:
-                ok &= changed[:, None] | torch.zeros_like(ok)  # at the budget, only already-changed positions move
+                ok &= changed[:, None]  # at the budget, only already-changed positions move
                 ok[changed, ids0[changed]] = True  # ... including back to the original token
             scores = torch.where(ok, delta, torch.full_like(delta, float("inf")))
             k = min(cfg.topk, scores.shape[1])

@@ -12,7 +12,7 @@ import hashlib
 import logging
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from .corpus import CausalLMCollator
 from .errors import RunFolderError
-from .losses import per_document_loss
+from .losses import per_document_loss, per_document_loss_from_logits
 from .measurement import Measurement, _to
 from .task import CausalLMTask
 
@@ -231,13 +231,15 @@ def measurement_gradients(model: nn.Module, measurement: Measurement, tracked: S
     finally:
         for p, f in flags.items():
             p.requires_grad_(f)
-    out, i = {}, 0
-    for name, (w, b) in params.items():
-        gw = grads[i]; i += 1
-        gb = None
-        if b is not None:
-            gb = grads[i]; i += 1
-        out[name] = to_layout(gw, gb)
+    return _grads_by_module(params, grads)
+
+
+def _grads_by_module(params: Mapping[str, tuple], grads: Sequence[torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Regroups a flat list of (weight[, bias]) gradients into one kronfluence-layout matrix per module."""
+    out, it = {}, iter(grads)
+    for name, (_, b) in params.items():
+        gw = next(it)
+        out[name] = to_layout(gw, next(it) if b is not None else None)
     return out
 
 
@@ -305,16 +307,8 @@ def autograd_scores(model: nn.Module, dataset, v: Mapping[str, torch.Tensor], *,
         for i in range(len(dataset)):
             batch = _to(collate([dataset[i]]), device)
             loss = per_document_loss(model, batch).sum()
-            grads = torch.autograd.grad(loss, leaves)
-            total, j = 0.0, 0
-            for n in names:
-                w, b = params[n]
-                gw = grads[j]; j += 1
-                gb = None
-                if b is not None:
-                    gb = grads[j]; j += 1
-                total += float((to_layout(gw, gb).double() * v[n].to(device).double()).sum())
-            out.append(total)
+            grads = _grads_by_module(params, torch.autograd.grad(loss, leaves))
+            out.append(sum(float((g.double() * v[n].to(device).double()).sum()) for n, g in grads.items()))
     finally:
         for p, f in zip(leaves, flags):
             p.requires_grad_(f)
@@ -368,8 +362,6 @@ class FiniteDifferenceJ:
         params = self.plus if sign > 0 else self.minus
         logits = functional_call(self.model, params, args=(), kwargs={
             "input_ids": batch.get("input_ids"), "attention_mask": batch["attention_mask"], **kw}).logits
-        from .losses import per_document_loss_from_logits
-
         return per_document_loss_from_logits(logits, batch["labels"])
 
     @torch.no_grad()
