@@ -1,4 +1,4 @@
-"""Command line: ``infusion-lm {fit,measure,score,run,synthesize} RECIPE.yaml [section.key=value ...]``.
+"""Command line: ``infusion-lm {synthesize,fit,measure,score,edit,run} RECIPE.yaml [section.key=value ...]``.
 
 Overrides use dotted keys and YAML values, e.g. ``select.k=4 influence.strategy=kfac influence.layers=[0,3]``.
 Each command runs the stages it needs; stages whose outputs are already in output_dir for the same upstream
@@ -21,6 +21,7 @@ COMMANDS = {
     "fit": "fit EK-FAC (or K-FAC, diagonal) factors with kronfluence",
     "measure": "compute v = (G+λI)^-1 ∇f for the whole measurement",
     "score": "score every training document, J(z) = <∇L(z), v>, and select the k to edit",
+    "edit": "edit the selected documents to lower J (swap, simplex_pgd or random) and write the infused corpus",
     "run": "run every stage that exists so far",
 }
 
@@ -39,7 +40,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)  # overrides may also come after --flags
+    unknown = [a for a in extra if a.startswith("-") or "=" not in a]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = list(args.overrides) + extra
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     quiet = args.quiet or not sys.stderr.isatty()
     if quiet:
@@ -50,7 +56,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         recipe = load_recipe(args.recipe, args.overrides)
         pipe = Pipeline(recipe, progress=not quiet, force=args.force)
-        upto = {"synthesize": "synthesize", "fit": "fit", "measure": "measure", "score": "select", "run": "select"}[args.command]
+        upto = {"synthesize": "synthesize", "fit": "fit", "measure": "measure", "score": "select", "edit": "edit", "run": "edit"}[args.command]
         if upto == "synthesize" and not pipe.synthetic:
             raise InfusionError("`synthesize` needs `corpus: synthetic` in the recipe (it writes output_dir/corpus.jsonl).")
         result = pipe.run(upto)
@@ -60,6 +66,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(pipe.timing_summary(), file=sys.stderr)
     if upto == "select":
         print(json.dumps({k: result[k] for k in ("k", "indices", "scores")}))
+    if upto == "edit":
+        for r in result:
+            print(json.dumps({k: r[k] for k in ("doc_index", "n_changed", "J_before", "J_after", "predicted_delta_f",
+                                                 "perplexity_before", "perplexity_after")}))
     print(f"outputs in {pipe.dir}", file=sys.stderr)
     return 0
 

@@ -1,7 +1,7 @@
 """Recipe configuration: dataclasses parsed by ``transformers.HfArgumentParser`` from YAML plus overrides.
 
 A recipe is a YAML mapping. Top-level scalar keys (``model``, ``corpus``, ...) fill :class:`RunArguments`; the
-sections ``measurement``, ``influence``, ``select`` and ``synthesize`` fill their own dataclasses. Overrides on the
+sections ``measurement``, ``influence``, ``select``, ``synthesize`` and ``edit`` fill their own dataclasses. Overrides on the
 command line use dotted keys, ``section.key=value`` (or ``key=value`` for top-level keys), with the value read as
 YAML, so ``select.k=4``, ``influence.layers=[0,3]`` and ``measurement.probe=dog`` all work.
 
@@ -153,12 +153,69 @@ class SynthesizeArguments:
             raise ConfigError("synthesize.n_docs and synthesize.max_new_tokens must be >= 1.")
 
 
+@dataclass
+class EditArguments:
+    """How the selected documents are edited (section `edit`). Shared knobs first, then each editor's own."""
+
+    editor: str = field(default="swap", metadata=_help("swap (default) | simplex_pgd | random."))
+    budget_fraction: float = field(default=0.08, metadata=_help(
+        "Changed tokens per document, as a fraction of its editable tokens (the paper changed about 8%)."))
+    max_changed: Optional[int] = field(default=None, metadata=_help("Absolute cap on changed tokens per document."))
+    fluency_topk: int = field(default=64, metadata=_help(
+        "New tokens must be among the base model's own top-k predictions at that position; 0 disables."))
+    fluency_top_p: float = field(default=1.0, metadata=_help(
+        "... and inside its top-p nucleus at that position; 1.0 disables."))
+    ascii_only: bool = field(default=False, metadata=_help("Only introduce tokens that decode to ASCII text."))
+    allow_prompt_edits: bool = field(default=False, metadata=_help(
+        "Also edit untrained positions (the prompt and system parts of chat documents). Off: they are protected."))
+    seed: int = field(default=0, metadata=_help("Seed for candidate sampling and the random editor."))
+    doc_batch_size: int = field(default=8, metadata=_help("Documents edited together."))
+    score_batch_size: int = field(default=32, metadata=_help(
+        "Rows per forward pass when scoring candidates exactly; halves by itself on out-of-memory."))
+    # swap
+    topk: int = field(default=16, metadata=_help("swap: proposals kept per position, by predicted decrease in J."))
+    n_candidates: int = field(default=16, metadata=_help("swap: candidate documents scored exactly per step."))
+    swaps_per_candidate: int = field(default=1, metadata=_help("swap: token swaps in each candidate."))
+    steps: int = field(default=12, metadata=_help("swap: search steps; simplex_pgd: gradient steps."))
+    patience: int = field(default=4, metadata=_help("swap: stop a document after this many steps without improvement."))
+    use_label_path: bool = field(default=True, metadata=_help(
+        "swap: include the label path (token t is the label at t-1) in the proposals."))
+    # simplex_pgd
+    pgd_lr: float = field(default=0.5, metadata=_help(
+        "simplex_pgd: step size on the relaxed one-hot, with the gradient scaled to max |g| = 1 per document."))
+    entropy_bound: float = field(default=0.5, metadata=_help(
+        "simplex_pgd: upper bound on each position's Gini entropy 1 - sum p^2 after projection (0.5: two tokens)."))
+    eval_every: int = field(default=5, metadata=_help(
+        "simplex_pgd: discretise and score exactly every this many steps; the best discrete document is kept."))
+
+    def __post_init__(self):
+        if self.editor not in {"swap", "simplex_pgd", "random"}:
+            raise ConfigError(f"edit.editor {self.editor!r} is not one of swap, simplex_pgd, random.")
+        if not 0 <= self.budget_fraction <= 1:
+            raise ConfigError(f"edit.budget_fraction must be in [0, 1] (got {self.budget_fraction}); 0.08 is the default.")
+        if self.max_changed is not None and self.max_changed < 0:
+            raise ConfigError(f"edit.max_changed must be >= 0 (got {self.max_changed}); leave it unset for no cap.")
+        if self.fluency_topk < 0:
+            raise ConfigError(f"edit.fluency_topk must be >= 0 (got {self.fluency_topk}); 0 disables the constraint.")
+        if not 0 < self.fluency_top_p <= 1:
+            raise ConfigError(f"edit.fluency_top_p must be in (0, 1] (got {self.fluency_top_p}).")
+        for name in ("doc_batch_size", "score_batch_size", "topk", "n_candidates", "swaps_per_candidate", "steps",
+                     "patience", "eval_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"edit.{name} must be >= 1 (got {getattr(self, name)}).")
+        if self.pgd_lr <= 0:
+            raise ConfigError(f"edit.pgd_lr must be > 0 (got {self.pgd_lr}).")
+        if not 0 <= self.entropy_bound < 1:
+            raise ConfigError(f"edit.entropy_bound must be in [0, 1) (got {self.entropy_bound}); Gini entropy is below 1.")
+
+
 SECTIONS = {
     "": RunArguments,
     "measurement": MeasurementArguments,
     "influence": InfluenceArguments,
     "select": SelectArguments,
     "synthesize": SynthesizeArguments,
+    "edit": EditArguments,
 }
 
 
@@ -169,10 +226,11 @@ class Recipe:
     influence: InfluenceArguments
     select: SelectArguments
     synthesize: SynthesizeArguments
+    edit: EditArguments = field(default_factory=EditArguments)
 
     def to_dict(self) -> Dict[str, Any]:
         out: Dict[str, Any] = dict(asdict(self.run))
-        for name in ("measurement", "influence", "select", "synthesize"):
+        for name in ("measurement", "influence", "select", "synthesize", "edit"):
             out[name] = asdict(getattr(self, name))
         return out
 
@@ -271,7 +329,7 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: Sequence[str] 
     raw = apply_overrides(raw, overrides)
     top = {k: v for k, v in raw.items() if k not in SECTIONS or k == ""}
     parsed = {"run": _parse_section("", top)}
-    for section in ("measurement", "influence", "select", "synthesize"):
+    for section in ("measurement", "influence", "select", "synthesize", "edit"):
         values = raw.get(section) or {}
         if not isinstance(values, dict):
             raise ConfigError(f"Recipe section `{section}` must be a mapping of keys to values.")

@@ -45,3 +45,19 @@ def sampled_labels(logits: torch.Tensor, labels: torch.Tensor, generator: torch.
         trained = labels[:, 1:] != IGNORE_INDEX
         out[:, 1:] = torch.where(trained, draws, labels[:, 1:])
     return out
+
+
+@torch.no_grad()
+def perplexities(model, rows, pad_token_id: int, batch_size: int = 8) -> list:
+    """exp(mean next-token NLL over each row's trained tokens) under ``model``; rows carry input_ids and labels."""
+    from .corpus import CausalLMCollator
+
+    collate = CausalLMCollator(pad_token_id)
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(rows), batch_size):
+        batch = {k: v.to(device) for k, v in collate(list(rows[i: i + batch_size])).items()}
+        nll = per_document_loss(model, batch).double()
+        n = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1).clamp(min=1)
+        out.extend(torch.exp(nll / n).tolist())
+    return out

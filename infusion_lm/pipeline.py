@@ -1,7 +1,7 @@
 """The staged pipeline. Each stage caches its outputs in the run folder with a fingerprint of the configuration it
 depends on, so a finished stage is never recomputed and changing an upstream setting invalidates everything below it.
 
-    synthesize (corpus: synthetic) ─► fit ─► measure ─► score ─► select
+    synthesize (corpus: synthetic) ─► fit ─► measure ─► score ─► select ─► edit
 
 Outputs in ``output_dir``:
     config.yaml            the resolved recipe
@@ -11,11 +11,15 @@ Outputs in ``output_dir``:
     measure.json           f(θ̂), ‖∇f‖, ‖v‖, the measurement description and the damping
     scores.safetensors     key `scores`, [n_docs]: J(z) = ⟨∇θ L(z), v⟩
     selection.json         the k documents with the most negative J
+    infused/               the edited documents with their edit records (datasets.Dataset, save_to_disk)
+    edits.jsonl            the same records plus each document's J after every editor step
+    infused_corpus/        the whole corpus with the edited documents in place (see infusion_lm/infused.py)
     stages/<stage>.json    fingerprint and wall time of each finished stage
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import asdict
@@ -29,6 +33,8 @@ from . import influence as inf
 from .config import Recipe
 from .corpus import load_documents, tokenize_documents
 from .errors import ConfigError, RunFolderError
+from .infused import EDITS, INFUSED, INFUSED_CORPUS, edit_records, write_edit_outputs
+from .losses import perplexities
 from .measurement import build_measurement
 from .models import load_model, resolve_device
 from .storage import fingerprint, read_json, read_tensors, write_json, write_tensors, write_yaml
@@ -39,7 +45,7 @@ logger = logging.getLogger(__name__)
 SIGN_CONVENTION = ("score(z) = J(z) = <grad_theta L(z), v> with v = (G + lambda I)^-1 grad_theta f; upweighting z "
                    "changes f by about -J(z), so the selected documents are those with the most negative J.")
 
-STAGES = ["synthesize", "fit", "measure", "score", "select"]
+STAGES = ["synthesize", "fit", "measure", "score", "select", "edit"]
 
 
 class Pipeline:
@@ -124,6 +130,9 @@ class Pipeline:
             return fingerprint({"measure": self._fp("measure")})
         if stage == "select":
             return fingerprint({"score": self._fp("score"), "k": self.recipe.select.k})
+        if stage == "edit":
+            return fingerprint({"select": self._fp("select"), "edit": asdict(self.recipe.edit),
+                                "fd_eps_rel": i.fd_eps_rel})
         raise KeyError(stage)
 
     def _record_path(self, stage: str) -> Path:
@@ -145,6 +154,7 @@ class Pipeline:
             "measure": [self.dir / "ihvp.safetensors", self.dir / "measure.json"],
             "score": [self.dir / "scores.safetensors"],
             "select": [self.dir / "selection.json"],
+            "edit": [self.dir / INFUSED, self.dir / EDITS, self.dir / INFUSED_CORPUS],
         }[stage]
 
     def _stage(self, stage: str, fn: Callable[[], None]) -> None:
@@ -160,7 +170,7 @@ class Pipeline:
 
     # ------------------------------------------------------------------ validation before anything is written
 
-    def validate(self, upto: str = "select") -> None:
+    def validate(self, upto: str = "edit") -> None:
         """Checks everything that can be checked before writing: run folder identity, corpus, k, measurement."""
         r = self.recipe.run
         if self.dir.exists() and not self.dir.is_dir():
@@ -295,7 +305,27 @@ class Pipeline:
         self._stage("select", run)
         return read_json(self.dir / "selection.json")
 
-    def run(self, upto: str = "select"):
+    def edit(self) -> List[dict]:
+        selection = self.select()
+
+        def run():
+            from .editors import build_editor
+
+            v = self.load_ihvp()
+            editor = build_editor(self.model, self.tokenizer, v, self.recipe.edit, self.recipe.influence.fd_eps_rel)
+            rows = [self.dataset[i] for i in selection["indices"]]
+            results = editor.edit_many(rows, progress=self.progress)
+            pad = self.tokenizer.pad_token_id
+            after = [{"input_ids": r.input_ids, "labels": r.labels} for r in results]
+            records = edit_records(self.tokenizer, selection["indices"], results, len(self.dataset),
+                                   self.recipe.edit.editor, perplexities(self.model, rows, pad),
+                                   perplexities(self.model, after, pad))
+            write_edit_outputs(self.dir, self.tokenizer, self.dataset, records, self.documents)
+
+        self._stage("edit", run)
+        return [json.loads(line) for line in (self.dir / EDITS).read_text(encoding="utf-8").splitlines()]
+
+    def run(self, upto: str = "edit"):
         self.validate(upto)
         self.write_config()
         return getattr(self, upto)()

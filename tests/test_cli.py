@@ -21,7 +21,7 @@ def _write_corpus(path: Path, texts):
     return path
 
 
-def _recipe(tmp_path, model_dir, corpus, **over):
+def _recipe(tmp_path, model_dir, corpus, name="recipe.yaml", **over):
     r = {
         "model": str(model_dir), "corpus": str(corpus), "max_length": 48, "output_dir": str(tmp_path / "run"),
         "measurement": {"kind": "contrastive", "probe": "dog", "target": "cat",
@@ -31,10 +31,10 @@ def _recipe(tmp_path, model_dir, corpus, **over):
     }
     for key, value in over.items():
         if isinstance(value, dict):
-            r[key].update(value)
+            r.setdefault(key, {}).update(value)
         else:
             r[key] = value
-    p = tmp_path / "recipe.yaml"
+    p = tmp_path / name
     p.write_text(yaml.safe_dump(r))
     return p
 

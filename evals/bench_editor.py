@@ -1,0 +1,159 @@
+"""Benchmark the token editors on SmolLM2-135M-Instruct: 8 documents × 64 tokens, one run, side by side.
+
+Setup: EK-FAC on 64 TinyStories documents × 64 tokens (layers 12 and 24, MLP and attention), the contrastive
+measurement dog→cat, v, forward-only J for all 64, and the 8 with the most negative J.
+
+1. Candidate throughput: J of 32 single-swap candidates of one document, forward-only in one batch against one
+   autograd backward per candidate (⟨∇L(z'), v⟩), with the relative error between the two.
+2. The three editors at the same budget (``--budget`` of each document's editable tokens) and seed: per-document
+   edit time, J reduction per changed token, and the perplexity of the edited documents under the base model relative
+   to their originals (median).
+
+Prints a table and writes JSON (default evals/results/bench_editor.json).
+
+    python evals/bench_editor.py [--docs 8] [--tokens 64] [--steps 12] [--budget 0.08] [--out PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_influence import ROOT, documents  # noqa: E402  (also sets HF_HUB_OFFLINE and TQDM_DISABLE)
+
+
+def candidate_throughput(model, tok, v, row, n: int = 32, seed: int = 0) -> dict:
+    import torch
+
+    from infusion_lm import influence as inf
+    from infusion_lm.config import EditArguments
+    from infusion_lm.editors import SwapEditor
+
+    ed = SwapEditor(model, tok, v, EditArguments(seed=seed))
+    st = ed.prepare([row])[0]
+    g = torch.Generator().manual_seed(seed)
+    positions = st.editable.nonzero().flatten()
+    cands = []
+    while len(cands) < n:
+        p = int(positions[torch.randint(len(positions), (1,), generator=g)])
+        options = st.fluent[p].nonzero().flatten()
+        c = st.ids0.clone()
+        c[p] = options[torch.randint(len(options), (1,), generator=g)]
+        cands.append(c)
+    labels = [st.labels_for(c) for c in cands]
+    ed.exact_J(cands[:2], labels[:2])  # warm-up
+    t0 = time.perf_counter()
+    fwd = ed.exact_J(cands, labels)
+    t_fwd = time.perf_counter() - t0
+    import datasets
+
+    ds = datasets.Dataset.from_list([{"input_ids": c.tolist(), "labels": l.tolist()} for c, l in zip(cands, labels)])
+    t0 = time.perf_counter()
+    auto = inf.autograd_scores(model, ds, v, pad_token_id=tok.pad_token_id)  # one backward per candidate
+    t_auto = time.perf_counter() - t0
+    rel = float(((fwd - auto.double()).abs() / auto.double().abs().clamp(min=1e-12)).median())
+    return {"candidates": n, "forward_only_s": t_fwd, "autograd_s": t_auto,
+            "forward_only_per_s": n / t_fwd, "autograd_per_s": n / t_auto, "speedup": t_auto / t_fwd,
+            "median_rel_err": rel}
+
+
+def run_editor(name, model, tok, v, rows, args) -> dict:
+    from infusion_lm.config import EditArguments
+    from infusion_lm.editors import build_editor
+    from infusion_lm.losses import perplexities
+
+    eargs = EditArguments(editor=name, budget_fraction=args.budget, steps=args.steps, n_candidates=args.candidates,
+                          eval_every=max(1, args.steps // 4), seed=0, doc_batch_size=len(rows))
+    ed = build_editor(model, tok, v, eargs)
+    t0 = time.perf_counter()
+    res = ed.edit_many(rows)
+    wall = time.perf_counter() - t0
+    after = [{"input_ids": r.input_ids, "labels": r.labels} for r in res]
+    ppl0 = perplexities(model, rows, tok.pad_token_id)
+    ppl1 = perplexities(model, after, tok.pad_token_id)
+    changed = sum(r.n_changed for r in res)
+    drop = sum(r.J_before - r.J_after for r in res)
+    return {
+        "editor": name, "wall_s": wall, "per_doc_s": wall / len(rows), "tokens_changed": changed,
+        "budget_tokens": sum(r.budget for r in res), "J_drop_total": drop,
+        "J_drop_per_token": drop / changed if changed else 0.0,
+        "docs_improved": sum(r.J_after < r.J_before for r in res),
+        "ppl_ratio_median": statistics.median(b / a for a, b in zip(ppl0, ppl1)),
+        "ppl_ratio_max": max(b / a for a, b in zip(ppl0, ppl1)),
+        "per_doc": [{"J_before": r.J_before, "J_after": r.J_after, "n_changed": r.n_changed, "budget": r.budget,
+                     "text": tok.decode(r.input_ids, skip_special_tokens=True)} for r in res],
+    }
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--docs", type=int, default=8)
+    p.add_argument("--pool", type=int, default=64, help="documents scored to choose the edited ones")
+    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--layers", type=int, nargs="+", default=[12, 24])
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--candidates", type=int, default=16)
+    p.add_argument("--budget", type=float, default=0.08)
+    p.add_argument("--editors", nargs="+", default=["swap", "simplex_pgd", "random"])
+    p.add_argument("--out", default=str(ROOT / "evals" / "results" / "bench_editor.json"))
+    args = p.parse_args()
+
+    import torch
+
+    from infusion_lm import influence as inf
+    from infusion_lm.measurement import contrastive_measurement
+    from infusion_lm.models import load_model
+    from infusion_lm.tracking import resolve_tracked_modules
+
+    torch.manual_seed(0)
+    model, tok = load_model()
+    ds, source = documents(tok, args.pool, args.tokens)
+    meas = contrastive_measurement(tok, ["Tom had a little dog. The dog ran to the park and the dog was happy."], "dog", "cat")
+    tracked = resolve_tracked_modules(model, layers=args.layers)
+    t0 = time.perf_counter()
+    fdir = inf.fit_factors(model, ds, tracked, tempfile.mkdtemp(), pad_token_id=tok.pad_token_id, strategy="ekfac")
+    v = inf.compute_ihvp(model, meas, tracked, fdir, damping=None)
+    J = inf.FiniteDifferenceJ(model, v).dataset(ds, tok.pad_token_id)
+    setup_s = time.perf_counter() - t0
+    chosen = torch.argsort(J)[: args.docs].tolist()
+    rows = [ds[i] for i in chosen]
+    print(f"setup (fit + v + J of {args.pool}) {setup_s:.0f} s; editing documents {chosen}", flush=True)
+
+    thr = candidate_throughput(model, tok, v, rows[0])
+    print(f"throughput: {thr['forward_only_per_s']:.2f} vs {thr['autograd_per_s']:.2f} candidates/s "
+          f"({thr['speedup']:.2f}x), median rel err {thr['median_rel_err']:.1e}", flush=True)
+    editors = {}
+    for name in args.editors:
+        editors[name] = run_editor(name, model, tok, v, rows, args)
+        e = editors[name]
+        print(f"{name}: {e['per_doc_s']:.1f} s/doc, {e['tokens_changed']}/{e['budget_tokens']} tokens, "
+              f"ΔJ/token {e['J_drop_per_token']:.1f}, ppl ratio {e['ppl_ratio_median']:.3f}", flush=True)
+
+    print()
+    print(f"{'measure':<44}{'value':>12}  goal")
+    print(f"{'candidates/s forward-only':<44}{thr['forward_only_per_s']:>12.2f}")
+    print(f"{'candidates/s per-candidate autograd':<44}{thr['autograd_per_s']:>12.2f}")
+    print(f"{'speed-up':<44}{thr['speedup']:>12.2f}  >= 3")
+    print()
+    print(f"{'editor':<14}{'s/doc':>8}{'changed':>9}{'improved':>10}{'J drop/token':>14}{'ppl ratio (med)':>17}")
+    for name, e in editors.items():
+        print(f"{name:<14}{e['per_doc_s']:>8.1f}{e['tokens_changed']:>5}/{e['budget_tokens']:<3}"
+              f"{e['docs_improved']:>7}/{len(rows):<2}{e['J_drop_per_token']:>14.1f}{e['ppl_ratio_median']:>17.3f}")
+    print("goal: swap perplexity ratio <= 1.3")
+    result = {"model": "SmolLM2-135M-Instruct", "source": source, "docs": args.docs, "tokens": args.tokens,
+              "layers": args.layers, "steps": args.steps, "candidates": args.candidates, "budget": args.budget,
+              "setup_s": setup_s, "chosen": chosen, "throughput": thr, "editors": editors,
+              "torch_threads": torch.get_num_threads()}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,18 @@
+"""Token editors that lower J(z) of the selected documents: ``swap`` (default), ``simplex_pgd`` and ``random``."""
+
+from .base import EditResult, TokenEditor, allowed_vocabulary, effective_embeddings, retokenises
+from .random import RandomEditor
+from .simplex_pgd import SimplexPGDEditor, gini_entropy, project_entropy, project_simplex
+from .swap import SwapEditor
+
+EDITORS = {"swap": SwapEditor, "simplex_pgd": SimplexPGDEditor, "random": RandomEditor}
+
+
+def build_editor(model, tokenizer, v, args, eps_rel: float = 1e-4) -> TokenEditor:
+    """The editor named by ``args.editor`` (an :class:`~infusion_lm.config.EditArguments`)."""
+    return EDITORS[args.editor](model, tokenizer, v, args, eps_rel=eps_rel)
+
+
+__all__ = ["EDITORS", "EditResult", "RandomEditor", "SimplexPGDEditor", "SwapEditor", "TokenEditor",
+           "allowed_vocabulary", "build_editor", "effective_embeddings", "gini_entropy", "project_entropy",
+           "project_simplex", "retokenises"]

@@ -1,0 +1,242 @@
+"""What every token editor shares: the exact objective, the constraints that keep edits real text, and the result.
+
+An editor lowers J(z) = ⟨∇θ L(z), v⟩ of each selected document; replacing z by the edited z' then changes f by about
+−(J(z') − J(z)) / n (DESIGN.md §1). The exact objective is the forward-only finite difference
+J(x) = [L(x; θ̂+εv) − L(x; θ̂−εv)] / 2ε, evaluated on padded batches of documents.
+
+Constraints (shared by the swap, simplex PGD and random editors, so baselines are compared at equal footing):
+- a budget of changed tokens per document, ``floor(budget_fraction × editable tokens)``, optionally capped;
+- new tokens only from the base model's own top-k / top-p prediction at that position, in the original context;
+- never special tokens (eos, chat markers, added tokens), optionally ASCII only;
+- only trained positions (labels ≠ −100), so the prompt and system parts of chat documents are protected unless
+  ``allow_prompt_edits``; never position 0, which no prediction constrains;
+- retokenisation stability: decoding then encoding the edited ids gives the same ids.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Mapping, Optional, Sequence
+
+import torch
+
+from ..config import EditArguments
+from ..corpus import IGNORE_INDEX
+from ..influence import FiniteDifferenceJ
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EditResult:
+    """The whole record of one document's edit (nanoGCG-style: the search trace travels with the result)."""
+
+    original_ids: List[int]
+    input_ids: List[int]
+    labels: List[int]
+    J_before: float
+    J_after: float
+    changed_positions: List[int]
+    budget: int
+    J_trace: List[float] = field(default_factory=list)
+
+    @property
+    def n_changed(self) -> int:
+        return len(self.changed_positions)
+
+
+@dataclass
+class DocState:
+    """One document under edit: the original, the constraints, and the current best."""
+
+    ids0: torch.Tensor  # [T]
+    lab0: torch.Tensor  # [T]
+    label_tied: torch.Tensor  # [T] labels that are the tokens themselves follow an edit; masked ones stay masked
+    editable: torch.Tensor  # [T] bool
+    fluent: torch.Tensor  # [T, V] bool: allowed new tokens at each position (fluency ∧ vocabulary ∧ editable)
+    budget: int
+    add_special: bool
+    ids: torch.Tensor = None
+    labels: torch.Tensor = None
+    J0: float = 0.0
+    J: float = 0.0
+    trace: List[float] = field(default_factory=list)
+    stale: int = 0
+    done: bool = False
+
+    def labels_for(self, ids: torch.Tensor) -> torch.Tensor:
+        """Labels of a candidate with these ids ([T] or [B, T])."""
+        return torch.where(self.label_tied, ids, self.lab0)
+
+    def result(self) -> EditResult:
+        changed = (self.ids != self.ids0).nonzero().flatten().tolist()
+        return EditResult(self.ids0.tolist(), self.ids.tolist(), self.labels.tolist(), self.J0, self.J, changed,
+                          self.budget, list(self.trace))
+
+
+def effective_embeddings(model) -> torch.Tensor:
+    """E_eff: every token through the model's own embedding module (any scale it applies included), [V, d]."""
+    emb = model.get_input_embeddings()
+    with torch.no_grad():
+        ids = torch.arange(emb.num_embeddings, device=emb.weight.device)
+        return emb(ids).float()
+
+
+def allowed_vocabulary(tokenizer, vocab_size: int, ascii_only: bool = False) -> torch.Tensor:
+    """Boolean [V]: tokens an edit may introduce. Never special tokens; optionally ASCII-only tokens."""
+    ok = torch.ones(vocab_size, dtype=torch.bool)
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}).keys())
+    for i in special:
+        if 0 <= i < vocab_size:
+            ok[i] = False
+    if len(tokenizer) < vocab_size:
+        ok[len(tokenizer):] = False  # padded embedding rows are not real tokens
+    if ascii_only:
+        for i in range(min(vocab_size, len(tokenizer))):
+            if ok[i] and not tokenizer.decode([i]).isascii():
+                ok[i] = False
+    return ok
+
+
+def retokenises(tokenizer, ids: Sequence[int], add_special: bool) -> bool:
+    text = tokenizer.decode(list(ids), skip_special_tokens=False)
+    return tokenizer(text, add_special_tokens=add_special)["input_ids"] == list(ids)
+
+
+def pad_rows(ids: Sequence[torch.Tensor], labels: Sequence[torch.Tensor], pad_id: int) -> Dict[str, torch.Tensor]:
+    """Right-pads 1-D rows into a batch; padding is masked in attention and ignored in the loss."""
+    width = max(len(r) for r in ids)
+    device = ids[0].device
+    out_ids = torch.full((len(ids), width), pad_id, dtype=torch.long, device=device)
+    out_lab = torch.full((len(ids), width), IGNORE_INDEX, dtype=torch.long, device=device)
+    mask = torch.zeros((len(ids), width), dtype=torch.long, device=device)
+    for i, (a, b) in enumerate(zip(ids, labels)):
+        out_ids[i, : len(a)] = a
+        out_lab[i, : len(b)] = b
+        mask[i, : len(a)] = 1
+    return {"input_ids": out_ids, "attention_mask": mask, "labels": out_lab}
+
+
+def edit_budget(n_editable: int, budget_fraction: float, max_changed: Optional[int]) -> int:
+    budget = int(math.floor(budget_fraction * n_editable + 1e-9))
+    return budget if max_changed is None else min(budget, max_changed)
+
+
+class TokenEditor:
+    """Base class: builds each document's constraints, scores rows exactly, and runs documents in batches.
+
+    Subclasses implement ``_edit_batch(states)``, which moves each ``DocState`` to its best edit.
+    """
+
+    name = "base"
+
+    def __init__(self, model, tokenizer, v: Mapping[str, torch.Tensor], args: EditArguments = EditArguments(),
+                 eps: Optional[float] = None, eps_rel: float = 1e-4):
+        self.model = model
+        self.tok = tokenizer
+        self.args = args
+        self.J = FiniteDifferenceJ(model, v, eps=eps, eps_rel=eps_rel)
+        self.device = next(model.parameters()).device
+        self.vocab_size = model.get_input_embeddings().num_embeddings
+        self.allowed = allowed_vocabulary(tokenizer, self.vocab_size, args.ascii_only).to(self.device)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.gen = torch.Generator().manual_seed(args.seed)
+        self._score_batch = args.score_batch_size
+
+    # ---------------------------------------------------------------- exact objective
+    @torch.no_grad()
+    def exact_J(self, ids: Sequence[torch.Tensor] | torch.Tensor, labels: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+        """Forward-only J for rows of any lengths, chunked, halving the chunk for good on out-of-memory."""
+        ids, labels = list(ids), list(labels)
+        out, i = [], 0
+        while i < len(ids):
+            n = self._score_batch
+            batch = pad_rows(ids[i: i + n], labels[i: i + n], self.pad_id)
+            try:
+                out.append(self.J(batch).double())
+                i += n
+            except torch.OutOfMemoryError:
+                if n == 1:
+                    raise
+                self._score_batch = n // 2
+                logger.warning("Out of memory scoring %d rows at once; retrying with %d.", n, n // 2)
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+        return torch.cat(out).cpu()
+
+    # ---------------------------------------------------------------- constraints
+    def editable_positions(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        pos = self.allowed[ids].clone()  # never rewrite a special token (eos, chat markers)
+        if not self.args.allow_prompt_edits:
+            pos &= labels != IGNORE_INDEX
+        pos[0] = False  # the first token has no prediction to constrain it
+        return pos
+
+    @torch.no_grad()
+    def fluent_masks(self, rows: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        """Per row, [T, V]: tokens the base model ranks in its top-k and top-p at each position (position 0: none)."""
+        a = self.args
+        batch = pad_rows(rows, rows, self.pad_id)
+        out = []
+        if a.fluency_topk <= 0 and a.fluency_top_p >= 1:
+            for r in rows:
+                ok = torch.ones(len(r), self.vocab_size, dtype=torch.bool, device=self.device)
+                ok[0] = False
+                out.append(ok)
+            return out
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        for b, r in enumerate(rows):
+            lg = logits[b, : len(r) - 1]
+            ok = torch.zeros(len(r), self.vocab_size, dtype=torch.bool, device=self.device)
+            keep = torch.ones_like(lg, dtype=torch.bool)
+            if a.fluency_topk > 0:
+                top = lg.topk(min(a.fluency_topk, lg.shape[-1]), dim=-1).indices
+                keep = torch.zeros_like(keep).scatter_(1, top, True)
+            if a.fluency_top_p < 1:
+                probs, order = torch.softmax(lg, -1).sort(dim=-1, descending=True)
+                before = probs.cumsum(-1) - probs  # mass strictly above each token: the nucleus keeps it while < p
+                keep &= torch.zeros_like(keep).scatter_(1, order, before < a.fluency_top_p)
+            ok[1:] = keep
+            out.append(ok)
+        return out
+
+    def prepare(self, rows: Sequence[Mapping[str, Sequence[int]]]) -> List[DocState]:
+        ids = [torch.as_tensor(list(r["input_ids"]), device=self.device) for r in rows]
+        labels = [torch.as_tensor(list(r["labels"]), device=self.device) for r in rows]
+        fluent = self.fluent_masks(ids)
+        j0 = self.exact_J(ids, labels)
+        states = []
+        for i, l, f, j in zip(ids, labels, fluent, j0.tolist()):
+            editable = self.editable_positions(i, l)
+            text = self.tok.decode(i.tolist(), skip_special_tokens=False)
+            add_special = self.tok(text, add_special_tokens=True)["input_ids"] == i.tolist()
+            mask = f & self.allowed[None, :] & editable[:, None]
+            budget = edit_budget(int(editable.sum()), self.args.budget_fraction, self.args.max_changed)
+            states.append(DocState(i, l, l == i, editable, mask, budget, add_special, ids=i.clone(), labels=l.clone(),
+                                   J0=j, J=j, trace=[j]))
+        return states
+
+    def stable(self, st: DocState, cand: torch.Tensor) -> bool:
+        return retokenises(self.tok, cand.tolist(), st.add_special)
+
+    # ---------------------------------------------------------------- driver
+    def edit(self, input_ids: Sequence[int], labels: Sequence[int]) -> EditResult:
+        return self.edit_many([{"input_ids": input_ids, "labels": labels}])[0]
+
+    def edit_many(self, rows: Sequence[Mapping[str, Sequence[int]]], progress: bool = False) -> List[EditResult]:
+        from tqdm.auto import tqdm
+
+        out: List[EditResult] = []
+        bs = self.args.doc_batch_size
+        with tqdm(total=len(rows), desc=f"edit ({self.name})", disable=not progress) as bar:
+            for i in range(0, len(rows), bs):
+                states = self.prepare(rows[i: i + bs])
+                self._edit_batch([s for s in states if s.budget > 0])
+                out.extend(s.result() for s in states)
+                bar.update(len(states))
+        return out
+
+    def _edit_batch(self, states: List[DocState]) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError

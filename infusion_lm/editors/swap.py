@@ -1,0 +1,126 @@
+"""The swap editor (the default): embedding-gradient-guided token swaps, scored exactly with the forward-only J.
+
+Proposals, a first-order prediction of ΔJ for putting token w at position t (DESIGN.md §1):
+- input path: g_t · (E_eff[w] − E_eff[x_t]), with g_t = ∂J/∂e_t from two backward passes through the input embeddings
+  and E_eff the embedding of every token through the model's own embedding module (so any scale it applies counts);
+- label path: x_t is also the label at position t−1, so ΔJ gains
+  [−(log p⁺_{t−1}(w) − log p⁻_{t−1}(w)) + (log p⁺_{t−1}(x_t) − log p⁻_{t−1}(x_t))] / 2ε, read off the same two passes.
+
+Search, per step and for a batch of documents at once: at each editable position keep the top-k tokens by predicted
+decrease; draw candidates with one or a few swaps each; score every document's candidates exactly in one padded batch;
+each document keeps its best candidate if it lowers J. A document stops after ``patience`` steps without improvement.
+Once a document has spent its budget, only its already-changed positions may move (including back to the original).
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from torch.func import functional_call
+
+from ..corpus import IGNORE_INDEX
+from ..losses import per_document_loss_from_logits, upcast
+from .base import DocState, TokenEditor, effective_embeddings, pad_rows
+
+
+class SwapEditor(TokenEditor):
+    name = "swap"
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.E = effective_embeddings(self.model)
+
+    # ---------------------------------------------------------------- first-order proposals
+    def predicted_delta_batch(self, ids: List[torch.Tensor], labels: List[torch.Tensor],
+                              use_label_path: Optional[bool] = None) -> List[torch.Tensor]:
+        """Predicted ΔJ for every (position, token), one [T, V] tensor per document."""
+        use_label_path = self.args.use_label_path if use_label_path is None else use_label_path
+        batch = pad_rows(ids, labels, self.pad_id)
+        emb_mod = self.model.get_input_embeddings()
+        grads, logps = [], []
+        for params in (self.J.plus, self.J.minus):
+            e = emb_mod(batch["input_ids"]).detach().requires_grad_(True)
+            logits = functional_call(self.model, params, args=(), kwargs={
+                "inputs_embeds": e, "attention_mask": batch["attention_mask"]}).logits
+            loss = per_document_loss_from_logits(logits, batch["labels"]).sum()
+            (g,) = torch.autograd.grad(loss, [e])
+            grads.append(g.float())
+            if use_label_path:
+                logps.append(torch.log_softmax(upcast(logits.detach()).float(), dim=-1))
+            del logits, loss
+        two_eps = 2 * self.J.eps
+        g = (grads[0] - grads[1]) / two_eps  # ∂J/∂e_t, [B, T, d]
+        out = []
+        for b, x in enumerate(ids):
+            T = len(x)
+            gb = g[b, :T]
+            delta = gb @ self.E.T - (gb * self.E[x]).sum(-1, keepdim=True)  # input path, [T, V]
+            if use_label_path:
+                dlog = (logps[0][b, : T - 1] - logps[1][b, : T - 1]) / two_eps  # (log p⁺ − log p⁻)/2ε, [T−1, V]
+                cur = dlog.gather(-1, x[1:, None])
+                trained = (labels[b][1:] != IGNORE_INDEX).float()[:, None]
+                delta[1:] += (cur - dlog) * trained
+            out.append(delta)
+        return out
+
+    def predicted_delta(self, ids: torch.Tensor, labels: torch.Tensor, use_label_path: Optional[bool] = None) -> torch.Tensor:
+        """Predicted ΔJ for every (position, token), [T, V], for one document."""
+        return self.predicted_delta_batch([ids.to(self.device)], [labels.to(self.device)], use_label_path)[0]
+
+    # ---------------------------------------------------------------- search
+    def _candidates(self, st: DocState, delta: torch.Tensor) -> List[torch.Tensor]:
+        a = self.args
+        ok = st.fluent.clone()
+        ok[torch.arange(len(st.ids)), st.ids] = False
+        changed = st.ids != st.ids0
+        if int(changed.sum()) >= st.budget:
+            ok &= changed[:, None]  # at the budget, only already-changed positions move
+            ok[changed, st.ids0[changed]] = True  # ... including back to the original token
+        scores = torch.where(ok, delta, torch.full_like(delta, float("inf")))
+        top_val, top_tok = scores.topk(min(a.topk, scores.shape[1]), dim=1, largest=False)
+        valid = torch.isfinite(top_val)
+        positions = valid.any(dim=1).nonzero().flatten().cpu()
+        if len(positions) == 0:
+            return []
+        n_valid = valid.sum(dim=1).cpu()
+        cands, seen = [], set()
+        for _ in range(a.n_candidates):
+            cand = st.ids.clone()
+            picks = positions[torch.randperm(len(positions), generator=self.gen)[: a.swaps_per_candidate]]
+            for p in picks.tolist():
+                cand[p] = top_tok[p, int(torch.randint(int(n_valid[p]), (1,), generator=self.gen))]
+            key = tuple(cand.tolist())
+            if key in seen or int((cand != st.ids0).sum()) > st.budget or not self.stable(st, cand):
+                continue
+            seen.add(key)
+            cands.append(cand)
+        return cands
+
+    def _edit_batch(self, states: List[DocState]) -> None:
+        for _ in range(self.args.steps):
+            active = [s for s in states if not s.done]
+            if not active:
+                break
+            deltas = self.predicted_delta_batch([s.ids for s in active], [s.labels for s in active])
+            owners, rows, labs = [], [], []
+            for s, delta in zip(active, deltas):
+                cands = self._candidates(s, delta)
+                if not cands:
+                    s.stale += 1
+                for c in cands:
+                    owners.append(s); rows.append(c); labs.append(s.labels_for(c))
+            js = self.exact_J(rows, labs).tolist() if rows else []
+            best = {}
+            for s, c, l, j in zip(owners, rows, labs, js):
+                if j < best.get(id(s), (None, None, float("inf")))[2]:
+                    best[id(s)] = (c, l, j)
+            for s in active:
+                c, l, j = best.get(id(s), (None, None, float("inf")))
+                if j < s.J:
+                    s.ids, s.labels, s.J, s.stale = c, l, j, 0
+                elif c is not None:
+                    s.stale += 1
+                s.trace.append(s.J)
+                if s.stale >= self.args.patience:
+                    s.done = True

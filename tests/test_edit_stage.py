@@ -1,0 +1,77 @@
+"""The edit stage through the CLI: its outputs, the untouched original corpus, caching, and byte-identical reruns."""
+
+import hashlib
+import json
+
+import datasets
+import pytest
+import torch
+
+from infusion_lm.cli import main
+from infusion_lm.storage import read_json
+from test_cli import _recipe, _write_corpus
+from tiny import toy_corpus
+
+INFUSED_COLUMNS = {"doc_index", "text", "original_text", "input_ids", "original_input_ids", "labels", "n_changed",
+                   "changed_positions", "budget", "J_before", "J_after", "predicted_delta_f", "perplexity_before",
+                   "perplexity_after", "editor"}
+
+
+def _digest(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_edit_stage_outputs_and_determinism(tmp_path, tiny_model_dir, tok):
+    corpus = _write_corpus(tmp_path / "c.jsonl", toy_corpus(12))
+    original = corpus.read_bytes()
+    edit = {"budget_fraction": 0.15, "steps": 6, "n_candidates": 8}
+    recipe = _recipe(tmp_path, tiny_model_dir, corpus, edit=edit)
+    assert main(["edit", str(recipe), "--quiet", "influence.fd_eps_rel=1e-3"]) == 0
+    run = tmp_path / "run"
+    assert corpus.read_bytes() == original
+
+    sel = read_json(run / "selection.json")["indices"]
+    infused = datasets.load_from_disk(str(run / "infused"))
+    assert set(infused.column_names) == INFUSED_COLUMNS and infused["doc_index"] == sel
+    records = [json.loads(line) for line in (run / "edits.jsonl").read_text().splitlines()]
+    assert [r["doc_index"] for r in records] == sel and all(len(r["J_trace"]) >= 2 for r in records)
+    full = datasets.load_from_disk(str(run / "infused_corpus"))
+    assert len(full) == 12 and sorted(i for i, e in zip(full["doc_index"], full["edited"]) if e) == sorted(sel)
+    for r in infused:
+        assert r["n_changed"] <= r["budget"] and r["J_after"] <= r["J_before"]
+        assert r["predicted_delta_f"] == pytest.approx(-(r["J_after"] - r["J_before"]) / 12)
+        changed = [p for p, (a, b) in enumerate(zip(r["input_ids"], r["original_input_ids"])) if a != b]
+        assert changed == r["changed_positions"]
+        ids = r["input_ids"]
+        body = ids[:-1] if ids[-1] == tok.eos_token_id else ids  # truncated documents have no eos
+        assert tok(r["text"])["input_ids"] == body  # the text is what training sees
+        assert full[r["doc_index"]]["input_ids"] == r["input_ids"]
+        assert r["perplexity_before"] > 1 and r["perplexity_after"] > 1
+    assert sum(r["n_changed"] for r in infused) > 0 and any(r["J_after"] < r["J_before"] for r in infused)
+    unedited = [i for i in range(12) if i not in sel]
+    assert all(full[i]["text"] == toy_corpus(12)[i] for i in unedited)
+
+    # Cached: a rerun rewrites nothing; changing an edit knob reruns only the edit stage.
+    stamp = {s: (run / "stages" / f"{s}.json").stat().st_mtime_ns for s in ("score", "select", "edit")}
+    assert main(["edit", str(recipe), "--quiet", "influence.fd_eps_rel=1e-3"]) == 0
+    assert {s: (run / "stages" / f"{s}.json").stat().st_mtime_ns for s in stamp} == stamp
+    assert main(["edit", str(recipe), "--quiet", "influence.fd_eps_rel=1e-3", "edit.editor=random"]) == 0
+    after = {s: (run / "stages" / f"{s}.json").stat().st_mtime_ns for s in stamp}
+    assert after["score"] == stamp["score"] and after["select"] == stamp["select"] and after["edit"] != stamp["edit"]
+    assert set(datasets.load_from_disk(str(run / "infused"))["editor"]) == {"random"}
+
+    # The same recipe and seed in a fresh folder: a byte-identical infused corpus.
+    twin = _recipe(tmp_path, tiny_model_dir, corpus, edit=edit, output_dir=str(tmp_path / "twin"),
+                   name="twin.yaml")
+    assert main(["edit", str(twin), "--quiet", "influence.fd_eps_rel=1e-3"]) == 0
+    assert main(["edit", str(recipe), "--quiet", "influence.fd_eps_rel=1e-3"]) == 0
+    assert _digest(run / "infused_corpus") == _digest(tmp_path / "twin" / "infused_corpus")
+    assert _digest(run / "infused") == _digest(tmp_path / "twin" / "infused")
+
+
+def test_negative_budget_is_a_config_error(tmp_path, tiny_model_dir, capsys):
+    corpus = _write_corpus(tmp_path / "c.jsonl", toy_corpus(12))
+    recipe = _recipe(tmp_path, tiny_model_dir, corpus)
+    assert main(["edit", str(recipe), "--quiet", "edit.budget_fraction=-0.1"]) == 2
+    err = capsys.readouterr().err
+    assert "edit.budget_fraction must be in [0, 1]" in err and not (tmp_path / "run").exists()
