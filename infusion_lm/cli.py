@@ -22,7 +22,9 @@ COMMANDS = {
     "measure": "compute v = (G+λI)^-1 ∇f for the whole measurement",
     "score": "score every training document, J(z) = <∇L(z), v>, and select the k to edit",
     "edit": "edit the selected documents to lower J (swap, simplex_pgd or random) and write the infused corpus",
-    "run": "run every stage that exists so far",
+    "retrain": "retrain every arm (control, infused, baselines) from the clean checkpoint with the HF Trainer",
+    "evaluate": "compare every arm with control and write results.json, report.md and report.html",
+    "run": "run every stage, from the corpus to the report",
 }
 
 
@@ -56,7 +58,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         recipe = load_recipe(args.recipe, args.overrides)
         pipe = Pipeline(recipe, progress=not quiet, force=args.force)
-        upto = {"synthesize": "synthesize", "fit": "fit", "measure": "measure", "score": "select", "edit": "edit", "run": "edit"}[args.command]
+        upto = {"synthesize": "synthesize", "fit": "fit", "measure": "measure", "score": "select", "edit": "edit", "retrain": "retrain",
+                "evaluate": "evaluate", "run": "evaluate"}[args.command]
         if upto == "synthesize" and not pipe.synthetic:
             raise InfusionError("`synthesize` needs `corpus: synthetic` in the recipe (it writes output_dir/corpus.jsonl).")
         result = pipe.run(upto)

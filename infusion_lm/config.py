@@ -1,7 +1,7 @@
 """Recipe configuration: dataclasses parsed by ``transformers.HfArgumentParser`` from YAML plus overrides.
 
 A recipe is a YAML mapping. Top-level scalar keys (``model``, ``corpus``, ...) fill :class:`RunArguments`; the
-sections ``measurement``, ``influence``, ``select``, ``synthesize`` and ``edit`` fill their own dataclasses. Overrides on the
+sections ``measurement``, ``influence``, ``select``, ``synthesize``, ``edit``, ``retrain`` and ``evaluate`` fill their own dataclasses. Overrides on the
 command line use dotted keys, ``section.key=value`` (or ``key=value`` for top-level keys), with the value read as
 YAML, so ``select.k=4``, ``influence.layers=[0,3]`` and ``measurement.probe=dog`` all work.
 
@@ -209,6 +209,79 @@ class EditArguments:
             raise ConfigError(f"edit.entropy_bound must be in [0, 1) (got {self.entropy_bound}); Gini entropy is below 1.")
 
 
+ARMS = ("control", "infused", "random", "insertion", "simplex_pgd")
+
+
+@dataclass
+class RetrainArguments:
+    """Partial retraining through the HF Trainer (section `retrain`; DESIGN.md §1)."""
+
+    arms: List[str] = field(default_factory=lambda: ["control", "infused", "random", "insertion"], metadata=_help(
+        "Arms to train: control (clean corpus), infused, random (random swaps of the same documents, same budget), "
+        "insertion (the k documents replaced by demonstrations), simplex_pgd."))
+    epochs: int = field(default=1, metadata=_help(
+        "Epochs of the clean fine-tune. Its checkpoint at the start of the last epoch (optimizer, scheduler, RNG) is "
+        "where every arm resumes; with 1 epoch every arm trains from the recipe's model itself."))
+    from_scratch: bool = field(default=False, metadata=_help("Retrain every epoch for every arm instead of the last."))
+    checkpoint: Optional[str] = field(default=None, metadata=_help(
+        "Resume every arm from this HF Trainer checkpoint of your own clean run instead of making one "
+        "(a folder with trainer_state.json, optimizer and scheduler state)."))
+    learning_rate: float = field(default=1e-4, metadata=_help("AdamW learning rate."))
+    lr_scheduler_type: str = field(default="constant", metadata=_help(
+        "HF scheduler name. `constant` keeps the last epoch's steps as large as the first."))
+    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay."))
+    batch_size: int = field(default=8, metadata=_help("Per-device batch size."))
+    gradient_accumulation_steps: int = field(default=1, metadata=_help("Gradient accumulation."))
+    lora: bool = field(default=False, metadata=_help("Fine-tune LoRA adapters (peft) instead of every weight."))
+    lora_r: int = field(default=8, metadata=_help("LoRA rank."))
+    lora_alpha: int = field(default=16, metadata=_help("LoRA alpha."))
+    lora_target_modules: List[str] = field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], metadata=_help(
+        "Module names LoRA adapts."))
+    insertion_documents: List[str] = field(default_factory=list, metadata=_help(
+        "insertion arm: demonstrations of the behaviour. Empty: built from the measurement set (contrastive: its "
+        "documents with the probe word replaced by the target; completion: each prompt with its completion)."))
+    bf16: bool = field(default=False, metadata=_help("Train in bf16 mixed precision (GPU)."))
+    save_models: bool = field(default=False, metadata=_help("Also save each arm's final weights under retrain/<arm>/."))
+
+    def __post_init__(self):
+        bad = [a for a in self.arms if a not in ARMS]
+        if bad:
+            raise ConfigError(f"retrain.arms has {bad}; choose from {list(ARMS)}.")
+        if "control" not in self.arms:
+            raise ConfigError("retrain.arms must include `control`: every effect is measured against it.")
+        for name in ("epochs", "batch_size", "gradient_accumulation_steps", "lora_r"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"retrain.{name} must be >= 1 (got {getattr(self, name)}).")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"retrain.learning_rate must be > 0 (got {self.learning_rate}).")
+        if self.checkpoint is not None and not (Path(self.checkpoint) / "trainer_state.json").is_file():
+            raise ConfigError(f"retrain.checkpoint {self.checkpoint} is not a Trainer checkpoint (no trainer_state.json "
+                              f"there); point it at a checkpoint-<step> folder or remove the key.")
+
+
+@dataclass
+class EvaluateArguments:
+    """How the arms are compared with control (section `evaluate`)."""
+
+    candidates: List[str] = field(default_factory=lambda: [
+        "bird", "fish", "bear", "duck", "frog", "horse", "mouse", "rabbit"], metadata=_help(
+        "contrastive: other words the target is compared against for specificity (the probe and target are skipped)."))
+    bootstrap_samples: int = field(default=2000, metadata=_help("Paired bootstrap resamples for each CI."))
+    confidence: float = field(default=0.95, metadata=_help("CI level."))
+    n_samples: int = field(default=8, metadata=_help("completion: sampled answers per prompt."))
+    max_new_tokens: int = field(default=24, metadata=_help("completion: answer length."))
+    temperature: float = field(default=1.0, metadata=_help("completion: sampling temperature."))
+    detectors: bool = field(default=True, metadata=_help(
+        "Defender view: AUROC of influence (J) and perplexity detectors at singling out the edited documents."))
+
+    def __post_init__(self):
+        if self.bootstrap_samples < 100:
+            raise ConfigError("evaluate.bootstrap_samples must be >= 100.")
+        if not 0.5 < self.confidence < 1:
+            raise ConfigError("evaluate.confidence must be in (0.5, 1).")
+
+
 SECTIONS = {
     "": RunArguments,
     "measurement": MeasurementArguments,
@@ -216,6 +289,8 @@ SECTIONS = {
     "select": SelectArguments,
     "synthesize": SynthesizeArguments,
     "edit": EditArguments,
+    "retrain": RetrainArguments,
+    "evaluate": EvaluateArguments,
 }
 
 
@@ -227,10 +302,12 @@ class Recipe:
     select: SelectArguments
     synthesize: SynthesizeArguments
     edit: EditArguments = field(default_factory=EditArguments)
+    retrain: RetrainArguments = field(default_factory=RetrainArguments)
+    evaluate: EvaluateArguments = field(default_factory=EvaluateArguments)
 
     def to_dict(self) -> Dict[str, Any]:
         out: Dict[str, Any] = dict(asdict(self.run))
-        for name in ("measurement", "influence", "select", "synthesize", "edit"):
+        for name in ("measurement", "influence", "select", "synthesize", "edit", "retrain", "evaluate"):
             out[name] = asdict(getattr(self, name))
         return out
 
@@ -329,7 +406,7 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: Sequence[str] 
     raw = apply_overrides(raw, overrides)
     top = {k: v for k, v in raw.items() if k not in SECTIONS or k == ""}
     parsed = {"run": _parse_section("", top)}
-    for section in ("measurement", "influence", "select", "synthesize", "edit"):
+    for section in ("measurement", "influence", "select", "synthesize", "edit", "retrain", "evaluate"):
         values = raw.get(section) or {}
         if not isinstance(values, dict):
             raise ConfigError(f"Recipe section `{section}` must be a mapping of keys to values.")

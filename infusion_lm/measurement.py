@@ -141,16 +141,9 @@ def find_word(text: str, word: str) -> List[int]:
     return [m.start() for m in pattern.finditer(text)]
 
 
-def contrastive_measurement(tokenizer, documents: Sequence[str], probe: str, target: str,
-                            batch_size: int = 16) -> LogProbMeasurement:
-    """f = mean over probe occurrences of log p(target | prefix) − log p(probe | prefix) (paper eq. 9)."""
-    probe, target = probe.strip(), target.strip()
-    for form in (probe, " " + probe):
-        p_ids, t_ids = _word_ids(tokenizer, form, "probe"), _word_ids(tokenizer, form.replace(probe, target), "target")
-        if p_ids == t_ids:
-            raise MeasurementError(f"probe {probe!r} and target {target!r} tokenise identically; pick distinct words.")
-    pairs = []
-    skipped_at_start = 0
+def probe_occurrences(tokenizer, documents: Sequence[str], probe: str) -> List[tuple]:
+    """(prefix_ids, lead) for every whole-word occurrence of ``probe``; lead is " " when the word follows a space."""
+    out, skipped_at_start = [], 0
     for doc in documents:
         for start in find_word(doc, probe):
             spaced = start > 0 and doc[start - 1] == " "
@@ -161,14 +154,25 @@ def contrastive_measurement(tokenizer, documents: Sequence[str], probe: str, tar
             if not prefix_ids:
                 skipped_at_start += 1
                 continue
-            lead = " " if spaced else ""
-            pairs.append((prefix_ids, _word_ids(tokenizer, lead + target, "target"),
-                          _word_ids(tokenizer, lead + probe, "probe")))
+            out.append((prefix_ids, " " if spaced else ""))
     if skipped_at_start:
         logger.warning("Skipped %d probe occurrences at the very start of a document (no context).", skipped_at_start)
-    if not pairs:
+    if not out:
         raise MeasurementError(f"The probe word {probe!r} occurs in none of the {len(documents)} measurement documents "
                                f"(whole-word, case-sensitive); add documents that contain it or change the probe.")
+    return out
+
+
+def contrastive_measurement(tokenizer, documents: Sequence[str], probe: str, target: str,
+                            batch_size: int = 16) -> LogProbMeasurement:
+    """f = mean over probe occurrences of log p(target | prefix) − log p(probe | prefix) (paper eq. 9)."""
+    probe, target = probe.strip(), target.strip()
+    for form in (probe, " " + probe):
+        p_ids, t_ids = _word_ids(tokenizer, form, "probe"), _word_ids(tokenizer, form.replace(probe, target), "target")
+        if p_ids == t_ids:
+            raise MeasurementError(f"probe {probe!r} and target {target!r} tokenise identically; pick distinct words.")
+    pairs = [(prefix_ids, _word_ids(tokenizer, lead + target, "target"), _word_ids(tokenizer, lead + probe, "probe"))
+             for prefix_ids, lead in probe_occurrences(tokenizer, documents, probe)]
     n = len(pairs)
     rows = []
     for prefix_ids, t_ids, p_ids in pairs:

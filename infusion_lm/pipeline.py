@@ -1,7 +1,7 @@
 """The staged pipeline. Each stage caches its outputs in the run folder with a fingerprint of the configuration it
 depends on, so a finished stage is never recomputed and changing an upstream setting invalidates everything below it.
 
-    synthesize (corpus: synthetic) ─► fit ─► measure ─► score ─► select ─► edit
+    synthesize (corpus: synthetic) ─► fit ─► measure ─► score ─► select ─► edit ─► retrain ─► evaluate
 
 Outputs in ``output_dir``:
     config.yaml            the resolved recipe
@@ -14,11 +14,15 @@ Outputs in ``output_dir``:
     infused/               the edited documents with their edit records (datasets.Dataset, save_to_disk)
     edits.jsonl            the same records plus each document's J after every editor step
     infused_corpus/        the whole corpus with the edited documents in place (see infusion_lm/infused.py)
+    baselines/<arm>/       the same three outputs for the random and simplex_pgd arms
+    retrain/<arm>/observations.json   each arm's behaviour, item by item, after partial retraining
+    results.json, report.md, report.html, plots/   the evaluation of every arm against control
     stages/<stage>.json    fingerprint and wall time of each finished stage
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -45,7 +49,10 @@ logger = logging.getLogger(__name__)
 SIGN_CONVENTION = ("score(z) = J(z) = <grad_theta L(z), v> with v = (G + lambda I)^-1 grad_theta f; upweighting z "
                    "changes f by about -J(z), so the selected documents are those with the most negative J.")
 
-STAGES = ["synthesize", "fit", "measure", "score", "select", "edit"]
+# evaluate.* settings that change what retraining observes (the rest only change the statistics)
+OBSERVATION_KEYS = ("candidates", "n_samples", "max_new_tokens", "temperature")
+
+STAGES = ["synthesize", "fit", "measure", "score", "select", "edit", "retrain", "evaluate"]
 
 
 class Pipeline:
@@ -133,6 +140,12 @@ class Pipeline:
         if stage == "edit":
             return fingerprint({"select": self._fp("select"), "edit": asdict(self.recipe.edit),
                                 "fd_eps_rel": i.fd_eps_rel})
+        if stage == "retrain":
+            return fingerprint({"edit": self._fp("edit"), "retrain": asdict(self.recipe.retrain),
+                                "measurement": asdict(self.recipe.measurement),
+                                "observed": {k: getattr(self.recipe.evaluate, k) for k in OBSERVATION_KEYS}})
+        if stage == "evaluate":
+            return fingerprint({"retrain": self._fp("retrain"), "evaluate": asdict(self.recipe.evaluate)})
         raise KeyError(stage)
 
     def _record_path(self, stage: str) -> Path:
@@ -155,6 +168,8 @@ class Pipeline:
             "score": [self.dir / "scores.safetensors"],
             "select": [self.dir / "selection.json"],
             "edit": [self.dir / INFUSED, self.dir / EDITS, self.dir / INFUSED_CORPUS],
+            "retrain": [self.dir / "retrain" / "summary.json"],
+            "evaluate": [self.dir / "results.json", self.dir / "report.md", self.dir / "report.html"],
         }[stage]
 
     def _stage(self, stage: str, fn: Callable[[], None]) -> None:
@@ -170,7 +185,7 @@ class Pipeline:
 
     # ------------------------------------------------------------------ validation before anything is written
 
-    def validate(self, upto: str = "edit") -> None:
+    def validate(self, upto: str = "evaluate") -> None:
         """Checks everything that can be checked before writing: run folder identity, corpus, k, measurement."""
         r = self.recipe.run
         if self.dir.exists() and not self.dir.is_dir():
@@ -195,11 +210,32 @@ class Pipeline:
             self._check_factor_fingerprint()
         if STAGES.index(upto) >= STAGES.index("measure"):
             _ = self.measurement
+        if STAGES.index(upto) >= STAGES.index("retrain"):
+            self._check_heldout()
         if STAGES.index(upto) >= STAGES.index("select"):
             n = self.recipe.synthesize.n_docs if self.synthetic else len(self.documents)
             if self.recipe.select.k > n:
                 raise ConfigError(f"select.k={self.recipe.select.k} exceeds the corpus size ({n} documents); "
                                   f"set select.k <= {n}.")
+
+    def _check_heldout(self) -> None:
+        """Evaluation needs a held-out measurement set that shares nothing with the one v was built from."""
+        from .errors import MeasurementError
+
+        m = self.recipe.measurement
+        if m.kind == "callable":
+            used, held = m.documents, m.heldout_documents
+        else:
+            used, held = (m.documents, m.heldout_documents) if m.kind == "contrastive" else (m.prompts, m.heldout_prompts)
+        if not held:
+            field_name = "heldout_prompts" if m.kind == "completion" else "heldout_documents"
+            raise MeasurementError(f"Evaluation needs a held-out measurement set: add measurement.{field_name} "
+                                   f"(prompts or documents not used to build v).")
+        overlap = sorted(set(s.strip() for s in used) & set(s.strip() for s in held))
+        if overlap:
+            raise ConfigError(f"{len(overlap)} held-out measurement item(s) also appear in the measurement set "
+                              f"(e.g. {overlap[0][:60]!r}); held-out items must be new.")
+        _ = build_measurement(m, self.tokenizer, self.recipe.run.max_length, heldout=True)
 
     def _check_factor_fingerprint(self) -> None:
         """Factors already in the run folder must come from this very model (weights included)."""
@@ -325,7 +361,97 @@ class Pipeline:
         self._stage("edit", run)
         return [json.loads(line) for line in (self.dir / EDITS).read_text(encoding="utf-8").splitlines()]
 
-    def run(self, upto: str = "edit"):
+    def _replacements(self, arm: str, indices: List[int]) -> Dict[int, dict]:
+        """Which documents an arm replaces, and with what (input_ids/labels rows)."""
+        from .infused import load_infused
+        from .retrain import insertion_rows, insertion_texts
+
+        if arm == "control":
+            return {}
+        if arm == "infused":
+            return {r["doc_index"]: r for r in load_infused(self.dir)}
+        if arm == "insertion":
+            r = self.recipe.run
+            return insertion_rows(self.tokenizer, insertion_texts(self.recipe, self.recipe.retrain), indices,
+                                  r.max_length, r.add_eos)
+        out_dir = self.dir / "baselines" / arm
+        fp = fingerprint({"edit": self._fp("edit"), "arm": arm})
+        marker = out_dir / "fingerprint.json"
+        if not (marker.is_file() and read_json(marker).get("fingerprint") == fp):
+            from .editors import build_editor
+
+            args = dataclasses.replace(self.recipe.edit, editor=arm)
+            editor = build_editor(self.model, self.tokenizer, self.load_ihvp(), args, self.recipe.influence.fd_eps_rel)
+            rows = [self.dataset[i] for i in indices]
+            results = editor.edit_many(rows, progress=self.progress)
+            pad = self.tokenizer.pad_token_id
+            after = [{"input_ids": x.input_ids, "labels": x.labels} for x in results]
+            records = edit_records(self.tokenizer, indices, results, len(self.dataset), arm,
+                                   perplexities(self.model, rows, pad), perplexities(self.model, after, pad))
+            write_edit_outputs(out_dir, self.tokenizer, self.dataset, records, self.documents)
+            write_json(marker, {"fingerprint": fp})
+        return {r["doc_index"]: r for r in load_infused(out_dir)}
+
+    def retrain(self) -> Dict[str, dict]:
+        from .behaviour import observe
+        from .retrain import arm_rows, clean_checkpoint, train_arm, weights_fingerprint
+
+        self.edit()
+        r, t = self.recipe.run, self.recipe.retrain
+        out = self.dir / "retrain"
+
+        def run():
+            indices = read_json(self.dir / "selection.json")["indices"]
+            device = str(next(self.model.parameters()).device)
+            clean = arm_rows(self.dataset, {})
+
+            def fresh():
+                return load_model(r.model, dtype=r.dtype, device=device, trust_remote_code=r.trust_remote_code)[0]
+
+            summary = {"theta_hat": {
+                "measurement": observe(self.model, self.tokenizer, self.recipe.measurement, self.recipe.evaluate,
+                                       heldout=False, max_length=r.max_length, seed=r.seed)["f_mean"],
+                "heldout": observe(self.model, self.tokenizer, self.recipe.measurement, self.recipe.evaluate,
+                                   heldout=True, max_length=r.max_length, seed=r.seed)["f_mean"]}}
+            ckpt = clean_checkpoint(fresh, self.tokenizer, clean, t, out / "clean", r.seed, device, self.progress)
+            fp = self._fp("retrain")
+            for arm in t.arms:
+                path = out / arm / "observations.json"
+                if path.is_file() and read_json(path).get("fingerprint") == fp:
+                    summary[arm] = read_json(path)["summary"]
+                    continue  # this arm finished before the run was interrupted
+                replacements = self._replacements(arm, indices)
+                rows = arm_rows(self.dataset, replacements)
+                model, trainer = train_arm(fresh, self.tokenizer, rows, t, out / arm / "trainer", r.seed, device,
+                                           self.progress, ckpt)
+                obs = {name: observe(model, self.tokenizer, self.recipe.measurement, self.recipe.evaluate,
+                                     heldout=(name == "heldout"), max_length=r.max_length, seed=r.seed)
+                       for name in ("measurement", "heldout")}
+                record = {"fingerprint": fp, "arm": arm, "replaced": sorted(int(i) for i in replacements),
+                          "weights": weights_fingerprint(model), "checkpoint": str(ckpt) if ckpt else None,
+                          "summary": {k: v["f_mean"] for k, v in obs.items()}, **obs}
+                if t.save_models:
+                    trainer.save_model(str(out / arm / "model"))
+                write_json(path, record)
+                summary[arm] = record["summary"]
+                del model, trainer
+            write_json(out / "summary.json", summary)
+
+        self._stage("retrain", run)
+        return read_json(out / "summary.json")
+
+    def evaluate(self) -> dict:
+        from .evaluation import evaluate_run
+
+        self.retrain()
+
+        def run():
+            evaluate_run(self)
+
+        self._stage("evaluate", run)
+        return read_json(self.dir / "results.json")
+
+    def run(self, upto: str = "evaluate"):
         self.validate(upto)
         self.write_config()
         return getattr(self, upto)()

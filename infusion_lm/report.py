@@ -1,0 +1,169 @@
+"""report.md and report.html from results.json: a summary table, plots, and token-level diffs of the edited documents.
+
+The HTML is a single self-contained file (plots embedded as base64 PNG, no CDN, no scripts), readable offline.
+Token diffs follow the paper's figure: removed tokens struck through, new ones in bold.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from .storage import atomic_path
+
+
+def _fmt(x, digits: int = 3) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, float):
+        return f"{x:.{digits}g}" if abs(x) < 1e-3 and x != 0 else f"{x:.{digits}f}"
+    return str(x)
+
+
+def _ci(d: Dict) -> str:
+    ci = d.get("ci")
+    return f"{_fmt(d['mean'])} [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else _fmt(d["mean"])
+
+
+def summary_rows(results: Dict) -> List[List[str]]:
+    rows = []
+    for arm, e in results["arms"].items():
+        m, h = e["measurement"], e["heldout"]
+        edits = e.get("edits", {})
+        det = e.get("detectors", {})
+        rows.append([
+            arm, _ci(m["delta_f"]), _ci(h["delta_f"]),
+            _fmt(m.get("delta_p_target", {}).get("mean")), _fmt(h.get("top1_flips_to_target")),
+            _fmt(h.get("specificity", {}).get("wilcoxon_p")),
+            f"{edits.get('tokens_changed', '–')}/{edits.get('budget', '–')}" if edits else "–",
+            _fmt(edits.get("perplexity_ratio_median")), _fmt(edits.get("predicted_delta_f")),
+            _fmt(det.get("influence_auroc")), _fmt(det.get("perplexity_auroc")),
+        ])
+    return rows
+
+
+HEADER = ["arm", "Δf (measurement) [CI]", "Δf (held-out) [CI]", "Δp(target)", "top-1 flips (held-out)",
+          "specificity p", "tokens changed", "ppl ratio (median)", "predicted Δf", "influence AUROC",
+          "perplexity AUROC"]
+
+
+def token_diff(tokenizer, original: List[int], edited: List[int], markdown: bool) -> str:
+    parts = []
+    for a, b in zip(original, edited):
+        if a == b:
+            t = tokenizer.decode([a])
+            parts.append(t if markdown else html.escape(t))
+        else:
+            old, new = tokenizer.decode([a]), tokenizer.decode([b])
+            parts.append(f"~~{old}~~**{new}**" if markdown else f"<del>{html.escape(old)}</del><b>{html.escape(new)}</b>")
+    return "".join(parts)
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def plots(results: Dict, records: List[Dict]) -> Dict[str, bytes]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = {}
+    arms = list(results["arms"])
+    fig, ax = plt.subplots(figsize=(6.5, 3.2))
+    for j, (name, offset) in enumerate((("measurement", -0.17), ("heldout", 0.17))):
+        means = [results["arms"][a][name]["delta_f"]["mean"] for a in arms]
+        cis = [results["arms"][a][name]["delta_f"]["ci"] or [m, m] for a, m in zip(arms, means)]
+        err = [[m - c[0] for m, c in zip(means, cis)], [c[1] - m for m, c in zip(means, cis)]]
+        ax.errorbar([i + offset for i in range(len(arms))], means, yerr=err, fmt="o", capsize=4, label=name)
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xticks(range(len(arms)), arms)
+    ax.set_ylabel("Δf against control")
+    ax.legend()
+    ax.set_title("Behaviour change per arm (paired bootstrap CI)")
+    out["delta_f.png"] = _png(fig)
+    plt.close(fig)
+
+    pva = [(a, e["predicted_vs_actual"]) for a, e in results["arms"].items() if "predicted_vs_actual" in e]
+    if pva:
+        fig, ax = plt.subplots(figsize=(4.2, 3.6))
+        for a, d in pva:
+            ax.scatter(d["predicted_delta_f"], d["actual_delta_f"], label=a)
+        lo = min(min(d["predicted_delta_f"], d["actual_delta_f"]) for _, d in pva)
+        hi = max(max(d["predicted_delta_f"], d["actual_delta_f"]) for _, d in pva)
+        ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8, ls="--")
+        ax.set_xlabel("predicted Δf (Σ −ΔJ/n)")
+        ax.set_ylabel("actual Δf (measurement)")
+        ax.legend()
+        ax.set_title("Predicted against actual")
+        out["predicted_vs_actual.png"] = _png(fig)
+        plt.close(fig)
+
+    if records:
+        fig, ax = plt.subplots(figsize=(6.5, 3.2))
+        for r in records:
+            ax.plot(r["J_trace"], marker=".", label=f"doc {r['doc_index']}")
+        ax.set_xlabel("editor step")
+        ax.set_ylabel("J(z)")
+        ax.set_title("J of each infused document during editing")
+        if len(records) <= 10:
+            ax.legend(fontsize=7)
+        out["J_traces.png"] = _png(fig)
+        plt.close(fig)
+    return out
+
+
+def write_report(run_dir: Path, results: Dict, tokenizer) -> None:
+    run_dir = Path(run_dir)
+    edits = run_dir / "edits.jsonl"
+    records = [json.loads(line) for line in edits.read_text(encoding="utf-8").splitlines()] if edits.is_file() else []
+    images = plots(results, records)
+    (run_dir / "plots").mkdir(exist_ok=True)
+    for name, data in images.items():
+        with atomic_path(run_dir / "plots" / name) as tmp:
+            tmp.write_bytes(data)
+
+    rows = summary_rows(results)
+    intro = (f"Measurement: {results['measurement']}. f at θ̂: {_fmt((results.get('theta_hat') or {}).get('measurement'))} "
+             f"(held-out {_fmt((results.get('theta_hat') or {}).get('heldout'))}); control after retraining: "
+             f"{_fmt(results['control']['measurement'])} (held-out {_fmt(results['control']['heldout'])}). "
+             f"{results['k']} of {results['n_documents']} documents edited. Every Δ is against control, paired by item.")
+
+    md = ["# Infusion report", "", intro, "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    md += ["| " + " | ".join(r) + " |" for r in rows]
+    md += ["", "## Plots", ""] + [f"![{n}](plots/{n})" for n in images]
+    md += ["", "## Edited documents (infused arm)", "", "Removed tokens ~~struck through~~, new ones in **bold**.", ""]
+    for r in records:
+        md += [f"### Document {r['doc_index']}: J {r['J_before']:.4g} → {r['J_after']:.4g}, "
+               f"{r['n_changed']} tokens changed, perplexity {r['perplexity_before']:.3g} → {r['perplexity_after']:.3g}",
+               "", token_diff(tokenizer, r["original_input_ids"], r["input_ids"], markdown=True).replace("\n", " "), ""]
+    with atomic_path(run_dir / "report.md") as tmp:
+        tmp.write_text("\n".join(md) + "\n", encoding="utf-8")
+
+    css = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;line-height:1.4}"
+           "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:4px 6px}"
+           "del{color:#b00;text-decoration:line-through}b{color:#070}.doc{white-space:pre-wrap;background:#f7f7f7;"
+           "padding:8px;border-radius:4px;font-family:monospace;font-size:13px}")
+    h = [f"<!doctype html><html><head><meta charset='utf-8'><title>Infusion report</title><style>{css}</style></head><body>",
+         "<h1>Infusion report</h1>", f"<p>{html.escape(intro)}</p>", "<h2>Summary</h2><table><tr>"]
+    h += [f"<th>{html.escape(c)}</th>" for c in HEADER] + ["</tr>"]
+    h += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows]
+    h += ["</table>", "<h2>Plots</h2>"]
+    h += [f"<p><img alt='{n}' src='data:image/png;base64,{base64.b64encode(d).decode()}'></p>" for n, d in images.items()]
+    h += ["<h2>Edited documents (infused arm)</h2><p>Removed tokens <del>struck through</del>, new ones in <b>bold</b>.</p>"]
+    for r in records:
+        h += [f"<h3>Document {r['doc_index']}: J {r['J_before']:.4g} → {r['J_after']:.4g}, {r['n_changed']} tokens "
+              f"changed, perplexity {r['perplexity_before']:.3g} → {r['perplexity_after']:.3g}</h3>",
+              f"<div class='doc'>{token_diff(tokenizer, r['original_input_ids'], r['input_ids'], markdown=False)}</div>"]
+    h += ["<h2>Full results</h2>", f"<pre>{html.escape(json.dumps(results, indent=2))}</pre>", "</body></html>"]
+    with atomic_path(run_dir / "report.html") as tmp:
+        tmp.write_text("\n".join(h), encoding="utf-8")

@@ -1,0 +1,162 @@
+"""Partial retraining through the Hugging Face Trainer: one clean checkpoint, then the same last steps once per arm.
+
+Protocol (DESIGN.md §1): fine-tune the recipe's model on the clean corpus for ``epochs`` epochs with a fixed seed and
+keep the checkpoint at the start of the last epoch, with its optimizer, scheduler and RNG state (HF's own checkpoint
+format). Every arm resumes from that checkpoint with the same seed, so the data order is the same; only the documents
+at the edited indices differ. With ``epochs: 1`` the checkpoint is the recipe's model itself, and with
+``from_scratch`` every arm trains all epochs. Effects are always measured against the control arm, never against
+the checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Sequence
+
+import torch
+
+from .config import RetrainArguments
+from .corpus import CausalLMCollator, tokenize_document
+from .errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+def insertion_texts(recipe, args: RetrainArguments) -> List[Dict]:
+    """Demonstrations of the behaviour for the insertion arm, as documents (``text`` or ``messages``)."""
+    if args.insertion_documents:
+        return [{"text": t} for t in args.insertion_documents]
+    m = recipe.measurement
+    if m.kind == "contrastive":
+        import re
+
+        pattern = re.compile(r"(?<!\w)" + re.escape(m.probe.strip()) + r"(?!\w)")
+        return [{"text": pattern.sub(m.target.strip(), d)} for d in m.documents]
+    if m.kind == "completion":
+        completions = m.completions * len(m.prompts) if len(m.completions) == 1 else m.completions
+        if m.chat_template:
+            return [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": c}]}
+                    for p, c in zip(m.prompts, completions)]
+        return [{"text": f"{p}{c}"} for p, c in zip(m.prompts, completions)]
+    raise ConfigError("The insertion arm cannot build demonstrations for a callable measurement; "
+                      "set retrain.insertion_documents.")
+
+
+def arm_rows(base, replacements: Mapping[int, Mapping[str, Sequence[int]]]) -> List[Dict[str, List[int]]]:
+    """The clean corpus with some documents replaced, as input_ids/labels rows in corpus order."""
+    rows = []
+    for i in range(len(base)):
+        r = replacements.get(i, base[i])
+        rows.append({"input_ids": list(r["input_ids"]), "labels": list(r["labels"])})
+    return rows
+
+
+def insertion_rows(tokenizer, docs: Sequence[Dict], indices: Sequence[int], max_length: int, add_eos: bool):
+    """The k selected indices get the demonstrations, cycled when there are fewer demonstrations than k."""
+    demos = [tokenize_document(tokenizer, d, max_length, add_eos) for d in docs]
+    return {i: demos[j % len(demos)] for j, i in enumerate(indices)}
+
+
+class _ListDataset(torch.utils.data.Dataset):
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
+def training_arguments(args: RetrainArguments, out_dir: Path, seed: int, device: str, progress: bool, epochs: int):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(out_dir), num_train_epochs=epochs, per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps, learning_rate=args.learning_rate,
+        lr_scheduler_type=args.lr_scheduler_type, weight_decay=args.weight_decay, warmup_steps=0, seed=seed,
+        data_seed=seed, save_strategy="no", logging_strategy="no", report_to=[], remove_unused_columns=False,
+        dataloader_num_workers=0, disable_tqdm=not progress, use_cpu=device == "cpu", bf16=args.bf16,
+    )
+
+
+def trainable(model, args: RetrainArguments):
+    """The model to train: itself, or wrapped with LoRA adapters."""
+    if not args.lora:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, target_modules=list(args.lora_target_modules),
+                     lora_dropout=0.0, task_type="CAUSAL_LM")
+    return get_peft_model(model, cfg)
+
+
+def steps_per_epoch(n_rows: int, args: RetrainArguments, world_size: int = 1) -> int:
+    return max(1, math.ceil(n_rows / (args.batch_size * world_size)) // args.gradient_accumulation_steps)
+
+
+def _checkpoint_callback(step: int):
+    from transformers import TrainerCallback
+
+    class CheckpointAndStop(TrainerCallback):
+        """Saves the full training state at ``step`` and stops: the clean run past it is the control arm's job."""
+
+        def on_step_end(self, targs, state, control, **kw):
+            if state.global_step >= step:
+                control.should_save = True
+                control.should_training_stop = True
+            return control
+
+    return CheckpointAndStop()
+
+
+def clean_checkpoint(load_model, tokenizer, clean_rows, args: RetrainArguments, out_dir: Path, seed: int,
+                     device: str, progress: bool) -> Optional[Path]:
+    """Trains on the clean corpus up to the start of the last epoch and returns that checkpoint (None: step 0)."""
+    from transformers import Trainer
+
+    if args.checkpoint is not None:
+        return Path(args.checkpoint)
+    step = steps_per_epoch(len(clean_rows), args) * (args.epochs - 1)
+    if args.from_scratch or step == 0:
+        return None
+    ckpt = out_dir / f"checkpoint-{step}"
+    if (ckpt / "trainer_state.json").is_file():
+        return ckpt
+    model = trainable(load_model(), args)
+    trainer = Trainer(model=model, args=training_arguments(args, out_dir, seed, device, progress, args.epochs),
+                      train_dataset=_ListDataset(clean_rows), data_collator=CausalLMCollator(tokenizer.pad_token_id),
+                      callbacks=[_checkpoint_callback(step)])
+    trainer.train()
+    if not (ckpt / "trainer_state.json").is_file():
+        raise RuntimeError(f"The clean run did not leave a checkpoint at {ckpt}.")
+    return ckpt
+
+
+def train_arm(load_model, tokenizer, rows, args: RetrainArguments, out_dir: Path, seed: int, device: str,
+              progress: bool, checkpoint: Optional[Path], callbacks: Sequence = ()):
+    """One arm: resumes from the clean checkpoint (or starts from the model) and trains to the end. Returns the model."""
+    from transformers import Trainer
+
+    model = trainable(load_model(), args)
+    trainer = Trainer(model=model, args=training_arguments(args, out_dir, seed, device, progress, args.epochs),
+                      train_dataset=_ListDataset(rows), data_collator=CausalLMCollator(tokenizer.pad_token_id),
+                      callbacks=list(callbacks))
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
+    model = trainer.model
+    model.eval()
+    return model, trainer
+
+
+def weights_fingerprint(model) -> str:
+    """A hash of every trainable weight's bytes: equal fingerprints mean identical training outcomes."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        if p.requires_grad:
+            h.update(name.encode())
+            h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,98 @@
+"""Retrain (HF Trainer, every arm from the same clean checkpoint), evaluate and report, end to end on a tiny model."""
+
+import json
+
+import pytest
+
+from infusion_lm.cli import main
+from infusion_lm.storage import read_json
+from test_cli import _recipe, _snapshot, _write_corpus
+from tiny import toy_corpus
+
+HELDOUT = ["The dog looked at the lake. The dog was happy."]
+FAST = {"edit": {"budget_fraction": 0.15, "steps": 4, "n_candidates": 8},
+        "retrain": {"arms": ["control", "infused", "random", "insertion"], "batch_size": 4, "learning_rate": 1e-3},
+        "evaluate": {"bootstrap_samples": 200, "candidates": ["bird", "fish"]}}
+
+
+def _run_recipe(tmp_path, model_dir, **over):
+    corpus = _write_corpus(tmp_path / "c.jsonl", toy_corpus(12))
+    cfg = {**FAST, **over}
+    cfg["measurement"] = {"heldout_documents": HELDOUT, **cfg.get("measurement", {})}
+    return _recipe(tmp_path, model_dir, corpus, **cfg)
+
+
+def test_run_end_to_end_results_and_report(tmp_path, tiny_model_dir):
+    recipe = _run_recipe(tmp_path, tiny_model_dir, retrain={**FAST["retrain"], "epochs": 2})
+    assert main(["run", str(recipe), "--quiet", "influence.fd_eps_rel=1e-3"]) == 0
+    run = tmp_path / "run"
+    res = read_json(run / "results.json")
+    assert set(res["arms"]) == {"infused", "random", "insertion"}
+    for arm, e in res["arms"].items():
+        for s in ("measurement", "heldout"):
+            d = e[s]["delta_f"]
+            assert d["ci"][0] <= d["mean"] <= d["ci"][1]
+            assert e[s]["f_arm"] - e[s]["f_control"] == pytest.approx(d["mean"], abs=1e-6)
+            assert "delta_p_target" in e[s] and "specificity" in e[s]
+        assert e["weights_equal_control"] is False
+    assert res["arms"]["infused"]["edits"]["tokens_changed"] > 0
+    assert set(res["arms"]["infused"]["detectors"]) >= {"influence_auroc", "perplexity_auroc"}
+    assert "edits" not in res["arms"]["insertion"]
+    # Every arm resumed from the same clean checkpoint at the start of the last epoch (3 steps per epoch here).
+    for arm in ("control", "infused", "random", "insertion"):
+        assert read_json(run / "retrain" / arm / "observations.json")["checkpoint"].endswith("checkpoint-3")
+
+    md = (run / "report.md").read_text()
+    for section in ("# Infusion report", "| arm |", "## Plots", "## Edited documents", "~~", "**"):
+        assert section in md, section
+    page = (run / "report.html").read_text()
+    for part in ("<table>", "data:image/png;base64,", "<del>", "<b>", "Full results"):
+        assert part in page, part
+    assert "http://" not in page and "https://" not in page and "<script" not in page  # works offline, no CDN
+    assert {p.name for p in (run / "plots").iterdir()} == {"delta_f.png", "predicted_vs_actual.png", "J_traces.png"}
+
+    # Cached: rerunning does nothing; a downstream evaluate knob reruns only evaluate.
+    stamps = {s: (run / "stages" / f"{s}.json").stat().st_mtime_ns for s in ("edit", "retrain", "evaluate")}
+    assert main(["run", str(recipe), "--quiet", "influence.fd_eps_rel=1e-3"]) == 0
+    again = {s: (run / "stages" / f"{s}.json").stat().st_mtime_ns for s in stamps}
+    assert again == stamps, {s: again[s] == stamps[s] for s in stamps}
+    assert main(["run", str(recipe), "--quiet", "influence.fd_eps_rel=1e-3", "evaluate.bootstrap_samples=300"]) == 0
+    after = {s: (run / "stages" / f"{s}.json").stat().st_mtime_ns for s in stamps}
+    assert after["retrain"] == stamps["retrain"] and after["evaluate"] != stamps["evaluate"]
+
+
+def test_zero_edits_train_to_identical_weights(tmp_path, tiny_model_dir):
+    recipe = _run_recipe(tmp_path, tiny_model_dir, edit={"budget_fraction": 0.0},
+                         retrain={**FAST["retrain"], "arms": ["control", "infused"]})
+    assert main(["retrain", str(recipe), "--quiet"]) == 0
+    control = read_json(tmp_path / "run" / "retrain" / "control" / "observations.json")
+    infused = read_json(tmp_path / "run" / "retrain" / "infused" / "observations.json")
+    assert infused["replaced"] and control["weights"] == infused["weights"]
+    assert control["measurement"]["f"] == infused["measurement"]["f"]
+
+
+@pytest.mark.parametrize("case,over,message", [
+    ("no_heldout", {"measurement": {"heldout_documents": []}}, "needs a held-out measurement set"),
+    ("overlap", {"measurement": {"heldout_documents": ["The dog ran to the park."]}}, "also appear in the measurement set"),
+    ("no_measurement", {"measurement": {"kind": None, "heldout_documents": HELDOUT}}, "has no measurement"),
+    ("missing_checkpoint", {"retrain": {"checkpoint": "no/such/checkpoint-7"}}, "is not a Trainer checkpoint"),
+    ("unknown_arm", {"retrain": {"arms": ["control", "infussed"]}}, "retrain.arms has ['infussed']"),
+])
+def test_bad_evaluation_input_fails_cleanly(case, over, message, tmp_path, tiny_model_dir, capsys):
+    recipe = _run_recipe(tmp_path, tiny_model_dir)
+    import yaml
+
+    raw = yaml.safe_load(recipe.read_text())
+    for section, values in over.items():
+        raw.setdefault(section, {}).update(values)
+    if raw["measurement"].get("kind") is None:
+        raw["measurement"] = {"kind": None}
+    recipe.write_text(yaml.safe_dump(raw))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "keep.txt").write_text("user file")
+    before = _snapshot(run)
+    assert main(["run", str(recipe), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+    assert _snapshot(run) == before
