@@ -172,6 +172,9 @@ class EditArguments:
     doc_batch_size: int = field(default=8, metadata=_help("Documents edited together."))
     score_batch_size: int = field(default=32, metadata=_help(
         "Rows per forward pass when scoring candidates exactly; halves by itself on out-of-memory."))
+    prefix_cache: bool = field(default=True, metadata=_help(
+        "Score a document's candidates by rerunning only the positions after their first change, on top of the "
+        "original's KV cache. Off: full forward passes, batched across documents."))
     # swap
     topk: int = field(default=16, metadata=_help("swap: proposals kept per position, by predicted decrease in J."))
     n_candidates: int = field(default=16, metadata=_help("swap: candidate documents scored exactly per step."))

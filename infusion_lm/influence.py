@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 from torch.utils.data import DataLoader
 
-from .corpus import CausalLMCollator
+from .corpus import IGNORE_INDEX, CausalLMCollator
 from .errors import RunFolderError
-from .losses import per_document_loss, per_document_loss_from_logits
+from .losses import per_document_loss, per_document_loss_from_logits, upcast
 from .measurement import Measurement, _to
 from .task import CausalLMTask
 
@@ -367,6 +368,49 @@ class FiniteDifferenceJ:
     @torch.no_grad()
     def __call__(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
         return (self.losses(batch, +1) - self.losses(batch, -1)) / (2 * self.eps)
+
+    @torch.no_grad()
+    def variants(self, base_ids: torch.Tensor, base_labels: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor,
+                 batch_size: int = 32) -> torch.Tensor:
+        """J for many same-length variants of one document ([N, T] ids and labels), reusing the shared prefix.
+
+        A variant that first differs from the base document at position p has the same hidden states and the same
+        loss terms as the base before p (causal attention), so each ± pass runs the base once with its KV cache and
+        then only positions p.. of the variants, grouped by p. The label at p is predicted from position p−1 of the
+        base pass. Numerically this matches the full forward to fp32 rounding.
+        """
+        import copy
+
+        ids, labels = ids.to(base_ids.device), labels.to(base_ids.device)
+        T = base_ids.shape[0]
+        changed = (ids != base_ids[None]) | (labels != base_labels[None])
+        first = torch.where(changed.any(1), changed.float().argmax(1), torch.full_like(changed[:, 0], T, dtype=torch.long))
+        if bool((first == 0).any()):
+            return self({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}).double()
+        losses = []
+        for params in (self.plus, self.minus):
+            out = functional_call(self.model, params, args=(), kwargs={
+                "input_ids": base_ids[None], "attention_mask": torch.ones_like(base_ids[None]), "use_cache": True})
+            logits0 = upcast(out.logits[0])
+            nll0 = F.cross_entropy(logits0[:-1], base_labels[1:], ignore_index=IGNORE_INDEX, reduction="none").double()
+            before = torch.cat([nll0.new_zeros(1), nll0.cumsum(0)])  # before[p] = Σ of label terms at positions 1..p
+            loss = torch.full((ids.shape[0],), float(before[T - 1]), dtype=torch.float64, device=ids.device)
+            for p in sorted(set(first.tolist()) - {T}):
+                rows = (first == p).nonzero().flatten()
+                for chunk in rows.split(batch_size):
+                    n = len(chunk)
+                    cache = copy.deepcopy(out.cache)
+                    cache.crop(-(T - p))  # negative: drop that many trailing positions (transformers 5)
+                    cache.batch_repeat_interleave(n)
+                    tail = functional_call(self.model, params, args=(), kwargs={
+                        "input_ids": ids[chunk, p:], "attention_mask": torch.ones(n, T, dtype=torch.long, device=ids.device),
+                        "cache": cache, "use_cache": True}).logits
+                    at_p = F.cross_entropy(logits0[p - 1].expand(n, -1), labels[chunk, p], ignore_index=IGNORE_INDEX,
+                                           reduction="none").double()
+                    rest = per_document_loss_from_logits(tail, labels[chunk, p:]).double()
+                    loss[chunk] = before[p - 1] + at_p + rest
+            losses.append(loss)
+        return (losses[0] - losses[1]) / (2 * self.eps)
 
     @torch.no_grad()
     def dataset(self, dataset, pad_token_id: int, batch_size: int = 8, progress: bool = False) -> torch.Tensor:

@@ -218,6 +218,35 @@ class TokenEditor:
                                    J0=j, J=j, trace=[j]))
         return states
 
+    @torch.no_grad()
+    def variants_J(self, st: DocState, ids: Sequence[torch.Tensor], labels: Sequence[torch.Tensor]) -> torch.Tensor:
+        """J of same-length variants of one document, reusing its unchanged prefix (halves the chunk on OOM)."""
+        ids, labels = torch.stack(list(ids)), torch.stack(list(labels))
+        while True:
+            try:
+                return self.J.variants(st.ids, st.labels, ids, labels, batch_size=self._score_batch).cpu()
+            except torch.OutOfMemoryError:
+                if self._score_batch == 1:
+                    raise
+                self._score_batch //= 2
+                logger.warning("Out of memory scoring variants; retrying with %d rows at once.", self._score_batch)
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+
+    def score_candidates(self, owners: Sequence[DocState], ids: Sequence[torch.Tensor],
+                         labels: Sequence[torch.Tensor]) -> List[float]:
+        """Exact J of candidates from several documents: per document with the prefix cache, or all in one batch."""
+        if not ids:
+            return []
+        if not self.args.prefix_cache:
+            return self.exact_J(ids, labels).tolist()
+        out = [0.0] * len(ids)
+        for st in {id(o): o for o in owners}.values():
+            idx = [i for i, o in enumerate(owners) if o is st]
+            for i, j in zip(idx, self.variants_J(st, [ids[i] for i in idx], [labels[i] for i in idx]).tolist()):
+                out[i] = j
+        return out
+
     def stable(self, st: DocState, cand: torch.Tensor) -> bool:
         return retokenises(self.tok, cand.tolist(), st.add_special)
 

@@ -7,7 +7,8 @@ Proposals, a first-order prediction of ΔJ for putting token w at position t (DE
   [−(log p⁺_{t−1}(w) − log p⁻_{t−1}(w)) + (log p⁺_{t−1}(x_t) − log p⁻_{t−1}(x_t))] / 2ε, read off the same two passes.
 
 Search, per step and for a batch of documents at once: at each editable position keep the top-k tokens by predicted
-decrease; draw candidates with one or a few swaps each; score every document's candidates exactly in one padded batch;
+decrease; draw candidates with one or a few swaps each; score them exactly (by default rerunning only the positions
+after a candidate's first change, on the document's KV cache; or all documents' candidates in one padded batch);
 each document keeps its best candidate if it lowers J. A document stops after ``patience`` steps without improvement.
 Once a document has spent its budget, only its already-changed positions may move (including back to the original).
 """
@@ -110,7 +111,7 @@ class SwapEditor(TokenEditor):
                     s.stale += 1
                 for c in cands:
                     owners.append(s); rows.append(c); labs.append(s.labels_for(c))
-            js = self.exact_J(rows, labs).tolist() if rows else []
+            js = self.score_candidates(owners, rows, labs)
             best = {}
             for s, c, l, j in zip(owners, rows, labs, js):
                 if j < best.get(id(s), (None, None, float("inf")))[2]:
