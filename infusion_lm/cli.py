@@ -38,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("overrides", nargs="*", help="section.key=value overrides")
         sp.add_argument("--force", action="store_true", help="recompute every stage and accept a run folder made by another recipe")
         sp.add_argument("--quiet", action="store_true", help="no progress bars")
+        sp.add_argument("--dry-run", action="store_true",
+                        help="print the resolved plan and an estimate of its cost; run nothing, write nothing")
     return p
 
 
@@ -62,6 +64,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                 "evaluate": "evaluate", "run": "evaluate"}[args.command]
         if upto == "synthesize" and not pipe.synthetic:
             raise InfusionError("`synthesize` needs `corpus: synthetic` in the recipe (it writes output_dir/corpus.jsonl).")
+        if args.dry_run:
+            from .plan import format_plan, plan
+
+            print(format_plan(plan(pipe)))
+            return 0
         result = pipe.run(upto)
     except InfusionError as err:
         print(f"infusion-lm: error: {err}", file=sys.stderr)

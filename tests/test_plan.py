@@ -1,0 +1,22 @@
+"""--dry-run prints the resolved plan and its cost, and writes nothing."""
+
+from infusion_lm.cli import main
+from test_cli import _recipe, _write_corpus
+from tiny import toy_corpus
+
+
+def test_dry_run_prints_plan_and_writes_nothing(tmp_path, tiny_model_dir, capsys):
+    corpus = _write_corpus(tmp_path / "c.jsonl", toy_corpus(12))
+    recipe = _recipe(tmp_path, tiny_model_dir, corpus)
+    assert main(["run", str(recipe), "--dry-run", "select.k=2"]) == 0
+    out = capsys.readouterr().out
+    assert "corpus 12 documents" in out and "edit k=2 with swap" in out
+    for stage in ("fit", "score", "edit", "retrain", "evaluate", "total"):
+        assert f"\n{stage}" in out, stage
+    assert "to run" in out and not (tmp_path / "run").exists()
+    # After the influence stages ran, the plan marks them cached.
+    assert main(["score", str(recipe), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["run", str(recipe), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert [line.split()[1] for line in out.splitlines() if line.startswith(("fit ", "score "))] == ["cached", "cached"]
