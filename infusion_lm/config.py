@@ -226,6 +226,9 @@ class RetrainArguments:
         "Epochs of the clean fine-tune. Its checkpoint at the start of the last epoch (optimizer, scheduler, RNG) is "
         "where every arm resumes; with 1 epoch every arm trains from the recipe's model itself."))
     from_scratch: bool = field(default=False, metadata=_help("Retrain every epoch for every arm instead of the last."))
+    influence_at: str = field(default="model", metadata=_help(
+        "Where influence is computed and documents are edited: `model` (the recipe's model) or `checkpoint` (the "
+        "clean checkpoint every arm resumes from, as in the paper; needs epochs > 1 or retrain.checkpoint)."))
     checkpoint: Optional[str] = field(default=None, metadata=_help(
         "Resume every arm from this HF Trainer checkpoint of your own clean run instead of making one "
         "(a folder with trainer_state.json, optimizer and scheduler state)."))
@@ -258,6 +261,11 @@ class RetrainArguments:
                 raise ConfigError(f"retrain.{name} must be >= 1 (got {getattr(self, name)}).")
         if self.learning_rate <= 0:
             raise ConfigError(f"retrain.learning_rate must be > 0 (got {self.learning_rate}).")
+        if self.influence_at not in {"model", "checkpoint"}:
+            raise ConfigError(f"retrain.influence_at {self.influence_at!r} is not one of model, checkpoint.")
+        if self.influence_at == "checkpoint" and self.checkpoint is None and (self.epochs < 2 or self.from_scratch):
+            raise ConfigError("retrain.influence_at=checkpoint needs a clean checkpoint: set retrain.epochs >= 2 "
+                              "(without from_scratch) or retrain.checkpoint.")
         if self.checkpoint is not None and not (Path(self.checkpoint) / "trainer_state.json").is_file():
             raise ConfigError(f"retrain.checkpoint {self.checkpoint} is not a Trainer checkpoint (no trainer_state.json "
                               f"there); point it at a checkpoint-<step> folder or remove the key.")

@@ -74,9 +74,40 @@ class Pipeline:
         torch.manual_seed(r.seed)
         return load_model(r.model, dtype=r.dtype, device=resolve_device(r.device), trust_remote_code=r.trust_remote_code)
 
+    def fresh_model(self):
+        """A new copy of the recipe's model (retraining starts every arm from one)."""
+        r = self.recipe.run
+        device = str(next(self.base_model.parameters()).device)
+        return load_model(r.model, dtype=r.dtype, device=device, trust_remote_code=r.trust_remote_code)[0]
+
+    @property
+    def base_model(self):
+        """The recipe's model: it writes the synthetic corpus and starts the clean fine-tune."""
+        return self._model_and_tokenizer[0]
+
+    @property
+    def at_checkpoint(self) -> bool:
+        return self.recipe.retrain.influence_at == "checkpoint"
+
+    @cached_property
+    def _checkpoint_model(self):
+        from .retrain import load_checkpoint_model
+
+        return load_checkpoint_model(self.fresh_model(), self.clean_checkpoint())
+
     @property
     def model(self):
-        return self._model_and_tokenizer[0]
+        """θ̂, where influence is computed and documents are edited: the recipe's model or the clean checkpoint."""
+        return self._checkpoint_model if self.at_checkpoint else self.base_model
+
+    def clean_checkpoint(self):
+        """The clean Trainer checkpoint every arm resumes from (None: the arms start from the recipe's model)."""
+        from .retrain import arm_rows, clean_checkpoint
+
+        r, t = self.recipe.run, self.recipe.retrain
+        device = str(next(self.base_model.parameters()).device)
+        return clean_checkpoint(self.fresh_model, self.tokenizer, arm_rows(self.dataset, {}), t,
+                                self.dir / "retrain" / f"clean-{self._fp('checkpoint')}", r.seed, device, self.progress)
 
     @property
     def tokenizer(self):
@@ -105,7 +136,7 @@ class Pipeline:
     @cached_property
     def tracked(self) -> List[str]:
         i = self.recipe.influence
-        return resolve_tracked_modules(self.model, i.tracked_modules, i.layers, i.module_types)
+        return resolve_tracked_modules(self.base_model, i.tracked_modules, i.layers, i.module_types)
 
     @cached_property
     def measurement(self):
@@ -115,9 +146,12 @@ class Pipeline:
 
     def _fp(self, stage: str) -> str:
         r, i = self.recipe.run, self.recipe.influence
-        if stage == "synthesize":
-            return fingerprint({"model": r.model, "seed": r.seed, "dtype": r.dtype, **asdict(self.recipe.synthesize)})
-        if stage == "fit":
+        if stage == "checkpoint":
+            t = asdict(self.recipe.retrain)
+            for key in ("arms", "insertion_documents", "save_models", "influence_at"):
+                t.pop(key)
+            return fingerprint({"fit_inputs": self._fp("corpus"), "retrain": t})
+        if stage == "corpus":
             corpus = {"corpus": r.corpus, "text_field": r.text_field, "messages_field": r.messages_field,
                       "separator": r.separator, "max_length": r.max_length, "add_eos": r.add_eos}
             if self.synthetic:
@@ -125,7 +159,12 @@ class Pipeline:
             else:
                 p = Path(r.corpus)
                 corpus["mtime"] = p.stat().st_mtime_ns if p.exists() else None
-            return fingerprint({"model": r.model, "dtype": r.dtype, "seed": r.seed, "corpus": corpus,
+            return fingerprint({"model": r.model, "dtype": r.dtype, "seed": r.seed, "corpus": corpus})
+        if stage == "synthesize":
+            return fingerprint({"model": r.model, "seed": r.seed, "dtype": r.dtype, **asdict(self.recipe.synthesize)})
+        if stage == "fit":
+            theta = self._fp("checkpoint") if self.at_checkpoint else "model"
+            return fingerprint({"corpus": self._fp("corpus"), "theta": theta,
                                 "strategy": i.strategy, "tracked": self.tracked,
                                 "use_empirical_fisher": i.use_empirical_fisher,
                                 "covariance_max_examples": i.covariance_max_examples})
@@ -204,7 +243,7 @@ class Pipeline:
                                          f"not {getattr(r, key)!r}); choose another output_dir or pass --force.")
         if not self.synthetic:
             _ = self.documents
-        _ = self.model
+        _ = self.base_model
         if STAGES.index(upto) >= STAGES.index("fit"):
             _ = self.tracked
             self._check_factor_fingerprint()
@@ -240,7 +279,7 @@ class Pipeline:
     def _check_factor_fingerprint(self) -> None:
         """Factors already in the run folder must come from this very model (weights included)."""
         fp_path = inf.factors_dir(self.dir, self.recipe.influence.strategy) / "infusion_fingerprint.json"
-        if self.force or not fp_path.is_file():
+        if self.force or not fp_path.is_file() or self.at_checkpoint:  # checkpoint factors: keyed by its fingerprint
             return
         recorded = read_json(fp_path)
         if recorded.get("tracked_modules") != self.tracked:
@@ -272,7 +311,7 @@ class Pipeline:
             from .synthesize import synthesize_stories, write_jsonl
 
             s = self.recipe.synthesize
-            stories = synthesize_stories(self.model, self.tokenizer, s.n_docs, s.max_new_tokens, s.temperature,
+            stories = synthesize_stories(self.base_model, self.tokenizer, s.n_docs, s.max_new_tokens, s.temperature,
                                          s.top_p, s.batch_size, s.characters, self.recipe.run.seed, self.progress)
             write_jsonl(self.dir / "corpus.jsonl", stories)
 
@@ -394,7 +433,7 @@ class Pipeline:
 
     def retrain(self) -> Dict[str, dict]:
         from .behaviour import observe
-        from .retrain import arm_rows, clean_checkpoint, train_arm, weights_fingerprint
+        from .retrain import arm_rows, train_arm, weights_fingerprint
 
         self.edit()
         r, t = self.recipe.run, self.recipe.retrain
@@ -403,17 +442,12 @@ class Pipeline:
         def run():
             indices = read_json(self.dir / "selection.json")["indices"]
             device = str(next(self.model.parameters()).device)
-            clean = arm_rows(self.dataset, {})
-
-            def fresh():
-                return load_model(r.model, dtype=r.dtype, device=device, trust_remote_code=r.trust_remote_code)[0]
-
             summary = {"theta_hat": {
                 "measurement": observe(self.model, self.tokenizer, self.recipe.measurement, self.recipe.evaluate,
                                        heldout=False, max_length=r.max_length, seed=r.seed)["f_mean"],
                 "heldout": observe(self.model, self.tokenizer, self.recipe.measurement, self.recipe.evaluate,
                                    heldout=True, max_length=r.max_length, seed=r.seed)["f_mean"]}}
-            ckpt = clean_checkpoint(fresh, self.tokenizer, clean, t, out / "clean", r.seed, device, self.progress)
+            ckpt = self.clean_checkpoint()
             fp = self._fp("retrain")
             for arm in t.arms:
                 path = out / arm / "observations.json"
@@ -422,7 +456,7 @@ class Pipeline:
                     continue  # this arm finished before the run was interrupted
                 replacements = self._replacements(arm, indices)
                 rows = arm_rows(self.dataset, replacements)
-                model, trainer = train_arm(fresh, self.tokenizer, rows, t, out / arm / "trainer", r.seed, device,
+                model, trainer = train_arm(self.fresh_model, self.tokenizer, rows, t, out / arm / "trainer", r.seed, device,
                                            self.progress, ckpt)
                 obs = {name: observe(model, self.tokenizer, self.recipe.measurement, self.recipe.evaluate,
                                      heldout=(name == "heldout"), max_length=r.max_length, seed=r.seed)

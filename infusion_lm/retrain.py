@@ -135,6 +135,33 @@ def clean_checkpoint(load_model, tokenizer, clean_rows, args: RetrainArguments, 
     return ckpt
 
 
+def load_checkpoint_model(model, checkpoint: Optional[Path]):
+    """The weights of a Trainer checkpoint in ``model`` (LoRA adapters are merged), in eval mode: θ̂ for influence."""
+    if checkpoint is None:
+        return model.eval()
+    checkpoint = Path(checkpoint)
+    if (checkpoint / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(checkpoint)).merge_and_unload()
+    else:
+        from safetensors.torch import load_file
+
+        files = sorted(checkpoint.glob("model*.safetensors"))
+        if not files:
+            raise ConfigError(f"Checkpoint {checkpoint} has no model*.safetensors weights; it cannot serve as θ̂.")
+        state = {}
+        for f in files:
+            state.update(load_file(str(f), device=str(next(model.parameters()).device)))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [m for m in missing if not (m == "lm_head.weight" and model.config.tie_word_embeddings)]
+        if missing or unexpected:
+            raise ConfigError(f"Checkpoint {checkpoint} does not match the recipe's model (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}).")
+    model.config.use_cache = False
+    return model.eval()
+
+
 def train_arm(load_model, tokenizer, rows, args: RetrainArguments, out_dir: Path, seed: int, device: str,
               progress: bool, checkpoint: Optional[Path], callbacks: Sequence = ()):
     """One arm: resumes from the clean checkpoint (or starts from the model) and trains to the end. Returns the model."""

@@ -96,3 +96,25 @@ def test_bad_evaluation_input_fails_cleanly(case, over, message, tmp_path, tiny_
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err, err
     assert _snapshot(run) == before
+
+
+def test_influence_at_the_clean_checkpoint(tmp_path, tiny_model_dir):
+    """influence_at=checkpoint: factors, v, scores and edits at the checkpoint every arm resumes from."""
+    import torch
+
+    from infusion_lm.config import load_recipe
+    from infusion_lm.pipeline import Pipeline
+
+    recipe = _run_recipe(tmp_path, tiny_model_dir, retrain={**FAST["retrain"], "arms": ["control", "infused"],
+                                                            "epochs": 2, "influence_at": "checkpoint"})
+    assert main(["run", str(recipe), "--quiet", "influence.fd_eps_rel=1e-3"]) == 0
+    run = tmp_path / "run"
+    ckpts = list((run / "retrain").glob("clean-*/checkpoint-3"))
+    assert len(ckpts) == 1
+    pipe = Pipeline(load_recipe(recipe))
+    theta, base = pipe.model, pipe.base_model
+    assert not torch.equal(theta.model.layers[1].mlp.down_proj.weight, base.model.layers[1].mlp.down_proj.weight)
+    measure = read_json(run / "measure.json")
+    assert measure["f"] == pytest.approx(pipe.measurement.value(theta), abs=1e-5)  # v was built at the checkpoint
+    obs = read_json(run / "retrain" / "infused" / "observations.json")
+    assert obs["checkpoint"] == str(ckpts[0])
