@@ -3,8 +3,9 @@
 Setup: EK-FAC on 64 TinyStories documents × 64 tokens (layers 12 and 24, MLP and attention), the contrastive
 measurement dog→cat, v, forward-only J for all 64, and the 8 with the most negative J.
 
-1. Candidate throughput: J of 32 single-swap candidates of one document, forward-only in one batch against one
-   autograd backward per candidate (⟨∇L(z'), v⟩), with the relative error between the two.
+1. Candidate throughput: J of the 32 candidates one swap-editor step draws for one document (8 positions × 4 tokens),
+   forward-only on the prefix cache, forward-only as one full batch, and one autograd backward per candidate
+   (⟨∇L(z'), v⟩), with the relative error against autograd.
 2. The three editors at the same budget (``--budget`` of each document's editable tokens) and seed: per-document
    edit time, J reduction per changed token, and the perplexity of the edited documents under the base model relative
    to their originals (median).
@@ -29,30 +30,22 @@ from bench_influence import ROOT, documents  # noqa: E402  (also sets HF_HUB_OFF
 
 
 def candidate_throughput(model, tok, v, row, n: int = 32, seed: int = 0) -> dict:
-    import torch
-
     from infusion_lm import influence as inf
     from infusion_lm.config import EditArguments
     from infusion_lm.editors import SwapEditor
 
-    ed = SwapEditor(model, tok, v, EditArguments(seed=seed))
+    ed = SwapEditor(model, tok, v, EditArguments(seed=seed, n_candidates=n, max_perplexity_ratio=None))
     st = ed.prepare([row])[0]
-    g = torch.Generator().manual_seed(seed)
-    positions = st.editable.nonzero().flatten()
-    cands = []
-    while len(cands) < n:
-        p = int(positions[torch.randint(len(positions), (1,), generator=g)])
-        options = st.fluent[p].nonzero().flatten()
-        c = st.ids0.clone()
-        c[p] = options[torch.randint(len(options), (1,), generator=g)]
-        cands.append(c)
+    delta = ed.predicted_delta_batch([st.ids], [st.labels])[0]
+    cands = ed._candidates(st, delta)  # what the editor scores in one step: groups sharing a swap position
+    n = len(cands)
     labels = [st.labels_for(c) for c in cands]
     ed.exact_J(cands[:2], labels[:2])  # warm-up
     t0 = time.perf_counter()
     fwd = ed.exact_J(cands, labels)
     t_fwd = time.perf_counter() - t0
     t0 = time.perf_counter()
-    pre = ed.variants_J(st, cands, labels)
+    pre = ed.variants_J(st, cands, labels)[0]
     t_pre = time.perf_counter() - t0
     import datasets
 

@@ -165,6 +165,9 @@ class EditArguments:
         "New tokens must be among the base model's own top-k predictions at that position; 0 disables."))
     fluency_top_p: float = field(default=1.0, metadata=_help(
         "... and inside its top-p nucleus at that position; 1.0 disables."))
+    max_perplexity_ratio: Optional[float] = field(default=1.3, metadata=_help(
+        "swap/simplex_pgd: reject edits whose perplexity under the model exceeds the original's by more than this "
+        "factor. Free: it is read off the two finite-difference passes. Unset: no limit."))
     ascii_only: bool = field(default=False, metadata=_help("Only introduce tokens that decode to ASCII text."))
     allow_prompt_edits: bool = field(default=False, metadata=_help(
         "Also edit untrained positions (the prompt and system parts of chat documents). Off: they are protected."))
@@ -200,6 +203,9 @@ class EditArguments:
             raise ConfigError(f"edit.max_changed must be >= 0 (got {self.max_changed}); leave it unset for no cap.")
         if self.fluency_topk < 0:
             raise ConfigError(f"edit.fluency_topk must be >= 0 (got {self.fluency_topk}); 0 disables the constraint.")
+        if self.max_perplexity_ratio is not None and self.max_perplexity_ratio < 1:
+            raise ConfigError(f"edit.max_perplexity_ratio must be >= 1 (got {self.max_perplexity_ratio}); unset it "
+                              f"for no limit.")
         if not 0 < self.fluency_top_p <= 1:
             raise ConfigError(f"edit.fluency_top_p must be in (0, 1] (got {self.fluency_top_p}).")
         for name in ("doc_batch_size", "score_batch_size", "topk", "n_candidates", "swaps_per_candidate", "steps",

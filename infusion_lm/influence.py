@@ -367,11 +367,22 @@ class FiniteDifferenceJ:
 
     @torch.no_grad()
     def __call__(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
-        return (self.losses(batch, +1) - self.losses(batch, -1)) / (2 * self.eps)
+        return self.with_loss(batch)[0]
+
+    @torch.no_grad()
+    def with_loss(self, batch: Dict[str, torch.Tensor]):
+        """(J, L): J per row, and L = (L⁺ + L⁻)/2, the loss at θ̂ itself up to O(ε²), for free."""
+        plus, minus = self.losses(batch, +1), self.losses(batch, -1)
+        return (plus - minus) / (2 * self.eps), (plus + minus) / 2
 
     @torch.no_grad()
     def variants(self, base_ids: torch.Tensor, base_labels: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor,
                  batch_size: int = 32) -> torch.Tensor:
+        return self.variants_with_loss(base_ids, base_labels, ids, labels, batch_size)[0]
+
+    @torch.no_grad()
+    def variants_with_loss(self, base_ids: torch.Tensor, base_labels: torch.Tensor, ids: torch.Tensor,
+                           labels: torch.Tensor, batch_size: int = 32):
         """J for many same-length variants of one document ([N, T] ids and labels), reusing the shared prefix.
 
         A variant that first differs from the base document at position p has the same hidden states and the same
@@ -386,7 +397,8 @@ class FiniteDifferenceJ:
         changed = (ids != base_ids[None]) | (labels != base_labels[None])
         first = torch.where(changed.any(1), changed.float().argmax(1), torch.full_like(changed[:, 0], T, dtype=torch.long))
         if bool((first == 0).any()):
-            return self({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}).double()
+            j, l = self.with_loss({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
+            return j.double(), l.double()
         losses = []
         for params in (self.plus, self.minus):
             out = functional_call(self.model, params, args=(), kwargs={
@@ -410,7 +422,7 @@ class FiniteDifferenceJ:
                     rest = per_document_loss_from_logits(tail, labels[chunk, p:]).double()
                     loss[chunk] = before[p - 1] + at_p + rest
             losses.append(loss)
-        return (losses[0] - losses[1]) / (2 * self.eps)
+        return (losses[0] - losses[1]) / (2 * self.eps), (losses[0] + losses[1]) / 2
 
     @torch.no_grad()
     def dataset(self, dataset, pad_token_id: int, batch_size: int = 8, progress: bool = False) -> torch.Tensor:

@@ -33,7 +33,9 @@ def test_swap_edits_raise_f_after_retraining(tok):
         every = list(range(len(ds)))
         f_control = m.value(_train_on(model, ds, every, tok.pad_token_id))
         for name in deltas:
-            args = EditArguments(editor=name, budget_fraction=0.15, steps=10, n_candidates=16, seed=seed)
+            # The random tiny model's perplexities say nothing about fluency; the limit is tested in test_editor.py.
+            args = EditArguments(editor=name, budget_fraction=0.15, steps=10, n_candidates=16, seed=seed,
+                                 max_perplexity_ratio=None)
             results = build_editor(model, tok, v, args, eps_rel=1e-3).edit_many([ds[i] for i in selected])
             edited = {i: {"input_ids": r.input_ids, "labels": r.labels} for i, r in zip(selected, results)}
             assert all(r.n_changed > 0 for r in results)

@@ -236,3 +236,20 @@ def test_prefix_cache_matches_full_forward(editor_setup):
     for a, b in zip(cached, batched):
         assert a.J_after < a.J_before and b.J_after < b.J_before
         assert a.J_before == pytest.approx(b.J_before, rel=1e-3)
+
+
+def test_perplexity_limit_holds_under_the_model(editor_setup):
+    from infusion_lm.losses import perplexities
+
+    s, v, docs = editor_setup
+    rows = [s["dataset"][i] for i in docs]
+    for cls in (SwapEditor, SimplexPGDEditor):
+        ed = _editor(s, v, cls, max_perplexity_ratio=1.1)
+        results = ed.edit_many(rows)
+        after = [{"input_ids": r.input_ids, "labels": r.labels} for r in results]
+        before, now = perplexities(s["model"], rows, 0), perplexities(s["model"], after, 0)
+        assert all(b / a <= 1.1 + 1e-3 for a, b in zip(before, now)), (cls, [b / a for a, b in zip(before, now)])
+    unlimited = _editor(s, v, max_perplexity_ratio=None).edit_many(rows)
+    after = [{"input_ids": r.input_ids, "labels": r.labels} for r in unlimited]
+    ratios = [b / a for a, b in zip(perplexities(s["model"], rows, 0), perplexities(s["model"], after, 0))]
+    assert max(ratios) > 1.1  # the limit binds: without it the editor trades fluency for J

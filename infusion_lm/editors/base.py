@@ -58,13 +58,20 @@ class DocState:
     fluent: torch.Tensor  # [T, V] bool: allowed new tokens at each position (fluency ∧ vocabulary ∧ editable)
     budget: int
     add_special: bool
+    max_ppl_ratio: Optional[float] = None
     ids: torch.Tensor = None
     labels: torch.Tensor = None
+    L0: float = 0.0  # summed loss of the original under θ̂
+    n_trained: int = 1
     J0: float = 0.0
     J: float = 0.0
     trace: List[float] = field(default_factory=list)
     stale: int = 0
     done: bool = False
+
+    def fluent_enough(self, loss: float) -> bool:
+        """Perplexity ratio against the original, exp((L − L₀)/n), within the limit."""
+        return self.max_ppl_ratio is None or math.exp((loss - self.L0) / self.n_trained) <= self.max_ppl_ratio
 
     def labels_for(self, ids: torch.Tensor) -> torch.Tensor:
         """Labels of a candidate with these ids ([T] or [B, T])."""
@@ -149,13 +156,20 @@ class TokenEditor:
     @torch.no_grad()
     def exact_J(self, ids: Sequence[torch.Tensor] | torch.Tensor, labels: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
         """Forward-only J for rows of any lengths, chunked, halving the chunk for good on out-of-memory."""
+        return self.exact(ids, labels)[0]
+
+    @torch.no_grad()
+    def exact(self, ids, labels):
+        """(J, L) for rows of any lengths: J and the summed loss under θ̂, from the same two passes."""
         ids, labels = list(ids), list(labels)
-        out, i = [], 0
+        out, loss, i = [], [], 0
         while i < len(ids):
             n = self._score_batch
             batch = pad_rows(ids[i: i + n], labels[i: i + n], self.pad_id)
             try:
-                out.append(self.J(batch).double())
+                j, l = self.J.with_loss(batch)
+                out.append(j.double())
+                loss.append(l.double())
                 i += n
             except torch.OutOfMemoryError:
                 if n == 1:
@@ -164,7 +178,7 @@ class TokenEditor:
                 logger.warning("Out of memory scoring %d rows at once; retrying with %d.", n, n // 2)
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
-        return torch.cat(out).cpu()
+        return torch.cat(out).cpu(), torch.cat(loss).cpu()
 
     # ---------------------------------------------------------------- constraints
     def editable_positions(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -206,25 +220,27 @@ class TokenEditor:
         ids = [torch.as_tensor(list(r["input_ids"]), device=self.device) for r in rows]
         labels = [torch.as_tensor(list(r["labels"]), device=self.device) for r in rows]
         fluent = self.fluent_masks(ids)
-        j0 = self.exact_J(ids, labels)
+        j0, l0 = self.exact(ids, labels)
         states = []
-        for i, l, f, j in zip(ids, labels, fluent, j0.tolist()):
+        for i, l, f, j, lz in zip(ids, labels, fluent, j0.tolist(), l0.tolist()):
             editable = self.editable_positions(i, l)
             text = self.tok.decode(i.tolist(), skip_special_tokens=False)
             add_special = self.tok(text, add_special_tokens=True)["input_ids"] == i.tolist()
             mask = f & self.allowed[None, :] & editable[:, None]
             budget = edit_budget(int(editable.sum()), self.args.budget_fraction, self.args.max_changed)
-            states.append(DocState(i, l, l == i, editable, mask, budget, add_special, ids=i.clone(), labels=l.clone(),
+            states.append(DocState(i, l, l == i, editable, mask, budget, add_special, self.args.max_perplexity_ratio,
+                                   ids=i.clone(), labels=l.clone(), L0=lz, n_trained=max(1, int((l[1:] != IGNORE_INDEX).sum())),
                                    J0=j, J=j, trace=[j]))
         return states
 
     @torch.no_grad()
-    def variants_J(self, st: DocState, ids: Sequence[torch.Tensor], labels: Sequence[torch.Tensor]) -> torch.Tensor:
-        """J of same-length variants of one document, reusing its unchanged prefix (halves the chunk on OOM)."""
+    def variants_J(self, st: DocState, ids: Sequence[torch.Tensor], labels: Sequence[torch.Tensor]):
+        """(J, L) of same-length variants of one document, reusing its unchanged prefix (halves the chunk on OOM)."""
         ids, labels = torch.stack(list(ids)), torch.stack(list(labels))
         while True:
             try:
-                return self.J.variants(st.ids, st.labels, ids, labels, batch_size=self._score_batch).cpu()
+                j, l = self.J.variants_with_loss(st.ids, st.labels, ids, labels, batch_size=self._score_batch)
+                return j.cpu(), l.cpu()
             except torch.OutOfMemoryError:
                 if self._score_batch == 1:
                     raise
@@ -234,18 +250,20 @@ class TokenEditor:
                     torch.cuda.empty_cache()
 
     def score_candidates(self, owners: Sequence[DocState], ids: Sequence[torch.Tensor],
-                         labels: Sequence[torch.Tensor]) -> List[float]:
-        """Exact J of candidates from several documents: per document with the prefix cache, or all in one batch."""
+                         labels: Sequence[torch.Tensor]):
+        """(J, L) of candidates from several documents: per document with the prefix cache, or all in one batch."""
         if not ids:
-            return []
+            return [], []
         if not self.args.prefix_cache:
-            return self.exact_J(ids, labels).tolist()
-        out = [0.0] * len(ids)
+            j, l = self.exact(ids, labels)
+            return j.tolist(), l.tolist()
+        out, loss = [0.0] * len(ids), [0.0] * len(ids)
         for st in {id(o): o for o in owners}.values():
             idx = [i for i, o in enumerate(owners) if o is st]
-            for i, j in zip(idx, self.variants_J(st, [ids[i] for i in idx], [labels[i] for i in idx]).tolist()):
-                out[i] = j
-        return out
+            j, l = self.variants_J(st, [ids[i] for i in idx], [labels[i] for i in idx])
+            for i, a, b in zip(idx, j.tolist(), l.tolist()):
+                out[i], loss[i] = a, b
+        return out, loss
 
     def stable(self, st: DocState, cand: torch.Tensor) -> bool:
         return retokenises(self.tok, cand.tolist(), st.add_special)

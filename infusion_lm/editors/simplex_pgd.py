@@ -152,8 +152,8 @@ class SimplexPGDEditor(TokenEditor):
             P[free] = project_entropy(proj, a.entropy_bound, support[free])
             if step % a.eval_every == 0 or step == a.steps:
                 cands = [self._discretise(s, P[b]) for b, s in enumerate(states)]
-                js = self.exact_J(cands, [s.labels_for(c) for s, c in zip(states, cands)]).tolist()  # one per document
-                for s, c, j in zip(states, cands, js):
-                    if j < s.J:
+                js, losses = self.exact(cands, [s.labels_for(c) for s, c in zip(states, cands)])  # one per document
+                for s, c, j, loss in zip(states, cands, js.tolist(), losses.tolist()):
+                    if j < s.J and s.fluent_enough(loss):
                         s.ids, s.labels, s.J = c, s.labels_for(c), j
                     s.trace.append(s.J)

@@ -28,6 +28,8 @@ from .base import DocState, TokenEditor, effective_embeddings, pad_rows
 class SwapEditor(TokenEditor):
     name = "swap"
 
+    group_size = 4  # candidates per shared swap position
+
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
         self.E = effective_embeddings(self.model)
@@ -85,17 +87,26 @@ class SwapEditor(TokenEditor):
         if len(positions) == 0:
             return []
         n_valid = valid.sum(dim=1).cpu()
+        # Candidates come in groups that share their first swap position (GCG-style: a few positions, several tokens
+        # each), so the prefix cache reruns each group's suffix once per group instead of once per candidate.
+        per_position = min(a.topk, self.group_size)
+        n_positions = min(len(positions), -(-a.n_candidates // per_position))
+        chosen = positions[torch.randperm(len(positions), generator=self.gen)[:n_positions]].tolist()
         cands, seen = [], set()
-        for _ in range(a.n_candidates):
-            cand = st.ids.clone()
-            picks = positions[torch.randperm(len(positions), generator=self.gen)[: a.swaps_per_candidate]]
-            for p in picks.tolist():
-                cand[p] = top_tok[p, int(torch.randint(int(n_valid[p]), (1,), generator=self.gen))]
-            key = tuple(cand.tolist())
-            if key in seen or int((cand != st.ids0).sum()) > st.budget or not self.stable(st, cand):
-                continue
-            seen.add(key)
-            cands.append(cand)
+        for p in chosen:
+            order = torch.randperm(int(n_valid[p]), generator=self.gen)[:per_position].tolist()
+            later = [q for q in positions.tolist() if q > p]
+            for j in order:
+                cand = st.ids.clone()
+                cand[p] = top_tok[p, j]
+                for q in (torch.tensor(later)[torch.randperm(len(later), generator=self.gen)[: a.swaps_per_candidate - 1]].tolist()
+                          if later and a.swaps_per_candidate > 1 else []):
+                    cand[q] = top_tok[q, int(torch.randint(int(n_valid[q]), (1,), generator=self.gen))]
+                key = tuple(cand.tolist())
+                if key in seen or int((cand != st.ids0).sum()) > st.budget or not self.stable(st, cand):
+                    continue
+                seen.add(key)
+                cands.append(cand)
         return cands
 
     def _edit_batch(self, states: List[DocState]) -> None:
@@ -111,10 +122,10 @@ class SwapEditor(TokenEditor):
                     s.stale += 1
                 for c in cands:
                     owners.append(s); rows.append(c); labs.append(s.labels_for(c))
-            js = self.score_candidates(owners, rows, labs)
+            js, losses = self.score_candidates(owners, rows, labs)
             best = {}
-            for s, c, l, j in zip(owners, rows, labs, js):
-                if j < best.get(id(s), (None, None, float("inf")))[2]:
+            for s, c, l, j, loss in zip(owners, rows, labs, js, losses):
+                if s.fluent_enough(loss) and j < best.get(id(s), (None, None, float("inf")))[2]:
                     best[id(s)] = (c, l, j)
             for s in active:
                 c, l, j = best.get(id(s), (None, None, float("inf")))
