@@ -36,6 +36,7 @@ class RunArguments:
     messages_field: str = field(default="messages", metadata=_help("Field holding chat-format documents, if present."))
     separator: Optional[str] = field(default=None, metadata=_help(
         "For .txt corpora: split documents on this string (e.g. `<|endoftext|>`) instead of one per line."))
+    max_documents: Optional[int] = field(default=None, metadata=_help("Use only the first N documents of the corpus."))
     max_length: int = field(default=128, metadata=_help("Tokens per document; longer documents are truncated."))
     add_eos: bool = field(default=True, metadata=_help("Append the eos token to plain-text documents, as training does."))
     output_dir: str = field(default="runs/default", metadata=_help("Run folder; every stage caches its outputs here."))
@@ -45,6 +46,8 @@ class RunArguments:
     trust_remote_code: bool = field(default=False, metadata=_help("Run a model repository's own code. Off unless asked."))
 
     def __post_init__(self):
+        if self.max_documents is not None and self.max_documents < 1:
+            raise ConfigError(f"max_documents must be >= 1 (got {self.max_documents}); unset it to use every document.")
         if self.max_length < 2:
             raise ConfigError(f"max_length must be at least 2 (got {self.max_length}); set e.g. max_length: 128.")
         if self.dtype not in {"float32", "bfloat16", "float16", "float64"}:

@@ -127,7 +127,8 @@ class Pipeline:
         if self.synthetic:
             self.synthesize()
             return load_documents(str(self.corpus_path), "text")
-        return load_documents(r.corpus, r.text_field, r.messages_field, r.separator)
+        docs = load_documents(r.corpus, r.text_field, r.messages_field, r.separator)
+        return docs[: r.max_documents] if r.max_documents else docs
 
     @cached_property
     def dataset(self):
@@ -154,6 +155,8 @@ class Pipeline:
         if stage == "corpus":
             corpus = {"corpus": r.corpus, "text_field": r.text_field, "messages_field": r.messages_field,
                       "separator": r.separator, "max_length": r.max_length, "add_eos": r.add_eos}
+            if r.max_documents:
+                corpus["max_documents"] = r.max_documents
             if self.synthetic:
                 corpus["synthesize"] = self._fp("synthesize")
             else:
