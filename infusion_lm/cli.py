@@ -56,7 +56,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         os.environ.setdefault("TQDM_DISABLE", "1")
     try:
         from .config import load_recipe
+        from .distributed import init_if_launched
         from .pipeline import Pipeline
+
+        init_if_launched()
 
         recipe = load_recipe(args.recipe, args.overrides)
         pipe = Pipeline(recipe, progress=not quiet, force=args.force)
@@ -73,6 +76,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except InfusionError as err:
         print(f"infusion-lm: error: {err}", file=sys.stderr)
         return 2
+    from .distributed import is_main
+
+    if not is_main():
+        return 0  # rank 0 reports for everyone
     print(pipe.timing_summary(), file=sys.stderr)
     if upto == "select":
         print(json.dumps({k: result[k] for k in ("k", "indices", "scores")}))

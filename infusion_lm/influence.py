@@ -21,6 +21,7 @@ from torch.func import functional_call
 from torch.utils.data import DataLoader
 
 from .corpus import IGNORE_INDEX, CausalLMCollator
+from .distributed import is_main
 from .errors import RunFolderError
 from .losses import per_document_loss, per_document_loss_from_logits, upcast
 from .measurement import Measurement, _to
@@ -157,7 +158,9 @@ def fit_factors(
         analyzer.fit_all_factors(factors_name=factors_name(strategy), dataset=dataset, per_device_batch_size=batch_size,
                                  factor_args=factor_args, overwrite_output_dir=overwrite)
     out = factors_dir(root, strategy)
-    write_json(out / "infusion_fingerprint.json", {"model": model_fingerprint(model, tracked), "tracked_modules": list(tracked)})
+    fp = {"model": model_fingerprint(model, tracked), "tracked_modules": list(tracked)}
+    if is_main():  # on CUDA every rank fits (kronfluence distributes); the pipeline waits for all at the stage's end
+        write_json(out / "infusion_fingerprint.json", fp)
     return out
 
 

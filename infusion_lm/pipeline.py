@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import time
 from dataclasses import asdict
 from functools import cached_property
@@ -36,6 +37,7 @@ import torch
 from . import influence as inf
 from .config import Recipe
 from .corpus import load_documents, tokenize_documents
+from .distributed import barrier, is_main, runs_here
 from .errors import ConfigError, RunFolderError
 from .infused import EDITS, INFUSED, INFUSED_CORPUS, edit_records, write_edit_outputs
 from .losses import perplexities
@@ -151,7 +153,8 @@ class Pipeline:
             t = asdict(self.recipe.retrain)
             for key in ("arms", "insertion_documents", "save_models", "influence_at"):
                 t.pop(key)
-            return fingerprint({"fit_inputs": self._fp("corpus"), "retrain": t})
+            world = int(os.environ.get("WORLD_SIZE", "1"))  # the per-process batch changes the run
+            return fingerprint({"fit_inputs": self._fp("corpus"), "retrain": t, "world_size": world})
         if stage == "corpus":
             corpus = {"corpus": r.corpus, "text_field": r.text_field, "messages_field": r.messages_field,
                       "separator": r.separator, "max_length": r.max_length, "add_eos": r.add_eos}
@@ -220,10 +223,15 @@ class Pipeline:
             logger.info("stage %s: cached, skipped", stage)
             return
         t0 = time.perf_counter()
-        fn()
+        if runs_here(stage):
+            fn()
+        barrier()  # the other ranks read what rank 0 wrote
         self.timings[stage] = time.perf_counter() - t0
-        write_json(self._record_path(stage), {"fingerprint": self._fp(stage), "seconds": round(self.timings[stage], 3),
-                                              "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        if is_main():
+            write_json(self._record_path(stage), {"fingerprint": self._fp(stage),
+                                                  "seconds": round(self.timings[stage], 3),
+                                                  "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        barrier()
 
     # ------------------------------------------------------------------ validation before anything is written
 
@@ -300,9 +308,11 @@ class Pipeline:
             shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
 
     def write_config(self) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.sweep_temporaries()
-        write_yaml(self.dir / "config.yaml", self.recipe.to_dict())
+        if is_main():
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self.sweep_temporaries()
+            write_yaml(self.dir / "config.yaml", self.recipe.to_dict())
+        barrier()
 
     # ------------------------------------------------------------------ stages
 
@@ -366,7 +376,8 @@ class Pipeline:
             scores = inf.kronfluence_scores(self.model, self.dataset, self.measurement, self.tracked, self.dir,
                                             pad_token_id=self.tokenizer.pad_token_id, strategy=i.strategy,
                                             damping=i.damping, batch_size=i.batch_size)
-            write_tensors(self.dir / "scores.safetensors", {"scores": scores})
+            if is_main():
+                write_tensors(self.dir / "scores.safetensors", {"scores": scores})
 
         self._stage("score", run)
         return read_tensors(self.dir / "scores.safetensors")["scores"]
@@ -419,7 +430,7 @@ class Pipeline:
         out_dir = self.dir / "baselines" / arm
         fp = fingerprint({"edit": self._fp("edit"), "arm": arm})
         marker = out_dir / "fingerprint.json"
-        if not (marker.is_file() and read_json(marker).get("fingerprint") == fp):
+        if is_main() and not (marker.is_file() and read_json(marker).get("fingerprint") == fp):
             from .editors import build_editor
 
             args = dataclasses.replace(self.recipe.edit, editor=arm)
@@ -432,6 +443,7 @@ class Pipeline:
                                    perplexities(self.model, rows, pad), perplexities(self.model, after, pad))
             write_edit_outputs(out_dir, self.tokenizer, self.dataset, records, self.documents)
             write_json(marker, {"fingerprint": fp})
+        barrier()
         return {r["doc_index"]: r for r in load_infused(out_dir)}
 
     def retrain(self) -> Dict[str, dict]:
@@ -469,10 +481,12 @@ class Pipeline:
                           "summary": {k: v["f_mean"] for k, v in obs.items()}, **obs}
                 if t.save_models:
                     trainer.save_model(str(out / arm / "model"))
-                write_json(path, record)
+                if is_main():
+                    write_json(path, record)
                 summary[arm] = record["summary"]
                 del model, trainer
-            write_json(out / "summary.json", summary)
+            if is_main():
+                write_json(out / "summary.json", summary)
 
         self._stage("retrain", run)
         return read_json(out / "summary.json")

@@ -11,7 +11,6 @@ the checkpoint.
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence
 
@@ -93,10 +92,6 @@ def trainable(model, args: RetrainArguments):
     return get_peft_model(model, cfg)
 
 
-def steps_per_epoch(n_rows: int, args: RetrainArguments, world_size: int = 1) -> int:
-    return max(1, math.ceil(n_rows / (args.batch_size * world_size)) // args.gradient_accumulation_steps)
-
-
 def _checkpoint_callback(step: int):
     from transformers import TrainerCallback
 
@@ -119,16 +114,18 @@ def clean_checkpoint(load_model, tokenizer, clean_rows, args: RetrainArguments, 
 
     if args.checkpoint is not None:
         return Path(args.checkpoint)
-    step = steps_per_epoch(len(clean_rows), args) * (args.epochs - 1)
-    if args.from_scratch or step == 0:
+    if args.from_scratch or args.epochs == 1:
         return None
+    model = trainable(load_model(), args)
+    trainer = Trainer(model=model, args=training_arguments(args, out_dir, seed, device, progress, args.epochs),
+                      train_dataset=_ListDataset(clean_rows), data_collator=CausalLMCollator(tokenizer.pad_token_id))
+    # Optimizer steps per epoch as this Trainer counts them (per process, after gradient accumulation).
+    per_epoch = max(1, len(trainer.get_train_dataloader()) // args.gradient_accumulation_steps)
+    step = per_epoch * (args.epochs - 1)
     ckpt = out_dir / f"checkpoint-{step}"
     if (ckpt / "trainer_state.json").is_file():
         return ckpt
-    model = trainable(load_model(), args)
-    trainer = Trainer(model=model, args=training_arguments(args, out_dir, seed, device, progress, args.epochs),
-                      train_dataset=_ListDataset(clean_rows), data_collator=CausalLMCollator(tokenizer.pad_token_id),
-                      callbacks=[_checkpoint_callback(step)])
+    trainer.add_callback(_checkpoint_callback(step))
     trainer.train()
     if not (ckpt / "trainer_state.json").is_file():
         raise RuntimeError(f"The clean run did not leave a checkpoint at {ckpt}.")

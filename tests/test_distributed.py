@@ -1,0 +1,50 @@
+"""`accelerate launch` with two CPU processes (gloo) gives the same factors, scores, selection and infused corpus as
+one process. (kronfluence distributes only over CUDA processes, so on CPU rank 0 fits and scores while rank 1 waits.)"""
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import torch
+
+from infusion_lm.cli import main
+from infusion_lm.influence import load_factors
+from infusion_lm.storage import read_json, read_tensors
+from test_cli import _recipe, _write_corpus
+from tiny import toy_corpus
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_two_processes_match_one(tmp_path, tiny_model_dir):
+    corpus = _write_corpus(tmp_path / "c.jsonl", toy_corpus(12))
+    edit = {"budget_fraction": 0.15, "steps": 4, "n_candidates": 8, "max_perplexity_ratio": None}
+    one = _recipe(tmp_path, tiny_model_dir, corpus, name="one.yaml", output_dir=str(tmp_path / "one"), edit=edit)
+    two = _recipe(tmp_path, tiny_model_dir, corpus, name="two.yaml", output_dir=str(tmp_path / "two"), edit=edit)
+    assert main(["edit", str(one), "--quiet", "influence.fd_eps_rel=1e-3"]) == 0
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                           str(ROOT / "recipes" / "accelerate" / "cpu_2proc.yaml"), "-m", "infusion_lm", "edit",
+                           str(two), "--quiet", "influence.fd_eps_rel=1e-3"],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("outputs in") == 1  # two ranks ran, rank 0 reported
+    a, b = tmp_path / "one", tmp_path / "two"
+
+    fa = load_factors(a / "factors" / "factors_ekfac")[1]
+    fb = load_factors(b / "factors" / "factors_ekfac")[1]
+    for name in fa:
+        for module in fa[name]:
+            assert torch.allclose(fa[name][module], fb[name][module], rtol=1e-4, atol=1e-6), (name, module)
+    sa, sb = read_tensors(a / "scores.safetensors")["scores"], read_tensors(b / "scores.safetensors")["scores"]
+    assert torch.allclose(sa, sb, rtol=1e-3, atol=1e-4)
+    assert read_json(a / "selection.json")["indices"] == read_json(b / "selection.json")["indices"]
+    ca = datasets.load_from_disk(str(a / "infused_corpus"))
+    cb = datasets.load_from_disk(str(b / "infused_corpus"))
+    assert ca["input_ids"] == cb["input_ids"] and ca["text"] == cb["text"]
+    # Rank 0 wrote everything, once: no stray temporaries, the same files on both sides.
+    files = lambda d: sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file() and "factors" not in p.parts)
+    assert files(a) == files(b)
