@@ -37,7 +37,9 @@ class RunArguments:
     separator: Optional[str] = field(default=None, metadata=_help(
         "For .txt corpora: split documents on this string (e.g. `<|endoftext|>`) instead of one per line."))
     max_documents: Optional[int] = field(default=None, metadata=_help("Use only the first N documents of the corpus."))
-    max_length: int = field(default=128, metadata=_help("Tokens per document; longer documents are truncated."))
+    max_length: int = field(default=128, metadata=_help("Tokens per document."))
+    long_documents: str = field(default="truncate", metadata=_help(
+        "Documents longer than max_length: `truncate` (with a warning) or `fail` (an error that lists them)."))
     add_eos: bool = field(default=True, metadata=_help("Append the eos token to plain-text documents, as training does."))
     output_dir: str = field(default="runs/default", metadata=_help("Run folder; every stage caches its outputs here."))
     seed: int = field(default=0, metadata=_help("Seed for synthesis, label sampling and anything random."))
@@ -48,6 +50,8 @@ class RunArguments:
     def __post_init__(self):
         if self.max_documents is not None and self.max_documents < 1:
             raise ConfigError(f"max_documents must be >= 1 (got {self.max_documents}); unset it to use every document.")
+        if self.long_documents not in {"truncate", "fail"}:
+            raise ConfigError(f"long_documents {self.long_documents!r} is not one of truncate, fail.")
         if self.max_length < 2:
             raise ConfigError(f"max_length must be at least 2 (got {self.max_length}); set e.g. max_length: 128.")
         if self.dtype not in {"float32", "bfloat16", "float16", "float64"}:

@@ -131,11 +131,19 @@ def tokenize_document(tokenizer, doc: Dict[str, Any], max_length: int, add_eos: 
     return {"input_ids": ids[:max_length], "labels": labels[:max_length], "truncated": truncated}
 
 
-def tokenize_documents(tokenizer, docs: Sequence[Dict[str, Any]], max_length: int, add_eos: bool = True):
-    """Returns a ``datasets.Dataset`` with ``input_ids`` and ``labels`` (prompt tokens masked with -100)."""
+def tokenize_documents(tokenizer, docs: Sequence[Dict[str, Any]], max_length: int, add_eos: bool = True,
+                       long_documents: str = "truncate"):
+    """Returns a ``datasets.Dataset`` with ``input_ids`` and ``labels`` (prompt tokens masked with -100).
+
+    Documents longer than ``max_length`` are truncated with a warning, or, with ``long_documents="fail"``, refused.
+    """
     import datasets
 
     rows = [tokenize_document(tokenizer, d, max_length, add_eos) for d in docs]
+    long = [i for i, r in enumerate(rows) if r["truncated"]]
+    if long and long_documents == "fail":
+        raise CorpusError(f"{len(long)} documents are longer than max_length={max_length} tokens (e.g. {long[:10]}); "
+                          f"raise max_length, shorten them, or set long_documents: truncate.")
     n_trunc = sum(r.pop("truncated") for r in rows)
     if n_trunc:
         logger.warning("Truncated %d of %d documents to max_length=%d tokens.", n_trunc, len(rows), max_length)

@@ -134,7 +134,8 @@ class Pipeline:
 
     @cached_property
     def dataset(self):
-        return tokenize_documents(self.tokenizer, self.documents, self.recipe.run.max_length, self.recipe.run.add_eos)
+        r = self.recipe.run
+        return tokenize_documents(self.tokenizer, self.documents, r.max_length, r.add_eos, r.long_documents)
 
     @cached_property
     def tracked(self) -> List[str]:
@@ -255,11 +256,15 @@ class Pipeline:
         if not self.synthetic:
             _ = self.documents
         _ = self.base_model
+        if not self.synthetic:
+            _ = self.dataset  # tokenisation errors (long documents, nothing trained) before anything is written
         if STAGES.index(upto) >= STAGES.index("fit"):
             _ = self.tracked
             self._check_factor_fingerprint()
         if STAGES.index(upto) >= STAGES.index("measure"):
             _ = self.measurement
+            if not self.force and self.is_current("fit") and not (self.is_current("measure") and self.is_current("score")):
+                inf.load_factors(inf.factors_dir(self.dir, self.recipe.influence.strategy))  # corrupted files: say so now
         if STAGES.index(upto) >= STAGES.index("retrain"):
             self._check_heldout()
         if STAGES.index(upto) >= STAGES.index("select"):

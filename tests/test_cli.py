@@ -146,3 +146,32 @@ def test_console_entry_point_exit_code(tmp_path):
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 2
     assert "Unknown recipe key `selct`. Did you mean `select`?" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_corrupted_factors_long_documents_and_blank_lines(tmp_path, tiny_model_dir, capsys):
+    # Blank lines in a JSONL corpus are skipped, blank documents dropped.
+    corpus = tmp_path / "c.jsonl"
+    lines = [json.dumps({"text": t}) for t in toy_corpus(10)]
+    corpus.write_text("\n".join(lines[:5]) + "\n\n   \n" + json.dumps({"text": "  "}) + "\n" + "\n".join(lines[5:]) + "\n")
+    recipe = _recipe(tmp_path, tiny_model_dir, corpus)
+    assert main(["score", str(recipe), "--quiet"]) == 0
+    assert read_tensors(tmp_path / "run" / "scores.safetensors")["scores"].shape == (10,)
+
+    # A truncated factor file: a clear error, and nothing in the run folder changes.
+    fdir = tmp_path / "run" / "factors" / "factors_ekfac"
+    victim = next(fdir.glob("*lambda*.safetensors"))  # needed by the EK-FAC preconditioner
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    before = _snapshot(tmp_path / "run")
+    capsys.readouterr()
+    assert main(["score", str(recipe), "--quiet", "influence.damping=0.01"]) == 2
+    err = capsys.readouterr().err
+    assert "are missing or corrupted" in err and "Traceback" not in err
+    assert _snapshot(tmp_path / "run") == before
+
+    # Documents longer than max_length: truncated with a warning by default, refused with long_documents: fail.
+    strict = _recipe(tmp_path, tiny_model_dir, corpus, name="strict.yaml", output_dir=str(tmp_path / "strict"),
+                     max_length=12, long_documents="fail")
+    assert main(["score", str(strict), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "longer than max_length=12" in err and "long_documents: truncate" in err
+    assert not (tmp_path / "strict").exists()
