@@ -245,10 +245,12 @@ class RetrainArguments:
     checkpoint: Optional[str] = field(default=None, metadata=_help(
         "Resume every arm from this HF Trainer checkpoint of your own clean run instead of making one "
         "(a folder with trainer_state.json, optimizer and scheduler state)."))
-    learning_rate: float = field(default=1e-4, metadata=_help("AdamW learning rate."))
+    learning_rate: float = field(default=1e-4, metadata=_help("Learning rate."))
+    optim: str = field(default="adamw_torch", metadata=_help("HF optimizer name: adamw_torch, sgd, adafactor, ..."))
     lr_scheduler_type: str = field(default="constant", metadata=_help(
         "HF scheduler name. `constant` keeps the last epoch's steps as large as the first."))
     weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay."))
+    max_grad_norm: float = field(default=1.0, metadata=_help("Gradient clipping (HF default 1.0); 0 disables."))
     batch_size: int = field(default=8, metadata=_help("Per-device batch size."))
     gradient_accumulation_steps: int = field(default=1, metadata=_help("Gradient accumulation."))
     lora: bool = field(default=False, metadata=_help("Fine-tune LoRA adapters (peft) instead of every weight."))
@@ -357,7 +359,7 @@ def _to_argv(section: str, values: Dict[str, Any], cls) -> List[str]:
             hint = f" Did you mean `{where}{close[0]}`?" if close else f" Valid keys: {', '.join(sorted(names))}."
             raise ConfigError(f"Unknown recipe key `{where}{key}`.{hint}")
         if value is None:
-            continue  # keep the dataclass default (all Optional fields default to None)
+            continue  # argparse cannot say None: _parse_section sets explicit nulls after parsing
         if isinstance(value, dict):
             raise ConfigError(f"Recipe key `{section + '.' if section else ''}{key}` must not be a mapping.")
         if isinstance(value, (list, tuple)):
@@ -377,6 +379,10 @@ def _parse_section(section: str, values: Dict[str, Any]):
     argv = _to_argv(section, values, cls)
     try:
         (obj,) = _parser(cls).parse_args_into_dataclasses(args=argv)
+        nulls = [k for k, v in values.items() if v is None and getattr(obj, k) is not None]
+        if nulls:  # `key: null` means None, even where the default is a value (e.g. edit.max_perplexity_ratio)
+            kwargs = {f.name: getattr(obj, f.name) for f in fields(cls) if f.init}
+            obj = cls(**{**kwargs, **{k: None for k in nulls}})
     except ConfigError as err:
         raise ConfigError(f"In recipe section `{section or 'top level'}`: {err}") from None
     return obj

@@ -76,6 +76,7 @@ def training_arguments(args: RetrainArguments, out_dir: Path, seed: int, device:
         output_dir=str(out_dir), num_train_epochs=epochs, per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps, learning_rate=args.learning_rate,
         lr_scheduler_type=args.lr_scheduler_type, weight_decay=args.weight_decay, warmup_steps=0, seed=seed,
+        optim=args.optim, max_grad_norm=args.max_grad_norm,
         data_seed=seed, save_strategy="no", logging_strategy="no", report_to=[], remove_unused_columns=False,
         dataloader_num_workers=0, disable_tqdm=not progress, use_cpu=device == "cpu", bf16=args.bf16,
     )

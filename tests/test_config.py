@@ -53,3 +53,12 @@ def test_output_dir_that_is_a_file(tmp_path):
     f.write_text("x")
     with pytest.raises(ConfigError, match="is a file"):
         load_recipe(raw={"output_dir": str(f)})
+
+
+def test_null_means_none_even_where_the_default_is_a_value():
+    from infusion_lm.config import load_recipe
+
+    r = load_recipe(raw={"edit": {"max_perplexity_ratio": None, "max_changed": None}})
+    assert r.edit.max_perplexity_ratio is None and r.edit.max_changed is None
+    assert load_recipe(raw={}).edit.max_perplexity_ratio == 1.3
+    assert load_recipe(raw={}, overrides=["edit.max_perplexity_ratio=null"]).edit.max_perplexity_ratio is None

@@ -118,3 +118,35 @@ def test_influence_at_the_clean_checkpoint(tmp_path, tiny_model_dir):
     assert measure["f"] == pytest.approx(pipe.measurement.value(theta), abs=1e-5)  # v was built at the checkpoint
     obs = read_json(run / "retrain" / "infused" / "observations.json")
     assert obs["checkpoint"] == str(ckpts[0])
+
+
+def test_retrain_stage_infused_arm_raises_f_over_control(tmp_path, tok):
+    """Through the real stages and the HF Trainer: on a tiny model trained near a minimum, the infused arm ends with
+    a higher f than control, on the measurement and the held-out set, in every seed."""
+    import json
+
+    from infusion_lm.corpus import tokenize_documents
+    from tiny import tiny_model, train_briefly
+
+    for seed in (0, 1):
+        texts = toy_corpus(32, seed=seed)
+        ds = tokenize_documents(tok, [{"text": t} for t in texts], 64)
+        model_dir = tmp_path / f"model{seed}"
+        train_briefly(tiny_model(len(tok), seed=seed), ds, tok.pad_token_id, steps=300, seed=seed).save_pretrained(model_dir)
+        tok.save_pretrained(model_dir)
+        corpus = tmp_path / f"c{seed}.jsonl"
+        corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+        recipe = _recipe(tmp_path, model_dir, corpus, name=f"r{seed}.yaml", output_dir=str(tmp_path / f"run{seed}"),
+                         max_length=64, seed=seed,
+                         measurement={"documents": ["The dog ran to the park.", "The dog sat in the house."],
+                                      "heldout_documents": HELDOUT},
+                         influence={"layers": [0, 1]}, select={"k": 4},
+                         edit={"budget_fraction": 0.15, "steps": 10, "n_candidates": 16, "max_perplexity_ratio": None},
+                         retrain={"arms": ["control", "infused"], "from_scratch": True, "epochs": 10, "batch_size": 32,
+                                  "optim": "sgd", "learning_rate": 0.1, "lr_scheduler_type": "constant",
+                                  "max_grad_norm": 0.0},
+                         evaluate={"bootstrap_samples": 200, "candidates": ["bird", "fish"]})
+        assert main(["run", str(recipe), "--quiet", "influence.fd_eps_rel=1e-3"]) == 0
+        res = read_json(tmp_path / f"run{seed}" / "results.json")["arms"]["infused"]
+        assert res["measurement"]["delta_f"]["mean"] > 0, res["measurement"]
+        assert res["heldout"]["delta_f"]["mean"] > 0, res["heldout"]
