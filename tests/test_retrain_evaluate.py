@@ -51,6 +51,13 @@ def test_run_end_to_end_results_and_report(tmp_path, tiny_model_dir):
     assert "http://" not in page and "https://" not in page and "<script" not in page  # works offline, no CDN
     assert {p.name for p in (run / "plots").iterdir()} == {"delta_f.png", "predicted_vs_actual.png", "J_traces.png"}
 
+    # Everything infusion_lm writes is safetensors, JSON/YAML, datasets Arrow or the report; pickles exist only inside
+    # HF Trainer checkpoints (optimizer/scheduler/RNG state, which transformers loads with weights_only=True).
+    allowed = {".json", ".jsonl", ".yaml", ".safetensors", ".arrow", ".md", ".html", ".png"}
+    for f in run.rglob("*"):
+        if f.is_file() and not any(part.startswith("checkpoint-") for part in f.parts):
+            assert f.suffix in allowed, f
+
     # Cached: rerunning does nothing; a downstream evaluate knob reruns only evaluate.
     stamps = {s: (run / "stages" / f"{s}.json").stat().st_mtime_ns for s in ("edit", "retrain", "evaluate")}
     assert main(["run", str(recipe), "--quiet", "influence.fd_eps_rel=1e-3"]) == 0
