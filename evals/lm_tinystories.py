@@ -94,6 +94,8 @@ def main():
     p.add_argument("--arms", nargs="+", default=["control", "infused", "random", "insertion", "simplex_pgd"])
     p.add_argument("--out_dir", default=str(ROOT / "runs" / "lm_tinystories"))
     p.add_argument("--out", default=str(ROOT / "evals" / "results" / "lm_tinystories.json"))
+    p.add_argument("--summarise_only", action="store_true",
+                   help="only aggregate the pairs already finished under out_dir/pairs (e.g. after an interrupted run)")
     args = p.parse_args()
     args.all_words = sorted(set(args.probes + args.targets + ["duck", "horse", "mouse", "rabbit"]))
     if not TINYSTORIES.is_file():
@@ -104,6 +106,12 @@ def main():
 
     per_pair, timings = {}, {}
     pairs = [(a, b) for a in args.probes for b in args.targets if a != b]
+    if args.summarise_only:
+        pairs = []
+        for d in sorted((Path(args.out_dir) / "pairs").glob("*_*")):
+            res = json.loads((d / "results.json").read_text())
+            per_pair[d.name.replace("_", "->")] = res
+            args.arms = ["control"] + list(res["arms"])
     for probe, target in pairs:
         key = f"{probe}->{target}"
         t0 = time.perf_counter()
@@ -120,6 +128,8 @@ def main():
               + f"   ({timings[key]:.0f} s)", flush=True)
         del pipe
 
+    if not per_pair:
+        raise SystemExit("no finished pairs")
     summary = summarise(per_pair, args.arms)
     print()
     print(f"{'arm':<13}{'held-out Δf mean':>18}{'median':>10}{'pairs > control':>17}{'top-1 flips':>13}{'specific':>10}")
