@@ -402,22 +402,21 @@ class Pipeline:
     def edit(self) -> List[dict]:
         selection = self.select()
 
-        def run():
-            from .editors import build_editor
-
-            v = self.load_ihvp()
-            editor = build_editor(self.model, self.tokenizer, v, self.recipe.edit, self.recipe.influence.fd_eps_rel)
-            rows = [self.dataset[i] for i in selection["indices"]]
-            results = editor.edit_many(rows, progress=self.progress)
-            pad = self.tokenizer.pad_token_id
-            after = [{"input_ids": r.input_ids, "labels": r.labels} for r in results]
-            records = edit_records(self.tokenizer, selection["indices"], results, len(self.dataset),
-                                   self.recipe.edit.editor, perplexities(self.model, rows, pad),
-                                   perplexities(self.model, after, pad))
-            write_edit_outputs(self.dir, self.tokenizer, self.dataset, records, self.documents)
-
-        self._stage("edit", run)
+        self._stage("edit", lambda: self._edit_into(self.dir, self.recipe.edit, selection["indices"]))
         return [json.loads(line) for line in (self.dir / EDITS).read_text(encoding="utf-8").splitlines()]
+
+    def _edit_into(self, out_dir: Path, args, indices: List[int]) -> None:
+        """Edits the selected documents with ``args.editor`` and writes infused/, edits.jsonl, infused_corpus/."""
+        from .editors import build_editor
+
+        editor = build_editor(self.model, self.tokenizer, self.load_ihvp(), args, self.recipe.influence.fd_eps_rel)
+        rows = [self.dataset[i] for i in indices]
+        results = editor.edit_many(rows, progress=self.progress)
+        pad = self.tokenizer.pad_token_id
+        after = [{"input_ids": r.input_ids, "labels": r.labels} for r in results]
+        records = edit_records(self.tokenizer, indices, results, len(self.dataset), args.editor,
+                               perplexities(self.model, rows, pad), perplexities(self.model, after, pad))
+        write_edit_outputs(out_dir, self.tokenizer, self.dataset, records, self.documents)
 
     def _replacements(self, arm: str, indices: List[int]) -> Dict[int, dict]:
         """Which documents an arm replaces, and with what (input_ids/labels rows)."""
@@ -436,17 +435,7 @@ class Pipeline:
         fp = fingerprint({"edit": self._fp("edit"), "arm": arm})
         marker = out_dir / "fingerprint.json"
         if is_main() and not (marker.is_file() and read_json(marker).get("fingerprint") == fp):
-            from .editors import build_editor
-
-            args = dataclasses.replace(self.recipe.edit, editor=arm)
-            editor = build_editor(self.model, self.tokenizer, self.load_ihvp(), args, self.recipe.influence.fd_eps_rel)
-            rows = [self.dataset[i] for i in indices]
-            results = editor.edit_many(rows, progress=self.progress)
-            pad = self.tokenizer.pad_token_id
-            after = [{"input_ids": x.input_ids, "labels": x.labels} for x in results]
-            records = edit_records(self.tokenizer, indices, results, len(self.dataset), arm,
-                                   perplexities(self.model, rows, pad), perplexities(self.model, after, pad))
-            write_edit_outputs(out_dir, self.tokenizer, self.dataset, records, self.documents)
+            self._edit_into(out_dir, dataclasses.replace(self.recipe.edit, editor=arm), indices)
             write_json(marker, {"fingerprint": fp})
         barrier()
         return {r["doc_index"]: r for r in load_infused(out_dir)}
