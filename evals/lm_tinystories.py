@@ -105,7 +105,12 @@ def main():
     from infusion_lm.pipeline import Pipeline
 
     per_pair, timings = {}, {}
-    pairs = [(a, b) for a in args.probes for b in args.targets if a != b]
+    # Latin-square order: every prefix of the list spreads over the probes and targets, so an interrupted run
+    # still summarises a balanced subset.
+    n = max(len(args.probes), len(args.targets))
+    pairs = [(args.probes[i % len(args.probes)], args.targets[(i + s) % len(args.targets)])
+             for s in range(n) for i in range(len(args.probes))]
+    pairs = [pr for j, pr in enumerate(pairs) if pr[0] != pr[1] and pr not in pairs[:j]]
     if args.summarise_only:
         pairs = []
         for d in sorted((Path(args.out_dir) / "pairs").glob("*_*")):
@@ -114,11 +119,14 @@ def main():
             args.arms = ["control"] + list(res["arms"])
     for probe, target in pairs:
         key = f"{probe}->{target}"
+        dest = Path(args.out_dir) / "pairs" / f"{probe}_{target}"
+        if (dest / "results.json").is_file():  # finished by an earlier, interrupted invocation
+            per_pair[key] = json.loads((dest / "results.json").read_text())
+            continue
         t0 = time.perf_counter()
         pipe = Pipeline(load_recipe(raw=pair_recipe(args, probe, target)), progress=False)
         res = pipe.run("evaluate")
         timings[key] = time.perf_counter() - t0
-        dest = Path(args.out_dir) / "pairs" / f"{probe}_{target}"
         dest.mkdir(parents=True, exist_ok=True)
         for name in ("results.json", "report.md", "report.html", "edits.jsonl"):
             shutil.copy2(pipe.dir / name, dest / name)

@@ -8,7 +8,7 @@ from .influence import (FiniteDifferenceJ, autograd_scores, compute_ihvp, fit_fa
 from .measurement import (CallableMeasurement, LogProbMeasurement, Measurement, build_measurement,
                           completion_measurement, contrastive_measurement)
 from .models import DEFAULT_MODEL, load_model, resolve_model_source
-from .pipeline import Pipeline, select_documents
+from .pipeline import Pipeline, build_pipeline, select_documents
 from .task import CausalLMTask
 from .tracking import resolve_tracked_modules
 
@@ -19,5 +19,5 @@ __all__ = [
     "FiniteDifferenceJ", "autograd_scores", "compute_ihvp", "fit_factors", "kronfluence_scores", "load_factors",
     "measurement_gradients", "precondition", "CallableMeasurement", "LogProbMeasurement", "Measurement",
     "build_measurement", "completion_measurement", "contrastive_measurement", "DEFAULT_MODEL", "load_model",
-    "resolve_model_source", "Pipeline", "select_documents", "CausalLMTask", "resolve_tracked_modules",
+    "resolve_model_source", "Pipeline", "build_pipeline", "select_documents", "CausalLMTask", "resolve_tracked_modules",
 ]

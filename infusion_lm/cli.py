@@ -57,12 +57,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         from .config import load_recipe
         from .distributed import init_if_launched
-        from .pipeline import Pipeline
+        from .pipeline import build_pipeline
 
         init_if_launched()
 
         recipe = load_recipe(args.recipe, args.overrides)
-        pipe = Pipeline(recipe, progress=not quiet, force=args.force)
+        pipe = build_pipeline(recipe, progress=not quiet, force=args.force)
         upto = {"synthesize": "synthesize", "fit": "fit", "measure": "measure", "score": "select", "edit": "edit", "retrain": "retrain",
                 "evaluate": "evaluate", "run": "evaluate"}[args.command]
         if upto == "synthesize" and not pipe.synthetic:

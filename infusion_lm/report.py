@@ -80,7 +80,9 @@ def plots(results: Dict, records: List[Dict]) -> Dict[str, bytes]:
     out = {}
     arms = list(results["arms"])
     fig, ax = plt.subplots(figsize=(6.5, 3.2))
-    for j, (name, offset) in enumerate((("measurement", -0.17), ("heldout", 0.17))):
+    present = [n for n in ("measurement", "heldout") if arms and n in results["arms"][arms[0]]]
+    for name in present:
+        offset = 0.0 if len(present) == 1 else (-0.17 if name == "measurement" else 0.17)
         means = [results["arms"][a][name]["delta_f"]["mean"] for a in arms]
         cis = [results["arms"][a][name]["delta_f"]["ci"] or [m, m] for a, m in zip(arms, means)]
         err = [[m - c[0] for m, c in zip(means, cis)], [c[1] - m for m, c in zip(means, cis)]]

@@ -108,6 +108,12 @@ def _checkpoint_callback(step: int):
     return CheckpointAndStop()
 
 
+def _collator(tokenizer_or_collator):
+    """A tokenizer means causal-LM rows (padded with its pad token); anything else is already a collator."""
+    pad = getattr(tokenizer_or_collator, "pad_token_id", None)
+    return CausalLMCollator(pad) if pad is not None else tokenizer_or_collator
+
+
 def clean_checkpoint(load_model, tokenizer, clean_rows, args: RetrainArguments, out_dir: Path, seed: int,
                      device: str, progress: bool) -> Optional[Path]:
     """Trains on the clean corpus up to the start of the last epoch and returns that checkpoint (None: step 0)."""
@@ -119,7 +125,7 @@ def clean_checkpoint(load_model, tokenizer, clean_rows, args: RetrainArguments, 
         return None
     model = trainable(load_model(), args)
     trainer = Trainer(model=model, args=training_arguments(args, out_dir, seed, device, progress, args.epochs),
-                      train_dataset=_ListDataset(clean_rows), data_collator=CausalLMCollator(tokenizer.pad_token_id))
+                      train_dataset=_ListDataset(clean_rows), data_collator=_collator(tokenizer))
     # Optimizer steps per epoch as this Trainer counts them (per process, after gradient accumulation).
     per_epoch = max(1, len(trainer.get_train_dataloader()) // args.gradient_accumulation_steps)
     step = per_epoch * (args.epochs - 1)
@@ -152,11 +158,13 @@ def load_checkpoint_model(model, checkpoint: Optional[Path]):
         for f in files:
             state.update(load_file(str(f), device=str(next(model.parameters()).device)))
         missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [m for m in missing if not (m == "lm_head.weight" and model.config.tie_word_embeddings)]
+        tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+        missing = [m for m in missing if not (m == "lm_head.weight" and tied)]
         if missing or unexpected:
             raise ConfigError(f"Checkpoint {checkpoint} does not match the recipe's model (missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]}).")
-    model.config.use_cache = False
+    if hasattr(model, "config"):
+        model.config.use_cache = False
     return model.eval()
 
 
@@ -167,7 +175,7 @@ def train_arm(load_model, tokenizer, rows, args: RetrainArguments, out_dir: Path
 
     model = trainable(load_model(), args)
     trainer = Trainer(model=model, args=training_arguments(args, out_dir, seed, device, progress, args.epochs),
-                      train_dataset=_ListDataset(rows), data_collator=CausalLMCollator(tokenizer.pad_token_id),
+                      train_dataset=_ListDataset(rows), data_collator=_collator(tokenizer),
                       callbacks=list(callbacks))
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
     model = trainer.model

@@ -77,3 +77,94 @@ def test_sigkill_mid_stage_then_resume(tmp_path, tiny_model_dir):
     fresh = read_tensors(tmp_path / "clean" / "scores.safetensors")["scores"]
     assert torch.equal(resumed, fresh)
     assert read_json(run / "selection.json") == read_json(tmp_path / "clean" / "selection.json")
+
+
+KILL_INSIDE_STAGE = textwrap.dedent("""
+    import os, signal, sys
+    import infusion_lm.pipeline as p
+
+    target = os.environ["KILL_STAGE"]
+    if target == "retrain":
+        # die mid-stage: right after the first arm's observations are written, before the second arm trains
+        original_write = p.write_json
+        def dying_write(path, obj):
+            original_write(path, obj)
+            if str(path).endswith(os.path.join("control", "observations.json")):
+                os.kill(os.getpid(), signal.SIGKILL)
+        p.write_json = dying_write
+    else:
+        # die after the stage's work, before it is recorded as finished: its outputs exist but must not be trusted
+        original_stage = p.Pipeline._stage
+        def dying_stage(self, stage, fn):
+            if stage == target:
+                def fn_then_die():
+                    fn()
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return original_stage(self, stage, fn_then_die)
+            return original_stage(self, stage, fn)
+        p.Pipeline._stage = dying_stage
+    from infusion_lm.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def _full_recipe(tmp_path, model_dir, corpus, out):
+    p = _recipe(tmp_path, model_dir, corpus, out)
+    raw = yaml.safe_load(p.read_text())
+    raw["measurement"]["heldout_documents"] = ["A dog sat by the door."]
+    raw["edit"] = {"steps": 2, "n_candidates": 4}
+    raw["retrain"] = {"arms": ["control", "infused"], "epochs": 1, "batch_size": 4}
+    raw["evaluate"] = {"bootstrap_samples": 100, "detectors": False}
+    p.write_text(yaml.safe_dump(raw))
+    return p
+
+
+def _outputs(run):
+    import datasets
+
+    corpus = datasets.load_from_disk(str(run / "infused_corpus")).to_list()
+    results = json.loads((run / "results.json").read_text())
+    return corpus, read_tensors(run / "scores.safetensors")["scores"], results["arms"]
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_model_dir):
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    corpus = tmp / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in toy_corpus(10)))
+    proc = _cli(["run", str(_full_recipe(tmp, tiny_model_dir, corpus, "clean")), "--quiet"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return corpus, _outputs(tmp / "clean")
+
+
+@pytest.mark.parametrize("stage", ["fit", "edit", "retrain", "evaluate"])
+def test_sigkill_inside_any_stage_resumes_to_the_same_outputs(tmp_path, tiny_model_dir, uninterrupted, stage):
+    corpus, (clean_corpus, clean_scores, clean_arms) = uninterrupted
+    recipe = _full_recipe(tmp_path, tiny_model_dir, corpus, "killed")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "KILL_STAGE": stage}
+    proc = subprocess.run([sys.executable, "-c", KILL_INSIDE_STAGE, "run", str(recipe), "--quiet"],
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    run = tmp_path / "killed"
+    assert not (run / "stages" / f"{stage}.json").exists()  # the killed stage is not recorded as finished
+    before = {s: (run / "stages" / f"{s}.json").read_text() for s in ("fit", "measure", "score", "select", "edit")
+              if (run / "stages" / f"{s}.json").is_file()}
+
+    control_obs = run / "retrain" / "control" / "observations.json"
+    control_mtime = control_obs.stat().st_mtime_ns if control_obs.is_file() else None
+    proc = _cli(["run", str(recipe), "--quiet"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for s, record in before.items():  # finished stages were not recomputed
+        assert (run / "stages" / f"{s}.json").read_text() == record, s
+    corpus_rows, scores, arms = _outputs(run)
+    assert torch.equal(scores, clean_scores)
+    assert corpus_rows == clean_corpus  # the same infused corpus, token for token
+    for arm in clean_arms:
+        assert arms[arm]["measurement"]["delta_f"] == clean_arms[arm]["measurement"]["delta_f"]
+        assert arms[arm]["heldout"]["delta_f"] == clean_arms[arm]["heldout"]["delta_f"]
+    if stage == "retrain":  # the control arm finished before the kill; the resumed run reused it
+        assert (run / "retrain" / "control" / "observations.json").stat().st_mtime_ns == control_mtime
+    assert not [p for p in run.rglob("*.tmp")]

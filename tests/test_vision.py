@@ -1,0 +1,280 @@
+"""The image adapter: data loaders, the pixel editors' maths and constraints, and the effect after retraining,
+on scikit-learn's 8×8 digits (and Fashion-MNIST's idx files when the Debian package is installed)."""
+
+import gzip
+import io
+import pickle
+import re
+import struct
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+from infusion_lm.config import load_recipe
+from infusion_lm.errors import ConfigError, MeasurementError
+from infusion_lm.pipeline import build_pipeline
+
+
+def digits_recipe(tmp_path, **over):
+    raw = {
+        "modality": "image", "model": "cnn", "corpus": "digits", "validation_size": 150,
+        "output_dir": str(tmp_path / "run"), "seed": 0,
+        "measurement": {"kind": "class_logp", "probe_indices": [0], "heldout_probe_indices": [1, 2, 3],
+                        "target_class": "3"},
+        "influence": {"batch_size": 64},
+        "select": {"k": 20},
+        "edit": {"editor": "sign_pgd", "linf": 0.1, "steps": 10},
+        "retrain": {"arms": ["control", "infused", "random", "insertion", "insertion_single"], "epochs": 4,
+                    "influence_at": "checkpoint", "optim": "sgd", "learning_rate": 0.05, "batch_size": 16,
+                    "max_grad_norm": 0},
+        "evaluate": {"bootstrap_samples": 200},
+    }
+    for key, value in over.items():
+        section, _, sub = key.partition("__")
+        if sub:
+            raw[section] = {**raw[section], sub: value}
+        else:
+            raw[section] = value
+    return load_recipe(raw=raw)
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("digits")
+    pipe = build_pipeline(digits_recipe(tmp), progress=False)
+    results = pipe.run("evaluate")
+    return pipe, results
+
+
+# ---------------------------------------------------------------------------------------------------- maths
+
+
+@pytest.fixture(scope="module")
+def trained_cnn(digits_run):
+    pipe, _ = digits_run
+    return pipe.model, pipe.load_ihvp(), pipe.splits.train
+
+
+def test_finite_difference_pixel_gradient_matches_autograd(digits_run):
+    """∇x J from the ±εv central difference against the exact ∇x ⟨∇θ L(x), v⟩ by double backprop, in fp64."""
+    from infusion_lm.influence import from_layout, module_params
+    from infusion_lm.vision.editors import PixelJ
+
+    pipe, _ = digits_run
+    model = pipe.fresh_model().double()
+    from infusion_lm.retrain import load_checkpoint_model
+
+    model = load_checkpoint_model(model, pipe.clean_checkpoint()).double().eval()
+    v = {k: t.double() for k, t in pipe.load_ihvp().items()}
+    x = pipe.splits.train.images[:4].double()
+    y = pipe.splits.train.labels[:4]
+
+    fd = PixelJ(model, v, eps_rel=1e-6)
+    j_fd, g_fd = fd.value_and_grad(x, y)
+
+    params = [p for n in v for p in module_params(model, n) if p is not None]
+    exact_j, exact_g = [], []
+    for i in range(len(x)):
+        xi = x[i: i + 1].clone().requires_grad_(True)
+        loss = torch.nn.functional.cross_entropy(model(pixel_values=xi).logits, y[i: i + 1], reduction="sum")
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        it, j = iter(grads), 0
+        for n in v:
+            w, b = module_params(model, n)
+            dw, db = from_layout(v[n], w, b)
+            j = j + (next(it) * dw).sum()
+            if b is not None:
+                j = j + (next(it) * db).sum()
+        (g,) = torch.autograd.grad(j, xi)
+        exact_j.append(float(j.detach()))
+        exact_g.append(g[0])
+    exact_j, exact_g = torch.tensor(exact_j, dtype=torch.float64), torch.stack(exact_g)
+    assert torch.allclose(j_fd, exact_j, rtol=1e-5, atol=1e-8 * exact_j.abs().max())
+    rel = (g_fd - exact_g).norm() / exact_g.norm()
+    assert rel < 1e-4, rel
+
+
+def test_sign_pgd_respects_the_linf_bound_and_the_clamp_and_lowers_J(trained_cnn):
+    from infusion_lm.config import EditArguments
+    from infusion_lm.vision.editors import SignPGDEditor
+
+    model, v, train = trained_cnn
+    args = EditArguments(editor="sign_pgd", linf=0.05, steps=8)
+    x0, y = train.images[:12], train.labels[:12]
+    results = SignPGDEditor(model, v, args).edit_many(x0, y)
+    for r, orig in zip(results, x0):
+        assert torch.equal(r.original, orig)
+        d = r.delta
+        assert float(d.abs().max()) <= 0.05 + 1e-6  # the bound holds
+        assert float(r.pixel_values.min()) >= 0 and float(r.pixel_values.max()) <= 1  # the clamp holds
+        assert r.J_after < r.J_before
+        assert r.J_trace[0] == pytest.approx(r.J_before) and r.J_trace[-1] == pytest.approx(r.J_after)
+    # the bound binds: most changed pixels sit at ±linf (or at the clamp), as sign steps drive them there
+    at_bound = np.mean([r.stats(0.05)["at_budget_fraction"] for r in results])
+    assert at_bound > 0.3
+    # digits have many pixels at exactly 0: the clamp, not the L∞ ball, must stop those going negative
+    assert any(r.stats(0.05)["clamped_fraction"] > 0 for r in results)
+
+
+def test_noise_editor_spends_the_same_linf_and_is_seeded(trained_cnn):
+    from infusion_lm.config import EditArguments
+    from infusion_lm.vision.editors import NoiseEditor
+
+    model, v, train = trained_cnn
+    args = EditArguments(editor="noise", linf=0.05, seed=3)
+    a = NoiseEditor(model, v, args).edit_many(train.images[:5], train.labels[:5])
+    b = NoiseEditor(model, v, args).edit_many(train.images[:5], train.labels[:5])
+    for ra, rb in zip(a, b):
+        assert torch.equal(ra.pixel_values, rb.pixel_values)
+        assert float(ra.delta.abs().max()) == pytest.approx(0.05, abs=1e-6)
+        assert 0 <= float(ra.pixel_values.min()) and float(ra.pixel_values.max()) <= 1
+
+
+# ---------------------------------------------------------------------------------------------------- the effect
+
+
+def test_infused_retrain_raises_p_target_over_control_and_beats_noise(digits_run):
+    _, results = digits_run
+    arms = results["arms"]
+    infused, noise = arms["infused"]["measurement"], arms["random"]["measurement"]
+    assert infused["delta_f"]["mean"] > 0.3  # log p(target | probe) rose against the clean retrain
+    assert infused["delta_p_target"]["mean"] > 0
+    assert infused["delta_f"]["mean"] > noise["delta_f"]["mean"] + 0.3
+    assert not arms["infused"]["weights_equal_control"]
+    # all k probe copies labelled as the target are the strongest (and most visible) baseline
+    assert arms["insertion"]["measurement"]["delta_f"]["mean"] > arms["insertion_single"]["measurement"]["delta_f"]["mean"]
+
+
+def test_outputs_have_the_text_pipelines_names_and_the_corpus_is_rebuilt_exactly(digits_run):
+    import datasets
+
+    from infusion_lm.vision.infused import apply_infused, load_image_edits
+
+    pipe, results = digits_run
+    for name in ("infused", "edits.jsonl", "infused_corpus", "results.json", "report.md", "report.html",
+                 "scores.safetensors", "ihvp.safetensors", "selection.json"):
+        assert (pipe.dir / name).exists(), name
+    ds = datasets.load_from_disk(str(pipe.dir / "infused"))
+    assert {"doc_index", "label", "pixel_values", "original_pixel_values", "linf", "J_before", "J_after"} <= set(ds.column_names)
+    rebuilt = apply_infused(pipe.splits.train.images, pipe.dir)
+    edits = load_image_edits(pipe.dir)
+    assert set(edits) == set(pipe.select()["indices"])
+    for i, row in edits.items():
+        assert torch.allclose(rebuilt[i], row["pixel_values"], atol=1e-6)
+    untouched = [i for i in range(len(rebuilt)) if i not in edits]
+    assert torch.equal(rebuilt[untouched], pipe.splits.train.images[untouched])  # the original is never modified
+    md = (pipe.dir / "report.md").read_text()
+    assert "| infused |" in md and "edited_images.png" in md
+    assert "data:image/png;base64" in (pipe.dir / "report.html").read_text()
+    assert results["arms"]["infused"]["edits"]["linf_max"] <= 0.1 + 1e-6
+
+
+def test_cross_architecture_transfer_path(tmp_path, digits_run):
+    """Edits built with the CNN, arms retrained with the tiny ResNet from its own clean checkpoint."""
+    pipe0, _ = digits_run
+    recipe = digits_recipe(tmp_path, retrain__model="resnet_tiny", retrain__arms=["control", "infused"])
+    pipe = build_pipeline(recipe, progress=False)
+    # θ̂ (and so everything up to the edits) does not depend on the retraining architecture
+    assert pipe._fp("edit") == pipe0._fp("edit")
+    results = pipe.run("evaluate")
+    assert results["architecture"] == "cnn" and results["retrain_architecture"] == "resnet_tiny"
+    assert pipe.arm_checkpoint() != pipe.clean_checkpoint()
+    assert "infused" in results["arms"] and results["arms"]["infused"]["measurement"]["delta_f"]["n"] == 1
+
+
+# ---------------------------------------------------------------------------------------------------- data
+
+
+def _write_idx(path, arr):
+    header = struct.pack(">HBB", 0, 0x08, arr.ndim) + struct.pack(">" + "I" * arr.ndim, *arr.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + arr.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_idx_loader_and_seeded_split(tmp_path):
+    from infusion_lm.vision.data import load_image_splits
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 50), ("t10k", 10)):
+        _write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        _write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", rng.integers(0, 10, (n,)))
+    a = load_image_splits(f"fashion_mnist:{tmp_path}", 10, seed=1)
+    b = load_image_splits(f"fashion_mnist:{tmp_path}", 10, seed=1)
+    c = load_image_splits(f"fashion_mnist:{tmp_path}", 10, seed=2)
+    assert a.train.images.shape == (40, 1, 28, 28) and a.validation.images.shape == (10, 1, 28, 28)
+    assert float(a.train.images.max()) <= 1 and a.test.images.shape[0] == 10
+    assert torch.equal(a.validation.images, b.validation.images)
+    assert not torch.equal(a.validation.images, c.validation.images)
+
+
+def test_fashion_mnist_debian_package_when_installed():
+    from pathlib import Path
+
+    from infusion_lm.vision.data import FASHION_MNIST_DIR, load_image_splits
+
+    if not Path(FASHION_MNIST_DIR).is_dir():
+        pytest.skip("dataset-fashion-mnist is not installed (apt-get install dataset-fashion-mnist)")
+    s = load_image_splits("fashion_mnist", 5000, seed=0)
+    assert s.train.images.shape == (55000, 1, 28, 28) and s.test.images.shape == (10000, 1, 28, 28)
+
+
+def test_cifar10_python_batches_and_image_folder_zip_agree(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from infusion_lm.vision.data import CIFAR10_CLASSES, load_image_splits
+
+    monkeypatch.setenv("INFUSION_LM_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    batches = tmp_path / "cifar-10-batches-py"
+    batches.mkdir()
+    data = rng.integers(0, 256, (6, 4, 3 * 32 * 32)).astype(np.uint8)
+    labels = rng.integers(0, 10, (6, 4))
+    for i, name in enumerate([f"data_batch_{j}" for j in range(1, 6)] + ["test_batch"]):
+        (batches / name).write_bytes(pickle.dumps({b"data": data[i], b"labels": labels[i].tolist()}))
+    py = load_image_splits(f"cifar10:{batches}", 5, seed=0)
+    assert py.train.images.shape == (15, 3, 32, 32) and py.test.images.shape == (4, 3, 32, 32)
+
+    zpath = tmp_path / "cifar.zip"
+    with zipfile.ZipFile(zpath, "w") as zf:
+        for split, rows in (("train", range(5)), ("test", [5])):
+            for b in rows:
+                for k in range(4):
+                    img = data[b, k].reshape(3, 32, 32).transpose(1, 2, 0)
+                    buf = io.BytesIO()
+                    Image.fromarray(img).save(buf, format="PNG")  # lossless, so both sources must agree exactly
+                    zf.writestr(f"{split}/{CIFAR10_CLASSES[labels[b, k]]}/{b:02d}{k}.png", buf.getvalue())
+    folder = load_image_splits(f"cifar10:{zpath}", 5, seed=0)
+    assert folder.train.classes == CIFAR10_CLASSES
+    # the same images, labelled the same, whatever the order the folder listed them in
+    key = lambda d: sorted(zip(d.images.flatten(1).sum(1).tolist(), d.labels.tolist()))  # noqa: E731
+    full = lambda s: type(s.train)(torch.cat([s.train.images, s.validation.images]),  # noqa: E731
+                                   torch.cat([s.train.labels, s.validation.labels]), s.train.classes)
+    assert key(full(py)) == key(full(folder))
+    assert (tmp_path / "cache" / "datasets").is_dir()  # decoded once, then cached
+
+
+# ---------------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("over, message", [
+    ({"edit__editor": "swap"}, "image recipes use sign_pgd or noise"),
+    ({"model": "HuggingFaceTB/SmolLM2-135M-Instruct"}, "needs an image model"),
+    ({"measurement": {"kind": "contrastive", "documents": ["A dog."], "probe": "dog", "target": "cat"}}, "is for text"),
+    ({"retrain__influence_at": "model"}, "influence_at: checkpoint"),
+    ({"edit__linf": -0.1}, "edit.linf must be in (0, 1]"),
+    ({"measurement__heldout_probe_indices": [0]}, "held-out images must be new"),
+])
+def test_bad_image_recipes_fail_with_the_fix(tmp_path, over, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        digits_recipe(tmp_path, **over)
+
+
+def test_unknown_target_class_and_out_of_range_probe(tmp_path):
+    pipe = build_pipeline(digits_recipe(tmp_path, measurement__target_class="seven"), progress=False)
+    with pytest.raises(MeasurementError, match="not a class of this data set"):
+        pipe.validate("measure")
+    pipe = build_pipeline(digits_recipe(tmp_path, measurement__probe_indices=[999]), progress=False)
+    with pytest.raises(MeasurementError, match="outside the validation split"):
+        pipe.validate("measure")
