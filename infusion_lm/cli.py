@@ -52,8 +52,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     args.overrides = list(args.overrides) + extra
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     quiet = args.quiet or not sys.stderr.isatty()
+    import warnings
+
+    # kronfluence 1.0.1 builds torch.cuda.amp.GradScaler, deprecated in torch 2.14: nothing a user can act on
+    warnings.filterwarnings("ignore", message=r".*torch\.cuda\.amp\.GradScaler", category=FutureWarning)
     if quiet:
         os.environ.setdefault("TQDM_DISABLE", "1")
+        import datasets
+
+        datasets.disable_progress_bars()
     try:
         from .config import load_recipe
         from .distributed import init_if_launched

@@ -117,6 +117,9 @@ def _analyzer(wrapped: nn.Module, task, root: Path, pad_token_id: Optional[int],
     from kronfluence.analyzer import Analyzer
     from kronfluence.utils.dataset import DataLoaderKwargs
 
+    import os
+
+    disable_tqdm = disable_tqdm or os.environ.get("TQDM_DISABLE", "") not in ("", "0")  # `--quiet` reaches kronfluence
     analyzer = Analyzer(analysis_name=FACTORS_ANALYSIS, model=wrapped, task=task, output_dir=str(root),
                         cpu=next(wrapped.parameters()).device.type == "cpu", disable_tqdm=disable_tqdm,
                         log_level=logging.WARNING)

@@ -274,8 +274,8 @@ class Pipeline:
 
     # ------------------------------------------------------------------ validation before anything is written
 
-    def validate(self, upto: str = "evaluate") -> None:
-        """Checks everything that can be checked before writing: run folder identity, corpus, k, measurement."""
+    def check_run_folder(self, keys=("model", "corpus")) -> None:
+        """output_dir must be a folder, and one that no other recipe (another model or corpus) has written to."""
         r = self.recipe.run
         if self.dir.exists() and not self.dir.is_dir():
             raise ConfigError(f"output_dir {self.dir} is a file; point output_dir at a folder.")
@@ -287,10 +287,14 @@ class Pipeline:
                 old = yaml.safe_load(cfg_path.read_text(encoding="utf-8")) or {}
             except yaml.YAMLError:
                 old = {}
-            for key in ("model", "corpus"):
+            for key in keys:
                 if key in old and old[key] != getattr(r, key):
                     raise RunFolderError(f"Run folder {self.dir} belongs to a different recipe ({key}: {old[key]!r}, "
                                          f"not {getattr(r, key)!r}); choose another output_dir or pass --force.")
+
+    def validate(self, upto: str = "evaluate") -> None:
+        """Checks everything that can be checked before writing: run folder identity, corpus, k, measurement."""
+        self.check_run_folder()
         if not self.synthetic:
             _ = self.documents
         _ = self.base_model

@@ -82,6 +82,15 @@ def training_arguments(args: RetrainArguments, out_dir: Path, seed: int, device:
     )
 
 
+def _quiet(trainer, progress: bool):
+    """Without progress bars the Trainer swaps in a PrinterCallback that prints every log dict; drop it too."""
+    if not progress:
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
 def trainable(model, args: RetrainArguments):
     """The model to train: itself, or wrapped with LoRA adapters."""
     if not args.lora:
@@ -126,6 +135,7 @@ def clean_checkpoint(load_model, tokenizer, clean_rows, args: RetrainArguments, 
     model = trainable(load_model(), args)
     trainer = Trainer(model=model, args=training_arguments(args, out_dir, seed, device, progress, args.epochs),
                       train_dataset=_ListDataset(clean_rows), data_collator=_collator(tokenizer))
+    _quiet(trainer, progress)
     # Optimizer steps per epoch as this Trainer counts them (per process, after gradient accumulation).
     per_epoch = max(1, len(trainer.get_train_dataloader()) // args.gradient_accumulation_steps)
     step = per_epoch * (args.epochs - 1)
@@ -177,6 +187,7 @@ def train_arm(load_model, tokenizer, rows, args: RetrainArguments, out_dir: Path
     trainer = Trainer(model=model, args=training_arguments(args, out_dir, seed, device, progress, args.epochs),
                       train_dataset=_ListDataset(rows), data_collator=_collator(tokenizer),
                       callbacks=list(callbacks))
+    _quiet(trainer, progress)
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
     model = trainer.model
     model.eval()

@@ -278,3 +278,22 @@ def test_unknown_target_class_and_out_of_range_probe(tmp_path):
     pipe = build_pipeline(digits_recipe(tmp_path, measurement__probe_indices=[999]), progress=False)
     with pytest.raises(MeasurementError, match="outside the validation split"):
         pipe.validate("measure")
+
+
+def test_cli_dry_run_of_an_image_recipe_counts_image_passes_and_writes_nothing(tmp_path, capsys):
+    import yaml
+
+    from infusion_lm.cli import main
+
+    recipe = digits_recipe(tmp_path)
+    path = tmp_path / "digits.yaml"
+    path.write_text(yaml.safe_dump(recipe.to_dict()))
+    assert main(["run", str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "image-passes" in out and "edit k=20 with sign_pgd" in out and "\nretrain" in out
+    assert not (tmp_path / "run").exists()
+    # a run folder written by this image recipe refuses a recipe of another modality or model
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump({"model": "resnet_tiny", "corpus": "digits"}))
+    assert main(["fit", str(path), "--quiet"]) == 2
+    assert "belongs to a different recipe" in capsys.readouterr().err

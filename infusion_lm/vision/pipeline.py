@@ -10,7 +10,7 @@ from typing import Dict, List
 
 import torch
 
-from ..errors import ConfigError, RunFolderError
+from ..errors import ConfigError
 from ..pipeline import STAGES, Pipeline
 from ..storage import fingerprint, read_json, write_json
 
@@ -134,21 +134,7 @@ class ImagePipeline(Pipeline):
     # ------------------------------------------------------------------ validation
 
     def validate(self, upto: str = "evaluate") -> None:
-        r = self.recipe.run
-        if self.dir.exists() and not self.dir.is_dir():
-            raise ConfigError(f"output_dir {self.dir} is a file; point output_dir at a folder.")
-        cfg_path = self.dir / "config.yaml"
-        if cfg_path.is_file() and not self.force:
-            import yaml
-
-            try:
-                old = yaml.safe_load(cfg_path.read_text(encoding="utf-8")) or {}
-            except yaml.YAMLError:
-                old = {}
-            for key in ("model", "corpus", "modality"):
-                if key in old and old[key] != getattr(r, key):
-                    raise RunFolderError(f"Run folder {self.dir} belongs to a different recipe ({key}: {old[key]!r}, "
-                                         f"not {getattr(r, key)!r}); choose another output_dir or pass --force.")
+        self.check_run_folder(("model", "corpus", "modality"))
         _ = self.splits, self.base_model
         if STAGES.index(upto) >= STAGES.index("fit"):
             _ = self.tracked
