@@ -297,3 +297,23 @@ def test_cli_dry_run_of_an_image_recipe_counts_image_passes_and_writes_nothing(t
     (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump({"model": "resnet_tiny", "corpus": "digits"}))
     assert main(["fit", str(path), "--quiet"]) == 2
     assert "belongs to a different recipe" in capsys.readouterr().err
+
+
+def test_models_normalise_inside_and_torchvision_models_load_by_name():
+    from infusion_lm.vision.models import build_image_model, tracked_image_modules
+
+    x = torch.rand(2, 1, 8, 8)
+    a = build_image_model("cnn", 10, 1, [0.3], [0.2], seed=1)
+    b = build_image_model("cnn", 10, 1, [0.3], [0.2], seed=1)
+    assert torch.equal(a(pixel_values=x).logits, b(pixel_values=x).logits)  # the seed fixes the initial weights
+    # normalisation is part of the model: the backbone sees (x − mean) / std
+    assert torch.allclose(a(pixel_values=x).logits, a.backbone((x - 0.3) / 0.2))
+    out = a(pixel_values=x, labels=torch.tensor([1, 2]))
+    assert out.loss is not None and out.logits.shape == (2, 10)
+    tv = build_image_model("torchvision:resnet18", 10, 1, [0.3], [0.2])
+    assert tv(pixel_values=x).logits.shape == (2, 10)
+    assert any(n.endswith("fc") for n in tracked_image_modules(tv))
+    with pytest.raises(ConfigError, match="no classification model"):
+        build_image_model("torchvision:not_a_model", 10, 1, [0.3], [0.2])
+    with pytest.raises(ConfigError, match="Unknown image model"):
+        build_image_model("vgg_tiny", 10, 1, [0.3], [0.2])
