@@ -88,6 +88,8 @@ def main():
     p.add_argument("--arch", default="resnet_tiny")
     p.add_argument("--other_arch", default="cnn")
     p.add_argument("--no_transfer", action="store_true")
+    p.add_argument("--summarise_only", action="store_true",
+                   help="only aggregate the pairs already finished under out_dir/pairs (e.g. after an interrupted run)")
     p.add_argument("--out_dir", default=str(ROOT / "runs" / "cifar10_paper"))
     p.add_argument("--out", default=str(ROOT / "evals" / "results" / "cifar10_paper.json"))
     args = p.parse_args()
@@ -114,6 +116,8 @@ def main():
             dest = pairs_dir / f"{probe}_{target}.json"
             if dest.is_file():  # finished by an earlier, interrupted invocation
                 runs.append(json.loads(dest.read_text()))
+                continue
+            if args.summarise_only:
                 continue
             t0 = time.perf_counter()
             rec = {"probe": probe, "probe_class": true, "target": target}

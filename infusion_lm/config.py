@@ -231,6 +231,9 @@ class EditArguments:
         "[0, 1]."))
     pixel_step: Optional[float] = field(default=None, metadata=_help(
         "sign_pgd: step size per iteration. Unset: 2.5 · linf / steps (Madry et al.)."))
+    pixel_gradient: str = field(default="exact", metadata=_help(
+        "image: how J and ∇x J are computed: `exact` (JVP along v, double backprop for ∇x) or `finite_difference` "
+        "(±εv; fragile on ReLU networks, see infusion_lm/vision/editors.py)."))
 
     def __post_init__(self):
         if self.editor not in {"swap", "simplex_pgd", "random", "sign_pgd", "noise"}:
@@ -238,6 +241,8 @@ class EditArguments:
                               f"sign_pgd, noise (image).")
         if not 0 < self.linf <= 1:
             raise ConfigError(f"edit.linf must be in (0, 1] (got {self.linf}); pixels live in [0, 1], e.g. 0.0314.")
+        if self.pixel_gradient not in {"exact", "finite_difference"}:
+            raise ConfigError(f"edit.pixel_gradient {self.pixel_gradient!r} is not one of exact, finite_difference.")
         if self.pixel_step is not None and self.pixel_step <= 0:
             raise ConfigError(f"edit.pixel_step must be > 0 (got {self.pixel_step}); unset it for 2.5·linf/steps.")
         if not 0 <= self.budget_fraction <= 1:

@@ -57,43 +57,57 @@ def trained_cnn(digits_run):
     return pipe.model, pipe.load_ihvp(), pipe.splits.train
 
 
-def test_finite_difference_pixel_gradient_matches_autograd(digits_run):
-    """∇x J from the ±εv central difference against the exact ∇x ⟨∇θ L(x), v⟩ by double backprop, in fp64."""
+def _reference_pixel_gradients(model, v, x, y):
+    """Per image, one at a time: J = ⟨∇θ L(x), v⟩ by autograd and ∇x J by double backprop (the independent reference)."""
     from infusion_lm.influence import from_layout, module_params
-    from infusion_lm.vision.editors import PixelJ
-
-    pipe, _ = digits_run
-    model = pipe.fresh_model().double()
-    from infusion_lm.retrain import load_checkpoint_model
-
-    model = load_checkpoint_model(model, pipe.clean_checkpoint()).double().eval()
-    v = {k: t.double() for k, t in pipe.load_ihvp().items()}
-    x = pipe.splits.train.images[:4].double()
-    y = pipe.splits.train.labels[:4]
-
-    fd = PixelJ(model, v, eps_rel=1e-6)
-    j_fd, g_fd = fd.value_and_grad(x, y)
 
     params = [p for n in v for p in module_params(model, n) if p is not None]
-    exact_j, exact_g = [], []
+    js, gs = [], []
     for i in range(len(x)):
         xi = x[i: i + 1].clone().requires_grad_(True)
         loss = torch.nn.functional.cross_entropy(model(pixel_values=xi).logits, y[i: i + 1], reduction="sum")
-        grads = torch.autograd.grad(loss, params, create_graph=True)
-        it, j = iter(grads), 0
+        grads = iter(torch.autograd.grad(loss, params, create_graph=True))
+        j = 0
         for n in v:
             w, b = module_params(model, n)
             dw, db = from_layout(v[n], w, b)
-            j = j + (next(it) * dw).sum()
-            if b is not None:
-                j = j + (next(it) * db).sum()
+            j = j + (next(grads) * dw).sum() + ((next(grads) * db).sum() if b is not None else 0)
         (g,) = torch.autograd.grad(j, xi)
-        exact_j.append(float(j.detach()))
-        exact_g.append(g[0])
-    exact_j, exact_g = torch.tensor(exact_j, dtype=torch.float64), torch.stack(exact_g)
-    assert torch.allclose(j_fd, exact_j, rtol=1e-5, atol=1e-8 * exact_j.abs().max())
-    rel = (g_fd - exact_g).norm() / exact_g.norm()
-    assert rel < 1e-4, rel
+        js.append(float(j.detach()))
+        gs.append(g[0])
+    return torch.tensor(js, dtype=torch.float64), torch.stack(gs)
+
+
+@pytest.fixture(scope="module")
+def fp64_theta_hat(digits_run):
+    from infusion_lm.retrain import load_checkpoint_model
+
+    pipe, _ = digits_run
+    model = load_checkpoint_model(pipe.fresh_model().double(), pipe.clean_checkpoint()).double().eval()
+    v = {k: t.double() for k, t in pipe.load_ihvp().items()}
+    return model, v, pipe.splits.train.images[:4].double(), pipe.splits.train.labels[:4]
+
+
+def test_exact_pixel_gradient_matches_per_image_double_backprop(fp64_theta_hat):
+    """The batched JVP + double-backprop J and ∇x J against a per-image reference, on the trained CNN at θ̂."""
+    from infusion_lm.vision.editors import ExactPixelJ
+
+    model, v, x, y = fp64_theta_hat
+    ref_j, ref_g = _reference_pixel_gradients(model, v, x, y)
+    j, g = ExactPixelJ(model, v).value_and_grad(x, y)
+    assert torch.allclose(j, ref_j, rtol=1e-10, atol=1e-12)
+    assert float((g - ref_g).norm() / ref_g.norm()) < 1e-10
+
+
+def test_finite_difference_pixel_gradient_matches_autograd(fp64_theta_hat):
+    """∇x J from the ±εv central difference converges to the exact gradient (fp64, small ε)."""
+    from infusion_lm.vision.editors import PixelJ
+
+    model, v, x, y = fp64_theta_hat
+    ref_j, ref_g = _reference_pixel_gradients(model, v, x, y)
+    j_fd, g_fd = PixelJ(model, v, eps_rel=1e-6).value_and_grad(x, y)
+    assert torch.allclose(j_fd, ref_j, rtol=1e-5, atol=1e-8 * float(ref_j.abs().max()))
+    assert float((g_fd - ref_g).norm() / ref_g.norm()) < 1e-4
 
 
 def test_sign_pgd_respects_the_linf_bound_and_the_clamp_and_lowers_J(trained_cnn):

@@ -92,7 +92,8 @@ class ImageClassifier(nn.Module):
     def forward(self, pixel_values, labels: Optional[torch.Tensor] = None, **_):
         from transformers.modeling_outputs import ImageClassifierOutput
 
-        logits = self.backbone(self.normalize(pixel_values))
+        # pixels arrive as fp32 from the collator; a bf16/fp16 model (run.dtype) takes them in its own dtype
+        logits = self.backbone(self.normalize(pixel_values.to(self.normalize.mean.dtype)))
         loss = F.cross_entropy(logits.float(), labels) if labels is not None else None
         return ImageClassifierOutput(loss=loss, logits=logits)
 
