@@ -42,7 +42,7 @@ def image_plan(pipe) -> Dict:
     rate = IMAGE_RATE.get(rec.run.model, IMAGE_RATE["resnet_tiny"]) * (32 * 32) / (h * w)
     stages = []
     for s in STAGES[1:]:
-        cached = pipe.dir.is_dir() and pipe.is_current(s)
+        cached = pipe.dir.is_dir() and pipe.is_current(s) and not pipe.force
         stages.append({"stage": s, "cached": cached, "token_passes": 0 if cached else int(cost[s]),
                        "est_seconds": 0.0 if cached else cost[s] / rate})
     return {"model": rec.run.model, "source": rec.run.corpus, "documents": n, "tokens": n * c * h * w, "k": k,
@@ -102,7 +102,7 @@ def plan(pipe) -> Dict:
     for s in STAGES:
         if s == "synthesize" and not pipe.synthetic:
             continue
-        cached = pipe.dir.is_dir() and pipe.is_current(s)
+        cached = pipe.dir.is_dir() and pipe.is_current(s) and not pipe.force
         stages.append({"stage": s, "cached": cached, "token_passes": 0 if cached else int(cost[s]),
                        "est_seconds": 0.0 if cached else cost[s] * scale / RATE_135M})
     return {"model": r.model, "source": source, "documents": n, "tokens": N, "k": k, "editor": e.editor,
