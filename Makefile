@@ -24,6 +24,7 @@ test: setup
 bench: setup
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python evals/bench_influence.py
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python evals/bench_editor.py
+	HF_HUB_OFFLINE=1 $(VENV)/bin/python evals/bench_vision.py
 
 clean:
 	rm -rf $(VENV) runs
