@@ -20,9 +20,9 @@ def approx_params(config) -> float:
     return layers * (4 * d * d + 3 * d * inter) + vocab * d
 
 
-# Images: HF Trainer throughput at batch 16 measured here on 2 CPU cores at 32×32 (evals/bench_vision.py; forward +
-# backward = 3 passes per image).
-IMAGE_RATE = {"resnet_tiny": 3 * 160.0, "cnn": 3 * 430.0}  # image-passes per second
+# Images: HF Trainer throughput at batch 16 measured here on 2 idle CPU cores at 32×32 (evals/bench_vision.py;
+# forward + backward = 3 passes per image).
+IMAGE_RATE = {"resnet_tiny": 3 * 495.0, "cnn": 3 * 1540.0}  # image-passes per second
 
 
 def image_plan(pipe) -> Dict:
