@@ -13,8 +13,8 @@ Protocol (Infusion, arXiv 2602.09987, §CIFAR-10), per (probe, target) pair:
 
 The paper used 45,000 training images and k = 100 (0.22%). On 2 CPU cores the ResNet trains at about 500 images/s
 idle (150 when the machine is shared), so the default here keeps the paper's k = 100 edited images but trains on
-5,000 (2%), with 1 probe × 9 targets: 33 min measured on a shared machine (the first pair 4 min plus the clean runs,
-then 3.5 min a pair). ``--train_size 45000`` is the paper's scale.
+5,000 (2%), with 1 probe × 9 targets: the 9 pairs took 33 min on a shared machine (3.5 min a pair), after the clean
+runs and factors of both architectures (about 10 min shared). ``--train_size 45000`` is the paper's scale.
 
     python evals/cifar10_paper.py [--probes 1] [--train_size 5000] [--k 100] [--epochs 10] [--no_transfer]
 """
