@@ -483,7 +483,7 @@ class Pipeline:
         return {r["doc_index"]: r for r in load_infused(out_dir)}
 
     def retrain(self) -> Dict[str, dict]:
-        from .retrain import train_arm, weights_fingerprint
+        from .retrain import save_weights, train_arm, weights_fingerprint
 
         self.edit()
         r, t = self.recipe.run, self.recipe.retrain
@@ -513,15 +513,14 @@ class Pipeline:
                     model, trainer = train_arm(self.arm_model, self.trainer_collator, rows, t, out / arm / "trainer",
                                                r.seed, device, self.progress, ckpt)
                     if shared is not None and is_main():
-                        trainer.save_model(str(shared))
+                        save_weights(model, shared)
                         write_json(shared / "fingerprint.json", {"fingerprint": self._fp("control")})
                 obs = {name: self.observe(model, heldout=(name == "heldout")) for name in sets}
                 record = {"fingerprint": fp, "arm": arm, "replaced": sorted(int(i) for i in replacements),
                           "weights": weights_fingerprint(model), "checkpoint": str(ckpt) if ckpt else None,
                           "summary": {k: v["f_mean"] for k, v in obs.items()}, **obs}
                 if t.save_models:
-                    (trainer.save_model(str(out / arm / "model")) if trainer is not None else
-                     __import__("shutil").copytree(shared, out / arm / "model", dirs_exist_ok=True))
+                    save_weights(model, out / arm / "model")
                 if is_main():
                     write_json(path, record)
                 summary[arm] = record["summary"]

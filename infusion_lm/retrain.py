@@ -194,6 +194,18 @@ def train_arm(load_model, tokenizer, rows, args: RetrainArguments, out_dir: Path
     return model, trainer
 
 
+def save_weights(model, directory: Path) -> None:
+    """The model's weights alone, as safetensors (HF folder layout for HF models); no pickled training arguments."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if hasattr(model, "save_pretrained"):
+        model.save_pretrained(str(directory), safe_serialization=True)
+    else:
+        from safetensors.torch import save_model
+
+        save_model(model, str(directory / "model.safetensors"))  # tied/shared tensors are stored once
+
+
 def weights_fingerprint(model) -> str:
     """A hash of every trainable weight's bytes: equal fingerprints mean identical training outcomes."""
     import hashlib

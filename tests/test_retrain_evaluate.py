@@ -157,3 +157,25 @@ def test_retrain_stage_infused_arm_raises_f_over_control(tmp_path, tok):
         res = read_json(tmp_path / f"run{seed}" / "results.json")["arms"]["infused"]
         assert res["measurement"]["delta_f"]["mean"] > 0, res["measurement"]
         assert res["heldout"]["delta_f"]["mean"] > 0, res["heldout"]
+
+
+def test_control_arm_is_trained_once_and_reused_bit_for_bit(tmp_path, tiny_model_dir):
+    """A second run in the same folder with another edit setting retrains the other arms but loads control's weights
+    from retrain/control-<fingerprint>/, and they are the very weights the first run trained."""
+    recipe = _run_recipe(tmp_path, tiny_model_dir, retrain={**FAST["retrain"], "arms": ["control", "infused"]})
+    assert main(["retrain", str(recipe), "--quiet"]) == 0
+    run = tmp_path / "run"
+    first = read_json(run / "retrain" / "control" / "observations.json")
+    shared = list((run / "retrain").glob("control-*"))
+    assert len(shared) == 1 and (shared[0] / "fingerprint.json").is_file()
+    assert {f.suffix for f in shared[0].iterdir()} <= {".json", ".safetensors"}  # no pickles
+    stamp = shared[0].stat().st_mtime_ns, sorted(f.stat().st_mtime_ns for f in shared[0].iterdir())
+
+    assert main(["retrain", str(recipe), "--quiet", "edit.steps=2"]) == 0
+    second = read_json(run / "retrain" / "control" / "observations.json")
+    assert second["fingerprint"] != first["fingerprint"]  # the retrain stage did rerun
+    assert second["weights"] == first["weights"] and second["measurement"]["f"] == first["measurement"]["f"]
+    assert (shared[0].stat().st_mtime_ns, sorted(f.stat().st_mtime_ns for f in shared[0].iterdir())) == stamp
+    assert main(["retrain", str(recipe), "--quiet", "edit.steps=2", "retrain.share_control=false"]) == 0
+    third = read_json(run / "retrain" / "control" / "observations.json")
+    assert third["weights"] == first["weights"]  # training it again gives the same weights: reuse changes nothing
