@@ -56,6 +56,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     # kronfluence 1.0.1 builds torch.cuda.amp.GradScaler, deprecated in torch 2.14: nothing a user can act on
     warnings.filterwarnings("ignore", message=r".*torch\.cuda\.amp\.GradScaler", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script. is deprecated", category=FutureWarning)
     if quiet:
         os.environ.setdefault("TQDM_DISABLE", "1")
         import datasets

@@ -499,12 +499,12 @@ class Pipeline:
             fp = self._fp("retrain")
             for arm in t.arms:
                 path = out / arm / "observations.json"
-                if path.is_file() and read_json(path).get("fingerprint") == fp:
+                if not self.force and path.is_file() and read_json(path).get("fingerprint") == fp:
                     summary[arm] = read_json(path)["summary"]
                     continue  # this arm finished before the run was interrupted
                 replacements = self._replacements(arm, indices)
                 shared = out / f"control-{self._fp('control')}" if arm == "control" and t.share_control and not t.lora else None
-                if shared is not None and (shared / "fingerprint.json").is_file():
+                if shared is not None and not self.force and (shared / "fingerprint.json").is_file():
                     from .retrain import load_checkpoint_model
 
                     model, trainer = load_checkpoint_model(self.arm_model(), shared), None

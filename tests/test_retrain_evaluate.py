@@ -179,3 +179,8 @@ def test_control_arm_is_trained_once_and_reused_bit_for_bit(tmp_path, tiny_model
     assert main(["retrain", str(recipe), "--quiet", "edit.steps=2", "retrain.share_control=false"]) == 0
     third = read_json(run / "retrain" / "control" / "observations.json")
     assert third["weights"] == first["weights"]  # training it again gives the same weights: reuse changes nothing
+    # --force recomputes every stage: the arms are trained again, not read back from their finished records
+    before = (run / "retrain" / "infused" / "observations.json").stat().st_mtime_ns
+    assert main(["retrain", str(recipe), "--quiet", "--force"]) == 0
+    assert (run / "retrain" / "infused" / "observations.json").stat().st_mtime_ns != before
+    assert read_json(run / "retrain" / "control" / "observations.json")["weights"] == first["weights"]
