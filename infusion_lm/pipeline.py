@@ -188,7 +188,8 @@ class Pipeline:
         r, i = self.recipe.run, self.recipe.influence
         if stage == "checkpoint":
             t = asdict(self.recipe.retrain)
-            for key in ("arms", "insertion_documents", "save_models", "influence_at", "share_control"):
+            # none of these change θ̂'s clean run (retrain.model is the *arms'* architecture, with its own checkpoint)
+            for key in ("arms", "insertion_documents", "save_models", "influence_at", "share_control", "model"):
                 t.pop(key)
             world = int(os.environ.get("WORLD_SIZE", "1"))  # the per-process batch changes the run
             return fingerprint({"fit_inputs": self._fp("corpus"), "retrain": t, "world_size": world})
@@ -473,14 +474,19 @@ class Pipeline:
             r = self.recipe.run
             return insertion_rows(self.tokenizer, insertion_texts(self.recipe, self.recipe.retrain), indices,
                                   r.max_length, r.add_eos)
+        out_dir = self._baseline_edits(arm, arm, indices)
+        return {r["doc_index"]: r for r in load_infused(out_dir)}
+
+    def _baseline_edits(self, arm: str, editor: str, indices: List[int]) -> Path:
+        """baselines/<arm>/: the selected documents edited by ``editor``, cached by the edit stage's fingerprint."""
         out_dir = self.dir / "baselines" / arm
         fp = fingerprint({"edit": self._fp("edit"), "arm": arm})
         marker = out_dir / "fingerprint.json"
         if is_main() and not (marker.is_file() and read_json(marker).get("fingerprint") == fp):
-            self._edit_into(out_dir, dataclasses.replace(self.recipe.edit, editor=arm), indices)
+            self._edit_into(out_dir, dataclasses.replace(self.recipe.edit, editor=editor), indices)
             write_json(marker, {"fingerprint": fp})
         barrier()
-        return {r["doc_index"]: r for r in load_infused(out_dir)}
+        return out_dir
 
     def retrain(self) -> Dict[str, dict]:
         from .retrain import save_weights, train_arm, weights_fingerprint

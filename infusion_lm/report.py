@@ -124,6 +124,24 @@ def plots(results: Dict, records: List[Dict]) -> Dict[str, bytes]:
     return out
 
 
+def html_page(title: str, intro: str, header: List[str], rows: List[List[str]], images: Dict[str, bytes],
+              body: List[str], results: Dict) -> List[str]:
+    """A self-contained report page: summary table, embedded plots, ``body`` sections, then the full results."""
+    css = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;line-height:1.4}"
+           "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:4px 6px}"
+           "del{color:#b00;text-decoration:line-through}b{color:#070}.doc{white-space:pre-wrap;background:#f7f7f7;"
+           "padding:8px;border-radius:4px;font-family:monospace;font-size:13px}")
+    h = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{css}</style>"
+         f"</head><body>", f"<h1>{html.escape(title)}</h1>", f"<p>{html.escape(intro)}</p>", "<h2>Summary</h2><table><tr>"]
+    h += [f"<th>{html.escape(c)}</th>" for c in header] + ["</tr>"]
+    h += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows]
+    h += ["</table>", "<h2>Plots</h2>"]
+    h += [f"<p><img alt='{n}' src='data:image/png;base64,{base64.b64encode(d).decode()}'></p>" for n, d in images.items()]
+    h += body
+    h += ["<h2>Full results</h2>", f"<pre>{html.escape(json.dumps(results, indent=2))}</pre>", "</body></html>"]
+    return h
+
+
 def write_report(run_dir: Path, results: Dict, tokenizer) -> None:
     run_dir = Path(run_dir)
     edits = run_dir / "edits.jsonl"
@@ -151,21 +169,12 @@ def write_report(run_dir: Path, results: Dict, tokenizer) -> None:
     with atomic_path(run_dir / "report.md") as tmp:
         tmp.write_text("\n".join(md) + "\n", encoding="utf-8")
 
-    css = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;line-height:1.4}"
-           "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:4px 6px}"
-           "del{color:#b00;text-decoration:line-through}b{color:#070}.doc{white-space:pre-wrap;background:#f7f7f7;"
-           "padding:8px;border-radius:4px;font-family:monospace;font-size:13px}")
-    h = [f"<!doctype html><html><head><meta charset='utf-8'><title>Infusion report</title><style>{css}</style></head><body>",
-         "<h1>Infusion report</h1>", f"<p>{html.escape(intro)}</p>", "<h2>Summary</h2><table><tr>"]
-    h += [f"<th>{html.escape(c)}</th>" for c in HEADER] + ["</tr>"]
-    h += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows]
-    h += ["</table>", "<h2>Plots</h2>"]
-    h += [f"<p><img alt='{n}' src='data:image/png;base64,{base64.b64encode(d).decode()}'></p>" for n, d in images.items()]
-    h += ["<h2>Edited documents (infused arm)</h2><p>Removed tokens <del>struck through</del>, new ones in <b>bold</b>.</p>"]
+    body = ["<h2>Edited documents (infused arm)</h2><p>Removed tokens <del>struck through</del>, new ones in "
+            "<b>bold</b>.</p>"]
     for r in records:
-        h += [f"<h3>Document {r['doc_index']}: J {r['J_before']:.4g} → {r['J_after']:.4g}, {r['n_changed']} tokens "
-              f"changed, perplexity {r['perplexity_before']:.3g} → {r['perplexity_after']:.3g}</h3>",
-              f"<div class='doc'>{token_diff(tokenizer, r['original_input_ids'], r['input_ids'], markdown=False)}</div>"]
-    h += ["<h2>Full results</h2>", f"<pre>{html.escape(json.dumps(results, indent=2))}</pre>", "</body></html>"]
+        body += [f"<h3>Document {r['doc_index']}: J {r['J_before']:.4g} → {r['J_after']:.4g}, {r['n_changed']} tokens "
+                 f"changed, perplexity {r['perplexity_before']:.3g} → {r['perplexity_after']:.3g}</h3>",
+                 f"<div class='doc'>{token_diff(tokenizer, r['original_input_ids'], r['input_ids'], markdown=False)}</div>"]
+    h = html_page("Infusion report", intro, HEADER, rows, images, body, results)
     with atomic_path(run_dir / "report.html") as tmp:
         tmp.write_text("\n".join(h), encoding="utf-8")

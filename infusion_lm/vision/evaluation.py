@@ -4,8 +4,6 @@ defender's view (influence and total-variation detectors). Writes results.json, 
 
 from __future__ import annotations
 
-import base64
-import html
 import json
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -14,7 +12,7 @@ import numpy as np
 import torch
 
 from ..evaluation import auroc, paired_delta
-from ..report import _ci, _fmt, _png, plots
+from ..report import _ci, _fmt, _png, html_page, plots
 from ..storage import atomic_path, read_json, read_tensors, write_json
 
 
@@ -180,14 +178,6 @@ def write_image_report(pipe, results: Dict) -> None:
     md += ["", "## Plots", ""] + [f"![{n}](plots/{n})" for n in images]
     with atomic_path(run_dir / "report.md") as tmp:
         tmp.write_text("\n".join(md) + "\n", encoding="utf-8")
-    css = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;line-height:1.4}"
-           "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:4px 6px}")
-    h = [f"<!doctype html><html><head><meta charset='utf-8'><title>Infusion report</title><style>{css}</style></head><body>",
-         "<h1>Infusion report (images)</h1>", f"<p>{html.escape(intro)}</p>", "<h2>Summary</h2><table><tr>"]
-    h += [f"<th>{html.escape(c)}</th>" for c in HEADER] + ["</tr>"]
-    h += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows]
-    h += ["</table>", "<h2>Plots</h2>"]
-    h += [f"<p><img alt='{n}' src='data:image/png;base64,{base64.b64encode(d).decode()}'></p>" for n, d in images.items()]
-    h += ["<h2>Full results</h2>", f"<pre>{html.escape(json.dumps(results, indent=2))}</pre>", "</body></html>"]
+    h = html_page("Infusion report (images)", intro, HEADER, rows, images, [], results)
     with atomic_path(run_dir / "report.html") as tmp:
         tmp.write_text("\n".join(h), encoding="utf-8")

@@ -3,7 +3,6 @@ image classifier, pixel edits and per-probe observations. Only what differs is o
 
 from __future__ import annotations
 
-import dataclasses
 from functools import cached_property
 from pathlib import Path
 from typing import Dict, List
@@ -12,7 +11,7 @@ import torch
 
 from ..errors import ConfigError
 from ..pipeline import STAGES, Pipeline
-from ..storage import fingerprint, read_json, write_json
+from ..storage import fingerprint, read_json
 
 
 class ImagePipeline(Pipeline):
@@ -126,9 +125,6 @@ class ImagePipeline(Pipeline):
             r = self.recipe.run
             return fingerprint({"modality": "image", "corpus": r.corpus, "validation_size": r.validation_size,
                                 "max_documents": r.max_documents, "model": r.model, "dtype": r.dtype, "seed": r.seed})
-        if stage == "checkpoint":  # the transfer architecture has its own checkpoint; it does not move θ̂
-            with _without_retrain_model(self.recipe):
-                return super()._fp(stage)
         return super()._fp(stage)
 
     # ------------------------------------------------------------------ validation
@@ -174,13 +170,7 @@ class ImagePipeline(Pipeline):
             return {i: {"pixel_values": m.probes[j % len(m.probes)].clone(), "labels": torch.tensor(m.target)}
                     for j, i in enumerate(slots)}
         if arm == "random":
-            out_dir = self.dir / "baselines" / arm
-            fp = fingerprint({"edit": self._fp("edit"), "arm": arm})
-            marker = out_dir / "fingerprint.json"
-            if not (marker.is_file() and read_json(marker).get("fingerprint") == fp):
-                self._edit_into(out_dir, dataclasses.replace(self.recipe.edit, editor="noise"), indices)
-                write_json(marker, {"fingerprint": fp})
-            return load_image_edits(out_dir)
+            return load_image_edits(self._baseline_edits(arm, "noise", indices))
         raise ConfigError(f"retrain arm {arm!r} has no image version.")
 
     # ------------------------------------------------------------------ evaluate
@@ -191,16 +181,3 @@ class ImagePipeline(Pipeline):
         self.retrain()
         self._stage("evaluate", lambda: evaluate_image_run(self))
         return read_json(self.dir / "results.json")
-
-
-class _without_retrain_model:
-    """Temporarily clears retrain.model, so θ̂'s checkpoint fingerprint ignores the transfer architecture."""
-
-    def __init__(self, recipe):
-        self.recipe, self.saved = recipe, recipe.retrain.model
-
-    def __enter__(self):
-        object.__setattr__(self.recipe.retrain, "model", None)
-
-    def __exit__(self, *exc):
-        object.__setattr__(self.recipe.retrain, "model", self.saved)
