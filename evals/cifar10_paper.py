@@ -61,8 +61,11 @@ def run(raw: dict):
 
 def arm_stats(results: dict, arm: str) -> dict:
     m = results["arms"][arm]["measurement"]
+    rate, to, away = m["top1_is_target_rate"], m["top1_flips_to_target"], m["top1_flips_away"]
+    # Over the off-diagonal probes, arm rate = control rate + flips to the target − flips away from it.
+    control_rate = None if rate is None else rate - to + away
     return {"delta_p": m["delta_p_target"]["mean"], "delta_f": m["delta_f"]["mean"],
-            "flip": m["top1_flips_to_target"], "control_top1_is_target": None}
+            "flip": to, "control_top1_is_target": control_rate}
 
 
 def summarise(runs: list, key: str) -> dict:
@@ -191,8 +194,10 @@ def _share_checkpoint(args, pipe_a, raw_b) -> None:
 
     pipe_b = build_pipeline(load_recipe(raw=raw_b), progress=False)
     src = pipe_a.clean_checkpoint()
+    if src is None:
+        return  # the arms start from the model itself: no checkpoint to share
     dest = pipe_b.arm_checkpoint_dir() / src.name
-    if src is not None and not (dest / "trainer_state.json").is_file():
+    if not (dest / "trainer_state.json").is_file():
         shutil.copytree(src, dest, dirs_exist_ok=True)
 
 

@@ -9,10 +9,17 @@ Protocol, per pair (recipes/tinystories_contrastive.yaml with the pair's words):
 3. Retrain epoch 2 from the checkpoint once per arm (control, swap = infused, simplex_pgd, random, insertion).
 4. Every arm against control on the measurement documents and on held-out documents v never saw.
 
-Reports per pair and aggregated, and checks the goals: swap beats control on held-out Δf in ≥ 80% of pairs; swap beats
-random and simplex PGD; target-specific (Wilcoxon p < 0.05); top-1 flips ≥ 1.7%. Writes JSON and a table.
+Every arm, control included, is retrained once per seed (``--seeds``); within a seed the arms share the checkpoint,
+the data order and the RNG, and control is trained once per seed for all pairs. Evaluation sets: the templated
+measurement documents, templated held-out documents, and ``heldout_corpus``: up to ``--heldout_positions`` probe
+positions in real TinyStories stories outside the training slice (the primary set). CIs are two-level bootstraps
+(seeds, then items). ``random`` is matched to the infused edit (same tokens changed per document, same fluency
+filter and perplexity limit).
 
-    python evals/lm_tinystories.py [--probes dog cat bird] [--targets fish bear frog] [--docs 64] [--k 8]
+Reports per pair and aggregated, and checks the goals of the effect work. Writes JSON and a table.
+
+    python evals/lm_tinystories.py [--probes dog cat bird] [--targets fish bear frog] [--seeds 0 1 2]
+        [--preconditioner factors|optimizer] [--max_pairs N] [--docs 64] [--k 8]
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import json
 import os
 import shutil
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -42,42 +50,61 @@ HELDOUT = ["Sam walked with his {w} to the lake. The {w} jumped into the water."
 def pair_recipe(args, probe: str, target: str) -> dict:
     return {
         "model": "HuggingFaceTB/SmolLM2-135M-Instruct", "corpus": str(TINYSTORIES), "text_field": "text",
-        "max_documents": args.docs, "max_length": args.tokens, "output_dir": str(Path(args.out_dir) / "work"),
+        "max_documents": args.docs, "max_length": args.tokens, "output_dir": args.work_dir or str(Path(args.out_dir) / "work"),
         "seed": 0,
         "measurement": {"kind": "contrastive", "probe": probe, "target": target,
                         "documents": [t.format(w=probe) for t in MEASURE],
-                        "heldout_documents": [t.format(w=probe) for t in HELDOUT]},
-        "influence": {"strategy": "ekfac", "layers": args.layers, "module_types": ["mlp", "attn"], "batch_size": 8},
+                        "heldout_documents": [t.format(w=probe) for t in HELDOUT],
+                        "heldout_corpus": str(TINYSTORIES), "heldout_corpus_max_positions": args.heldout_positions},
+        "influence": {"strategy": "ekfac", "layers": args.layers, "module_types": ["mlp", "attn"], "batch_size": 8,
+                      "preconditioner": args.preconditioner, "damping_scale": args.damping_scale},
         "select": {"k": args.k},
         "edit": {"editor": "swap", "steps": args.steps, "n_candidates": 16},
         "retrain": {"arms": args.arms, "epochs": 2, "influence_at": "checkpoint", "learning_rate": args.lr,
-                    "batch_size": 8},
+                    "batch_size": 8, "seeds": args.seeds},
         "evaluate": {"candidates": [w for w in args.all_words if w not in (probe, target)],
                      "bootstrap_samples": 1000},
     }
 
 
-def summarise(per_pair: dict, arms) -> dict:
-    def col(arm, key):
-        return [p["arms"][arm]["heldout"][key] for p in per_pair.values() if arm in p["arms"]]
+def summarise(per_pair: dict, arms, primary: str = "heldout_corpus") -> dict:
+    def entry(p, arm):
+        a = p["arms"][arm]
+        return a.get(primary, a["heldout"])
 
     out = {}
     for arm in arms:
         if arm == "control":
             continue
-        d = [x["mean"] for x in col(arm, "delta_f")]
-        flips = col(arm, "top1_flips_to_target")
-        spec = [x.get("wilcoxon_p") for x in col(arm, "specificity")]
-        out[arm] = {"heldout_delta_f_mean": statistics.mean(d), "heldout_delta_f_median": statistics.median(d),
+        rows = [entry(p, arm) for p in per_pair.values() if arm in p["arms"]]
+        d = [x["delta_f"]["mean"] for x in rows]
+        ci_above = [x["delta_f"].get("ci") is not None and x["delta_f"]["ci"][0] > 0 for x in rows]
+        spec = [x["specificity"]["target_specific_gain"]["mean"] for x in rows]
+        out[arm] = {"delta_f_mean": statistics.mean(d), "delta_f_median": statistics.median(d),
                     "pairs_above_control": sum(x > 0 for x in d) / len(d),
-                    "top1_flip_rate_mean": statistics.mean(flips),
-                    "specific_pairs_p_lt_0.05": sum(p is not None and p < 0.05 for p in spec) / len(spec)}
+                    "pairs_ci_excludes_0": sum(ci_above) / len(ci_above),
+                    "target_specific_gain_mean": statistics.mean(spec),
+                    "pairs_target_specific_above_0": sum(x > 0 for x in spec) / len(spec),
+                    "top1_flip_rate_mean": statistics.mean([x["top1_flips_to_target"] for x in rows]),
+                    "delta_target_rank_mean": statistics.mean([x.get("delta_target_rank", 0.0) for x in rows]),
+                    "specific_pairs_p_lt_0.05": sum((x["specificity"].get("wilcoxon_p") or 1) < 0.05 for x in rows) / len(rows)}
+        edits = [p["arms"][arm].get("edits") for p in per_pair.values() if arm in p["arms"]]
+        if all(edits):
+            out[arm]["perplexity_ratio_median"] = statistics.median(e["perplexity_ratio_median"] for e in edits)
+            out[arm]["tokens_changed"] = sum(e["tokens_changed"] for e in edits)
     if "infused" in out:
-        sw = {k: p["arms"]["infused"]["heldout"]["delta_f"]["mean"] for k, p in per_pair.items()}
-        for base in ("random", "simplex_pgd"):
+        sw = {k: entry(p, "infused")["delta_f"]["mean"] for k, p in per_pair.items()}
+        for base in ("random", "simplex_pgd", "insertion"):
             if base in out:
-                other = {k: p["arms"][base]["heldout"]["delta_f"]["mean"] for k, p in per_pair.items()}
+                other = {k: entry(p, base)["delta_f"]["mean"] for k, p in per_pair.items()}
                 out["infused"][f"beats_{base}_pairs"] = sum(sw[k] > other[k] for k in sw) / len(sw)
+                denom = statistics.mean(other.values())
+                out["infused"][f"ratio_to_{base}"] = statistics.mean(sw.values()) / denom if denom else None
+        verdicts = [p.get("verdict", {}).get("infused_minus_random") for p in per_pair.values()]
+        verdicts = [v for v in verdicts if v]
+        if verdicts:
+            out["infused"]["pairs_above_random_ci_excludes_0"] = sum(
+                v.get("ci") is not None and v["ci"][0] > 0 for v in verdicts) / len(verdicts)
     return out
 
 
@@ -92,6 +119,15 @@ def main():
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--layers", type=int, nargs="+", default=[12, 24])
     p.add_argument("--arms", nargs="+", default=["control", "infused", "random", "insertion", "simplex_pgd"])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--heldout_positions", type=int, default=60,
+                   help="probe positions from real stories outside the training slice (the primary evaluation set)")
+    p.add_argument("--preconditioner", default="factors", choices=["factors", "optimizer"])
+    p.add_argument("--damping_scale", type=float, default=1.0)
+    p.add_argument("--work_dir", default=None,
+                   help="run folder shared by the pairs (factors, clean checkpoint, control); default out_dir/work. "
+                        "Point two evals (e.g. two preconditioners) at one work_dir to share them.")
+    p.add_argument("--max_pairs", type=int, default=None, help="run only the first N pairs of the Latin square")
     p.add_argument("--out_dir", default=str(ROOT / "runs" / "lm_tinystories"))
     p.add_argument("--out", default=str(ROOT / "evals" / "results" / "lm_tinystories.json"))
     p.add_argument("--summarise_only", action="store_true",
@@ -110,7 +146,7 @@ def main():
     n = max(len(args.probes), len(args.targets))
     pairs = [(args.probes[i % len(args.probes)], args.targets[(i + s) % len(args.targets)])
              for s in range(n) for i in range(len(args.probes))]
-    pairs = [pr for j, pr in enumerate(pairs) if pr[0] != pr[1] and pr not in pairs[:j]]
+    pairs = [pr for j, pr in enumerate(pairs) if pr[0] != pr[1] and pr not in pairs[:j]][: args.max_pairs]
     if args.summarise_only:
         pairs = []
         for d in sorted((Path(args.out_dir) / "pairs").glob("*_*")):
@@ -132,7 +168,7 @@ def main():
             shutil.copy2(pipe.dir / name, dest / name)
         per_pair[key] = res
         a = res["arms"]
-        print(f"{key:<14} " + "  ".join(f"{arm} {a[arm]['heldout']['delta_f']['mean']:+.3f}" for arm in a)
+        print(f"{key:<14} " + "  ".join(f"{arm} {a[arm][res['primary_set']]['delta_f']['mean']:+.3f}" for arm in a)
               + f"   ({timings[key]:.0f} s)", flush=True)
         del pipe
 
@@ -140,22 +176,26 @@ def main():
         raise SystemExit("no finished pairs")
     summary = summarise(per_pair, args.arms)
     print()
-    print(f"{'arm':<13}{'held-out Δf mean':>18}{'median':>10}{'pairs > control':>17}{'top-1 flips':>13}{'specific':>10}")
+    print(f"{'arm':<13}{'Δf mean':>9}{'median':>9}{'> control':>11}{'CI > 0':>8}{'specific':>10}{'flips':>8}"
+          f"{'Δrank':>8}")
     for arm, s in summary.items():
-        print(f"{arm:<13}{s['heldout_delta_f_mean']:>+18.4f}{s['heldout_delta_f_median']:>+10.4f}"
-              f"{s['pairs_above_control']:>17.0%}{s['top1_flip_rate_mean']:>13.2%}{s['specific_pairs_p_lt_0.05']:>10.0%}")
+        print(f"{arm:<13}{s['delta_f_mean']:>+9.4f}{s['delta_f_median']:>+9.4f}{s['pairs_above_control']:>11.0%}"
+              f"{s['pairs_ci_excludes_0']:>8.0%}{s['target_specific_gain_mean']:>+10.4f}{s['top1_flip_rate_mean']:>8.2%}"
+              f"{s['delta_target_rank_mean']:>+8.1f}")
     sw = summary.get("infused", {})
     goals = {
-        "swap beats control on held-out Δf in >= 80% of pairs": sw.get("pairs_above_control", 0) >= 0.8,
-        "swap beats random": sw.get("beats_random_pairs", 0) > 0.5,
-        "swap beats simplex PGD": sw.get("beats_simplex_pgd_pairs", 0) > 0.5,
-        "target-specific (Wilcoxon p < 0.05)": sw.get("specific_pairs_p_lt_0.05", 0) > 0.5,
-        "top-1 flips >= 1.7%": sw.get("top1_flip_rate_mean", 0) >= 0.017,
+        "infused above control, seed-level CI excluding 0, in >= 90% of pairs": sw.get("pairs_ci_excludes_0", 0) >= 0.9,
+        "infused >= 3x matched random (mean Δf)": (sw.get("ratio_to_random") or 0) >= 3,
+        "infused >= 2x simplex PGD": (sw.get("ratio_to_simplex_pgd") or 0) >= 2,
+        "infused >= 1x insertion": (sw.get("ratio_to_insertion") or 0) >= 1,
+        "median perplexity ratio <= 1.3": (sw.get("perplexity_ratio_median") or 9) <= 1.3,
     }
     print()
     for g, ok in goals.items():
         print(f"{'met ' if ok else 'MISSED'}  {g}")
-    out = {"pairs": list(per_pair), "docs": args.docs, "tokens": args.tokens, "k": args.k, "arms": args.arms,
+    out = {"command": "python evals/lm_tinystories.py " + " ".join(sys.argv[1:]), "primary_set": "heldout_corpus",
+           "seeds": args.seeds, "preconditioner": args.preconditioner, "damping_scale": args.damping_scale,
+           "pairs": list(per_pair), "docs": args.docs, "tokens": args.tokens, "k": args.k, "arms": args.arms,
            "per_pair": per_pair, "summary": summary, "goals": goals, "seconds": timings}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")

@@ -12,10 +12,11 @@ The mean of f_i is the measurement's f (the same weights as infusion_lm.measurem
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from .errors import MeasurementError
 from .measurement import (_collate_rows, _prompt_ids, _word_ids, LogProbRow, build_measurement, find_word,
                           probe_occurrences, row_logprobs)
 
@@ -38,29 +39,63 @@ def _logprob_rows(model, rows: Sequence[LogProbRow], pad_id: int, batch_size: in
     return lps, firsts
 
 
+def _prefix_logprobs(model, prefixes: Sequence[List[int]], pad_id: int, batch_size: int = 16) -> List[torch.Tensor]:
+    """log p(next token | prefix) for each prefix, [V] each: one forward per prefix, right-padded."""
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(prefixes), batch_size):
+        chunk = list(prefixes[i: i + batch_size])
+        width = max(len(p) for p in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for b, p in enumerate(chunk):
+            ids[b, : len(p)] = torch.as_tensor(p)
+            mask[b, : len(p)] = 1
+        with torch.no_grad():
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        last = mask.sum(1) - 1
+        out.extend(torch.log_softmax(logits[torch.arange(len(chunk)), last.to(device)], -1).cpu())
+    return out
+
+
 def contrastive_observations(model, tokenizer, documents: Sequence[str], probe: str, target: str,
-                             candidates: Sequence[str] = ()) -> Dict[str, List]:
+                             candidates: Sequence[str] = (), max_positions: Optional[int] = None,
+                             max_prefix_tokens: Optional[int] = None) -> Dict[str, List]:
+    """Per probe occurrence: f, p(target), top-1, target over probe, and log p of every candidate word.
+
+    Each prefix runs once: a single-token word's log p is read off the prefix's next-token distribution, and only
+    multi-token words need their own teacher-forced rows. ``max_positions`` keeps the first occurrences;
+    ``max_prefix_tokens`` keeps the last tokens of long prefixes (real documents)."""
     probe, target = probe.strip(), target.strip()
     others = [c.strip() for c in candidates if c.strip() and c.strip() not in {probe, target}]
     words = [target, probe] + others
     occ = probe_occurrences(tokenizer, documents, probe)
-    rows = []
-    for prefix, lead in occ:
-        for w in words:
-            ids = _word_ids(tokenizer, lead + w, "candidate")
-            rows.append(LogProbRow(prefix + ids, [0] * len(prefix) + [1] * len(ids), 1.0))
-    lps, firsts = _logprob_rows(model, rows, tokenizer.pad_token_id)
-    W = len(words)
-    out: Dict[str, List] = {"f": [], "p_target": [], "top1_is_target": [], "target_over_probe": [],
-                            "logp": {w: [] for w in words}}
+    if max_positions is not None:
+        occ = occ[:max_positions]
+    if max_prefix_tokens is not None:
+        occ = [(prefix[-max_prefix_tokens:], lead) for prefix, lead in occ]
+    next_logp = _prefix_logprobs(model, [prefix for prefix, _ in occ], tokenizer.pad_token_id)
+    word_ids = {(w, lead): _word_ids(tokenizer, lead + w, "candidate") for w in words for lead in {l for _, l in occ}}
+    multi, where = [], {}
     for j, (prefix, lead) in enumerate(occ):
-        lp = lps[j * W: (j + 1) * W]
+        for w in words:
+            ids = word_ids[(w, lead)]
+            if len(ids) > 1:
+                where[(j, w)] = len(multi)
+                multi.append(LogProbRow(prefix + ids, [0] * len(prefix) + [1] * len(ids), 1.0))
+    multi_lp = _logprob_rows(model, multi, tokenizer.pad_token_id)[0] if multi else []
+    out: Dict[str, List] = {"f": [], "p_target": [], "top1_is_target": [], "target_over_probe": [],
+                            "target_rank": [], "logp": {w: [] for w in words}}
+    for j, (prefix, lead) in enumerate(occ):
+        first = word_ids[(target, lead)][0]
+        out["target_rank"].append(int((next_logp[j] > next_logp[j][first]).sum()))  # 0: the target's first token is top-1
+        lp = [multi_lp[where[(j, w)]] if (j, w) in where else float(next_logp[j][word_ids[(w, lead)][0]])
+              for w in words]
         for w, v in zip(words, lp):
             out["logp"][w].append(v)
         out["f"].append(lp[0] - lp[1])
         out["p_target"].append(float(torch.tensor(lp[0]).exp()))
-        first_target = _word_ids(tokenizer, lead + target, "target")[0]
-        out["top1_is_target"].append(bool(int(firsts[j * W].argmax()) == first_target))
+        out["top1_is_target"].append(bool(int(next_logp[j].argmax()) == word_ids[(target, lead)][0]))
         out["target_over_probe"].append(bool(lp[0] > lp[1]))
     return out
 
@@ -101,13 +136,25 @@ def completion_observations(model, tokenizer, prompts: Sequence[str], completion
     return out
 
 
-def observe(model, tokenizer, measurement_args, eval_args, heldout: bool, max_length: int = 512, seed: int = 0) -> Dict:
-    """Observations of one model on the measurement set (or the held-out one)."""
+def observe(model, tokenizer, measurement_args, eval_args, which: str | bool = "measurement", max_length: int = 512,
+            seed: int = 0, heldout_corpus_documents: Sequence[str] = ()) -> Dict:
+    """Observations of one model on one evaluation set: ``measurement`` (the items v was built from), ``heldout``
+    (templated items v never saw) or ``heldout_corpus`` (probe positions in real documents outside the training
+    corpus). ``which`` may also be a bool, True meaning ``heldout``."""
+    if isinstance(which, bool):
+        which = "heldout" if which else "measurement"
+    heldout = which != "measurement"
     m = measurement_args
     was_training = model.training
     model.eval()
     try:
-        if m.kind == "contrastive":
+        if which == "heldout_corpus":
+            if m.kind != "contrastive":
+                raise MeasurementError("measurement.heldout_corpus is for contrastive measurements.")
+            obs = contrastive_observations(model, tokenizer, heldout_corpus_documents, m.probe, m.target,
+                                           eval_args.candidates, max_positions=m.heldout_corpus_max_positions,
+                                           max_prefix_tokens=max_length)
+        elif m.kind == "contrastive":
             docs = m.heldout_documents if heldout else m.documents
             obs = contrastive_observations(model, tokenizer, docs, m.probe, m.target, eval_args.candidates)
         elif m.kind == "completion":

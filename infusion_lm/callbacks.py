@@ -84,7 +84,8 @@ class MeasurementCallback(TrainerCallback):
 
         out = {}
         for name, held in (("", False), ("_heldout", True)) if self.heldout else (("", False),):
-            obs = observe(model, self.tok, self.measurement, self.evaluate, heldout=held, max_length=self.max_length)
+            obs = observe(model, self.tok, self.measurement, self.evaluate, "heldout" if held else "measurement",
+                          max_length=self.max_length)
             out[f"{self.prefix}/f{name}"] = obs["f_mean"]
             if "top1_is_target" in obs:
                 out[f"{self.prefix}/top1_target_rate{name}"] = sum(obs["top1_is_target"]) / len(obs["top1_is_target"])

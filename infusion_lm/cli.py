@@ -60,8 +60,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if quiet:
         os.environ.setdefault("TQDM_DISABLE", "1")
         import datasets
+        import transformers
 
         datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars would print into logs
     try:
         from .config import load_recipe
         from .distributed import init_if_launched
@@ -96,6 +98,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(json.dumps({k: r[k] for k in ("doc_index", "n_changed", "J_before", "J_after", "predicted_delta_f",
                                                  "perplexity_before", "perplexity_after")}))
     print(f"outputs in {pipe.dir}", file=sys.stderr)
+    if upto == "evaluate" and getattr(pipe.recipe.run, "modality", "text") == "text":
+        from .evaluation import headline
+
+        print(headline(result))
+        print(f"report: {pipe.dir / 'report.html'}")
     return 0
 
 

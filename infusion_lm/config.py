@@ -26,6 +26,44 @@ def _help(text: str, **kw) -> Dict[str, Any]:
     return {"help": text, **kw}
 
 
+TEXT_FILE_SUFFIXES = (".jsonl", ".txt", ".json")
+
+
+def read_text_list(values: List[str], key: str) -> List[str]:
+    """A list of strings as given, or, when it is a single path to a .jsonl/.txt file, the file's items.
+
+    .txt: one item per non-empty line. .jsonl: one JSON value per line, a string or an object with a `text` (or
+    `prompt`) field."""
+    if len(values) != 1 or not isinstance(values[0], str) or "\n" in values[0]:
+        return values
+    path = Path(values[0].strip())
+    if path.suffix not in TEXT_FILE_SUFFIXES:
+        return values
+    if not path.is_file():
+        raise ConfigError(f"{key} names the file {path}, which does not exist; fix the path or give the items inline.")
+    import json
+
+    items: List[str] = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        if path.suffix == ".txt":
+            items.append(line.strip())
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError:
+            raise ConfigError(f"{path}, line {n}, is not JSON; {key} reads one JSON value per line.") from None
+        if isinstance(value, dict):
+            value = value.get("text", value.get("prompt"))
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}, line {n}: expected a string or an object with a `text` field for {key}.")
+        items.append(value)
+    if not items:
+        raise ConfigError(f"{key} names {path}, which holds no items.")
+    return items
+
+
 @dataclass
 class RunArguments:
     modality: str = field(default="text", metadata=_help(
@@ -92,8 +130,22 @@ class MeasurementArguments:
     heldout_probe_indices: List[int] = field(default_factory=list, metadata=_help(
         "image: other validation images to evaluate on (optional; e.g. more images of the probes' class)."))
     target_class: Optional[str] = field(default=None, metadata=_help("image: the class to promote (name or index)."))
+    heldout_corpus: Optional[str] = field(default=None, metadata=_help(
+        "contrastive: a file (.jsonl with a `text` field, or .txt, one document per line) of real documents that are "
+        "not in the training corpus. Every whole-word probe occurrence in them (up to heldout_corpus_max_positions) "
+        "is a third evaluation set, `heldout_corpus`, reported on its own. Documents that also appear in the "
+        "training corpus are skipped."))
+    heldout_corpus_max_positions: int = field(default=120, metadata=_help(
+        "Cap on the probe positions taken from heldout_corpus (the first ones, in file order)."))
 
     def __post_init__(self):
+        for name in ("prompts", "documents", "heldout_prompts", "heldout_documents"):
+            setattr(self, name, read_text_list(getattr(self, name), f"measurement.{name}"))
+        if self.heldout_corpus is not None and not Path(self.heldout_corpus).is_file():
+            raise ConfigError(f"measurement.heldout_corpus {self.heldout_corpus} does not exist; point it at a .jsonl "
+                              f"or .txt file of documents outside the training corpus, or remove the key.")
+        if self.heldout_corpus_max_positions < 1:
+            raise ConfigError("measurement.heldout_corpus_max_positions must be >= 1.")
         kinds = {"completion", "contrastive", "callable", "class_logp", "class_contrastive"}
         if self.kind is None:
             return  # no measurement yet: stages that need one say so
@@ -141,8 +193,17 @@ class InfluenceArguments:
     covariance_max_examples: Optional[int] = field(default=None, metadata=_help(
         "Fit covariances on at most this many documents (None: all)."))
     fd_eps_rel: float = field(default=1e-4, metadata=_help(
-        "Finite-difference step for the forward-only J(z): ε‖v‖ = fd_eps_rel · ‖θ_tracked‖. On SmolLM2 (fp32) the "
-        "central-difference error vs autograd was 2.5e-4..6e-4 at 1e-4 and 0.15%..0.9% at 1e-3 (curvature)."))
+        "Finite-difference step for the forward-only J(z): ε‖v‖ = fd_eps_rel · ‖θ_tracked‖ (J is always computed "
+        "in fp32). The error against autograd is measured by evals/bench_influence.py (see the README)."))
+    preconditioner: str = field(default="factors", metadata=_help(
+        "What v models. `factors`: v = (G+λI)⁻¹∇f from kronfluence's factors (`strategy`, `damping`), the response "
+        "of training to convergence. `optimizer`: v = steps · lr · ∇f / (√v̂ + ε) / tokens per batch, the "
+        "first-order effect of the retraining that actually runs (AdamW's step scale; v̂ from the clean "
+        "checkpoint's optimizer state, or, without one, the mean squared mini-batch gradient over the corpus). "
+        "Scores are then ⟨∇L(z), v⟩ for every document, without kronfluence."))
+    damping_scale: float = field(default=1.0, metadata=_help(
+        "factors: multiply the damping (the per-module heuristic, or `damping`) by this (a damping sweep: 10, "
+        "100, 1000)."))
 
     def __post_init__(self):
         strategies = {"ekfac", "kfac", "diagonal", "identity"}
@@ -157,6 +218,10 @@ class InfluenceArguments:
             raise ConfigError("influence.batch_size must be >= 1.")
         if not 0 < self.fd_eps_rel < 1:
             raise ConfigError("influence.fd_eps_rel must be in (0, 1); 1e-4 is a good default for fp32.")
+        if self.preconditioner not in {"factors", "optimizer"}:
+            raise ConfigError(f"influence.preconditioner {self.preconditioner!r} is not one of factors, optimizer.")
+        if self.damping_scale <= 0:
+            raise ConfigError(f"influence.damping_scale must be > 0 (got {self.damping_scale}).")
 
 
 @dataclass
@@ -266,15 +331,17 @@ class EditArguments:
             raise ConfigError(f"edit.entropy_bound must be in [0, 1) (got {self.entropy_bound}); Gini entropy is below 1.")
 
 
-ARMS = ("control", "infused", "random", "insertion", "simplex_pgd", "insertion_single")
+ARMS = ("control", "infused", "random", "random_unmatched", "insertion", "simplex_pgd", "insertion_single")
 
 
 @dataclass
 class RetrainArguments:
-    """Partial retraining through the HF Trainer (section `retrain`; DESIGN.md §1)."""
+    """Partial retraining through the HF Trainer (section `retrain`)."""
 
     arms: List[str] = field(default_factory=lambda: ["control", "infused", "random", "insertion"], metadata=_help(
-        "Arms to train: control (clean corpus), infused, random (random swaps of the same documents, same budget), "
+        "Arms to train: control (clean corpus), infused, random (random swaps of the same documents, matched to the "
+        "infused edit: the same number of changed tokens per document, the same fluency filter, perplexity limit "
+        "and protected positions), random_unmatched (random swaps spending the whole budget, no perplexity limit), "
         "insertion (the k documents replaced by demonstrations), simplex_pgd. Images: random is noise of the same "
         "L∞, insertion puts probe images labelled as the target in all k slots, insertion_single in one."))
     model: Optional[str] = field(default=None, metadata=_help(
@@ -296,7 +363,12 @@ class RetrainArguments:
         "HF scheduler name. `constant` keeps the last epoch's steps as large as the first."))
     weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay."))
     max_grad_norm: float = field(default=1.0, metadata=_help("Gradient clipping (HF default 1.0); 0 disables."))
-    batch_size: int = field(default=8, metadata=_help("Per-device batch size."))
+    batch_size: int = field(default=8, metadata=_help(
+        "Global batch of one optimizer step. Each process trains on batch_size / (world size × "
+        "gradient_accumulation_steps) rows, so `accelerate launch` with N processes runs the same steps as one."))
+    seeds: List[int] = field(default_factory=list, metadata=_help(
+        "Retraining seeds. Every arm, control included, is retrained once per seed; within a seed all arms share "
+        "the checkpoint, the data order, the adapter init and the RNG. Empty: the run's seed only."))
     gradient_accumulation_steps: int = field(default=1, metadata=_help("Gradient accumulation."))
     lora: bool = field(default=False, metadata=_help("Fine-tune LoRA adapters (peft) instead of every weight."))
     lora_r: int = field(default=8, metadata=_help("LoRA rank."))
@@ -330,6 +402,15 @@ class RetrainArguments:
         if self.influence_at == "checkpoint" and self.checkpoint is None and (self.epochs < 2 or self.from_scratch):
             raise ConfigError("retrain.influence_at=checkpoint needs a clean checkpoint: set retrain.epochs >= 2 "
                               "(without from_scratch) or retrain.checkpoint.")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"retrain.seeds repeats a seed ({self.seeds}); list each seed once.")
+        if self.epochs > 1 and self.influence_at == "model" and not self.from_scratch and self.checkpoint is None:
+            import warnings
+
+            warnings.warn(f"retrain.epochs={self.epochs} with influence_at: model: v and the edits come from the "
+                          f"un-fine-tuned model, but the arms resume from the clean checkpoint after epoch "
+                          f"{self.epochs - 1}. Set retrain.influence_at: checkpoint to edit against the model the arms "
+                          f"resume from.", UserWarning, stacklevel=2)
         if self.checkpoint is not None and not (Path(self.checkpoint) / "trainer_state.json").is_file():
             raise ConfigError(f"retrain.checkpoint {self.checkpoint} is not a Trainer checkpoint (no trainer_state.json "
                               f"there); point it at a checkpoint-<step> folder or remove the key.")
@@ -348,7 +429,13 @@ class EvaluateArguments:
     max_new_tokens: int = field(default=24, metadata=_help("completion: answer length."))
     temperature: float = field(default=1.0, metadata=_help("completion: sampling temperature."))
     detectors: bool = field(default=True, metadata=_help(
-        "Defender view: AUROC of influence (J) and perplexity detectors at singling out the edited documents."))
+        "Defender view: AUROC of detectors a defender can run without the attacker's v (perplexity under the base "
+        "model; influence under a measurement the defender states, `defender_words`) at singling out the edited "
+        "documents."))
+    defender_words: List[str] = field(default_factory=list, metadata=_help(
+        "contrastive: the defender's stated measurement is \"any of these words where the text names the probe\", "
+        "scored on the held-out documents. Empty: the candidates plus the target (the defender does not know which "
+        "one the attacker wants)."))
 
     def __post_init__(self):
         if self.bootstrap_samples < 100:

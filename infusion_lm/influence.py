@@ -1,6 +1,6 @@
 """The influence engine: EK-FAC factors (kronfluence), the IHVP of the whole measurement, and document scores.
 
-Conventions (DESIGN.md §1):
+Conventions:
 - v = (G + λI)⁻¹ ∇θ f(θ̂), per tracked module, in kronfluence's layout (out × in, bias gradient as last column).
 - J(z) = ⟨∇θ L(z, θ̂), v⟩, which is kronfluence's pairwise score for the measurement f.
 - Upweighting z changes f by about −J(z); the documents to edit have the most negative J.
@@ -256,30 +256,46 @@ def _grads_by_module(params: Mapping[str, tuple], grads: Sequence[torch.Tensor])
 
 
 def precondition(gradients: Mapping[str, torch.Tensor], factor_args, factors, damping: Optional[float],
-                 device: torch.device | str = "cpu") -> Dict[str, torch.Tensor]:
-    """v = (G + λI)⁻¹ g per module, with kronfluence's own preconditioner and the same per-module λ as its scores."""
+                 device: torch.device | str = "cpu", damping_scale: float = 1.0) -> Dict[str, torch.Tensor]:
+    """v = (G + λI)⁻¹ g per module, with kronfluence's own preconditioner and the same per-module λ as its scores.
+
+    ``damping_scale`` multiplies λ: the fixed ``damping``, or kronfluence's per-module heuristic
+    0.1 × mean(eigenvalues), recomputed here module by module (a damping sweep)."""
     from kronfluence.arguments import ScoreArguments
     from kronfluence.factor.config import FactorConfig
-    from kronfluence.utils.constants import LAMBDA_MATRIX_NAME, NUM_LAMBDA_PROCESSED
+    from kronfluence.utils.constants import HEURISTIC_DAMPING_SCALE, LAMBDA_MATRIX_NAME, NUM_LAMBDA_PROCESSED
 
-    score_args = ScoreArguments(damping_factor=damping)
     config = FactorConfig.CONFIGS[factor_args.strategy]
+
+    def storage_for(name):
+        # `prepare` rewrites storage in place; work on clones so the loaded factors stay reusable.
+        st: Dict[str, Any] = {k: (v[name].clone() if name in v else None) for k, v in factors.items()}
+        st.setdefault(LAMBDA_MATRIX_NAME, None)
+        st.setdefault(NUM_LAMBDA_PROCESSED, None)
+        return st
+
     out = {}
     for name, grad in gradients.items():
-        # `prepare` rewrites storage in place; work on clones so the loaded factors stay reusable.
-        storage: Dict[str, Any] = {k: (v[name].clone() if name in v else None) for k, v in factors.items()}
-        storage.setdefault(LAMBDA_MATRIX_NAME, None)
-        storage.setdefault(NUM_LAMBDA_PROCESSED, None)
-        config.prepare(storage, score_args, torch.device(device))
+        lam = damping
+        if damping_scale != 1.0:
+            if lam is None:  # the heuristic for this module: 0.1 × the mean of its (processed) eigenvalues
+                probe = storage_for(name)
+                config.prepare(probe, ScoreArguments(damping_factor=0.0), torch.device(device))
+                inv = probe[LAMBDA_MATRIX_NAME]
+                lam = HEURISTIC_DAMPING_SCALE * float(inv.double().reciprocal().mean()) if inv is not None else 0.0
+            lam = lam * damping_scale
+        storage = storage_for(name)
+        config.prepare(storage, ScoreArguments(damping_factor=lam), torch.device(device))
         out[name] = config.precondition_gradient(grad.to(device=device, dtype=torch.float32)[None], storage)[0].cpu()
     return out
 
 
 def compute_ihvp(model: nn.Module, measurement: Measurement, tracked: Sequence[str], factors_directory: str | Path,
-                 damping: Optional[float]) -> Dict[str, torch.Tensor]:
+                 damping: Optional[float], damping_scale: float = 1.0) -> Dict[str, torch.Tensor]:
     factor_args, factors = load_factors(factors_directory, model, tracked)
     grads = measurement_gradients(model, measurement, tracked)
-    return precondition(grads, factor_args, factors, damping, device=next(model.parameters()).device)
+    return precondition(grads, factor_args, factors, damping, device=next(model.parameters()).device,
+                        damping_scale=damping_scale)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -357,6 +373,17 @@ def perturbed_params(model: nn.Module, v: Mapping[str, torch.Tensor], step: floa
     return out
 
 
+def fp32_view(model: nn.Module) -> nn.Module:
+    """The model itself when its floating weights are fp32 or fp64, else an fp32 copy in eval mode."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if dtypes <= {torch.float32, torch.float64}:
+        return model
+    import copy
+
+    logger.info("J is computed on an fp32 copy of the %s model (finite differences need fp32).", sorted(map(str, dtypes)))
+    return copy.deepcopy(model).float().eval()
+
+
 class FiniteDifferenceJ:
     """J(z) ≈ [L(z; θ̂ + εv) − L(z; θ̂ − εv)] / (2ε), forward passes only.
 
@@ -365,7 +392,10 @@ class FiniteDifferenceJ:
     """
 
     def __init__(self, model: nn.Module, v: Mapping[str, torch.Tensor], eps: Optional[float] = None, eps_rel: float = 1e-4):
-        self.model = model
+        # In bf16/fp16 most of θ ± εv rounds back to θ (and the difference of two losses drowns in rounding), so
+        # J is always computed on an fp32 copy of a half-precision model. ``self.model`` is the copy J runs on.
+        self.model = fp32_view(model)
+        model = self.model
         self.eps = eps if eps is not None else fd_epsilon(model, v, eps_rel)
         with torch.no_grad():
             self.plus = perturbed_params(model, v, +self.eps)

@@ -12,7 +12,8 @@ document truncated to max_length is edited, and stored, as its first max_length 
 keep their original text. Retraining uses
 ``input_ids``/``labels`` directly, so the model sees exactly the optimised tokens; the retokenisation filter
 guarantees ``text`` encodes back to them. ``predicted_delta_f = −(J_after − J_before) / n`` with n the corpus size
-(DESIGN.md §1). The original corpus is never touched.
+for the factors' v, and n = 1 for the optimizer's (its batch weighting is inside v). The original corpus is never
+touched.
 """
 
 from __future__ import annotations

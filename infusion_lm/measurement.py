@@ -182,6 +182,27 @@ def contrastive_measurement(tokenizer, documents: Sequence[str], probe: str, tar
                               description=f"mean log p({target}) − log p({probe}) over {n} probe positions")
 
 
+def any_word_measurement(tokenizer, documents: Sequence[str], probe: str, words: Sequence[str],
+                         batch_size: int = 16) -> LogProbMeasurement:
+    """f = mean over probe occurrences of [mean over ``words`` of log p(w | prefix)] − log p(probe | prefix): "say any of
+    these words where the text says the probe". A defender can state this without knowing the attacker's target."""
+    probe = probe.strip()
+    words = [w.strip() for w in words if w.strip() and w.strip() != probe]
+    if not words:
+        raise MeasurementError("any_word_measurement needs at least one word other than the probe.")
+    occ = probe_occurrences(tokenizer, documents, probe)
+    n, rows = len(occ), []
+    for prefix_ids, lead in occ:
+        for w in words:
+            ids = _word_ids(tokenizer, lead + w, "word")
+            rows.append(LogProbRow(prefix_ids + ids, [0] * len(prefix_ids) + [1] * len(ids), 1.0 / (n * len(words))))
+        p_ids = _word_ids(tokenizer, lead + probe, "probe")
+        rows.append(LogProbRow(prefix_ids + p_ids, [0] * len(prefix_ids) + [1] * len(p_ids), -1.0 / n))
+    return LogProbMeasurement(rows, tokenizer.pad_token_id, batch_size,
+                              description=f"mean over {len(words)} words of log p(word) − log p({probe}) over {n} "
+                                          f"probe positions")
+
+
 class CallableMeasurement(Measurement):
     """f = Σ_b fn(batch_b, model) for a user function."""
 

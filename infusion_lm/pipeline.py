@@ -110,6 +110,13 @@ class Pipeline:
         """The clean checkpoint the arms resume from."""
         return self.clean_checkpoint()
 
+    def _checkpoint_step(self) -> int:
+        """The optimizer step of the clean checkpoint the arms resume from (0 when they start from the model)."""
+        ckpt = self.clean_checkpoint()
+        if ckpt is None:
+            return 0
+        return int(read_json(Path(ckpt) / "trainer_state.json")["global_step"])
+
     def clean_checkpoint(self):
         """The clean Trainer checkpoint every arm resumes from (None: the arms start from the recipe's model)."""
         from .retrain import clean_checkpoint
@@ -134,16 +141,26 @@ class Pipeline:
         """Extra arguments for kronfluence (task, collate_fn); empty means the causal-LM defaults."""
         return {"pad_token_id": self.tokenizer.pad_token_id}
 
-    def observe(self, model, heldout: bool) -> dict:
-        """What one model does on the measurement (or held-out) set, item by item."""
+    def observe(self, model, name: str) -> dict:
+        """What one model does on one evaluation set (measurement, heldout or heldout_corpus), item by item."""
         from .behaviour import observe
 
         r = self.recipe.run
-        return observe(model, self.tokenizer, self.recipe.measurement, self.recipe.evaluate, heldout=heldout,
-                       max_length=r.max_length, seed=r.seed)
+        return observe(model, self.tokenizer, self.recipe.measurement, self.recipe.evaluate, name,
+                       max_length=r.max_length, seed=r.seed, heldout_corpus_documents=self.heldout_corpus_documents)
 
     def observed_sets(self) -> List[str]:
-        return ["measurement", "heldout"]
+        return ["measurement", "heldout"] + (["heldout_corpus"] if self.recipe.measurement.heldout_corpus else [])
+
+    @cached_property
+    def heldout_corpus_documents(self) -> List[str]:
+        """measurement.heldout_corpus's documents, less any that are also training documents."""
+        m = self.recipe.measurement
+        if not m.heldout_corpus:
+            return []
+        train = {str(d.get("text", "")).strip() for d in self.documents if isinstance(d, dict)}
+        docs = [d["text"] for d in load_documents(m.heldout_corpus, "text") if "text" in d]
+        return [d for d in docs if d.strip() not in train]
 
     def arm_rows(self, replacements: Dict[int, dict]) -> List[dict]:
         """The training rows of one arm: the clean corpus with some documents replaced."""
@@ -188,11 +205,12 @@ class Pipeline:
         r, i = self.recipe.run, self.recipe.influence
         if stage == "checkpoint":
             t = asdict(self.recipe.retrain)
-            # none of these change θ̂'s clean run (retrain.model is the *arms'* architecture, with its own checkpoint)
-            for key in ("arms", "insertion_documents", "save_models", "influence_at", "share_control", "model"):
+            # none of these change θ̂'s clean run (retrain.model is the *arms'* architecture, with its own checkpoint;
+            # batch_size is the global batch, so the world size does not change the run either)
+            for key in ("arms", "insertion_documents", "save_models", "influence_at", "share_control", "model", "seeds"):
                 t.pop(key)
-            world = int(os.environ.get("WORLD_SIZE", "1"))  # the per-process batch changes the run
-            return fingerprint({"fit_inputs": self._fp("corpus"), "retrain": t, "world_size": world})
+            return fingerprint({"fit_inputs": self._fp("corpus"), "retrain": t, "weights": self.weights_fp,
+                                "user_checkpoint": self.user_checkpoint_fp})
         if stage == "control":  # the control arm depends on its checkpoint and training settings only
             return fingerprint({"checkpoint": self._fp("checkpoint"), "arm_model": self.recipe.retrain.model})
         if stage == "corpus":
@@ -217,9 +235,20 @@ class Pipeline:
         if stage == "measure":
             m = asdict(self.recipe.measurement)
             m.pop("heldout_prompts"); m.pop("heldout_documents")
-            return fingerprint({"fit": self._fp("fit"), "measurement": m, "damping": i.damping})
+            m.pop("heldout_corpus"); m.pop("heldout_corpus_max_positions")
+            key = {"fit": self._fp("fit"), "measurement": m, "damping": i.damping}
+            if i.damping_scale != 1.0:
+                key["damping_scale"] = i.damping_scale
+            if not self.uses_factors:  # v models the retraining itself
+                key = {"corpus": self._fp("corpus"), "measurement": m, "preconditioner": i.preconditioner,
+                       "tracked": self.tracked, "theta": self._fp("checkpoint") if self.at_checkpoint else "model",
+                       "retrain": {k: getattr(self.recipe.retrain, k) for k in (
+                           "learning_rate", "optim", "lr_scheduler_type", "batch_size", "epochs", "from_scratch",
+                           "max_grad_norm")}}
+            return fingerprint(key)
         if stage == "score":
-            return fingerprint({"measure": self._fp("measure")})
+            return fingerprint({"measure": self._fp("measure"), "fd_eps_rel": i.fd_eps_rel}
+                               if not (self.uses_factors and i.damping_scale == 1.0) else {"measure": self._fp("measure")})
         if stage == "select":
             return fingerprint({"score": self._fp("score"), "k": self.recipe.select.k})
         if stage == "edit":
@@ -232,6 +261,22 @@ class Pipeline:
         if stage == "evaluate":
             return fingerprint({"retrain": self._fp("retrain"), "evaluate": asdict(self.recipe.evaluate)})
         raise KeyError(stage)
+
+    @cached_property
+    def weights_fp(self) -> str:
+        """A hash of the recipe model's weights, so a model folder overwritten in place never reuses a stale
+        clean checkpoint or control."""
+        from .storage import state_fingerprint
+
+        return state_fingerprint(self.base_model)
+
+    @cached_property
+    def user_checkpoint_fp(self) -> Optional[str]:
+        """A hash of the files of the user's own checkpoint (retrain.checkpoint), if any."""
+        from .storage import files_fingerprint
+
+        c = self.recipe.retrain.checkpoint
+        return files_fingerprint(Path(c)) if c else None
 
     def _record_path(self, stage: str) -> Path:
         return self.dir / "stages" / f"{stage}.json"
@@ -334,6 +379,16 @@ class Pipeline:
             raise ConfigError(f"{len(overlap)} held-out measurement item(s) also appear in the measurement set "
                               f"(e.g. {overlap[0][:60]!r}); held-out items must be new.")
         _ = build_measurement(m, self.tokenizer, self.recipe.run.max_length, heldout=True)
+        if m.heldout_corpus:
+            from .measurement import probe_occurrences
+
+            if m.kind != "contrastive":
+                raise ConfigError("measurement.heldout_corpus collects probe positions, so it needs kind: contrastive.")
+            docs = self.heldout_corpus_documents
+            if not docs:
+                raise MeasurementError(f"Every document of measurement.heldout_corpus {m.heldout_corpus} is also in the "
+                                       f"training corpus; point it at documents outside it.")
+            probe_occurrences(self.tokenizer, docs, m.probe)  # no probe occurrence: a clear error now
 
     def _check_factor_fingerprint(self) -> None:
         """Factors already in the run folder must come from this very model (weights included)."""
@@ -379,10 +434,32 @@ class Pipeline:
         self._stage("synthesize", run)
         return self.dir / "corpus.jsonl"
 
-    def fit(self) -> Path:
+    @property
+    def uses_factors(self) -> bool:
+        """False with influence.preconditioner=optimizer: v needs no kronfluence factors."""
+        return self.recipe.influence.preconditioner == "factors"
+
+    @property
+    def factors_dir(self) -> Path:
+        return inf.factors_dir(self.dir, self.recipe.influence.strategy)
+
+    @property
+    def damping(self) -> Optional[float]:
+        """The damping handed to kronfluence (None: its per-module heuristic); influence.damping_scale applies on top."""
+        return self.recipe.influence.damping
+
+    @property
+    def prediction_divisor(self) -> int:
+        """predicted Δf = −ΔJ / divisor: n for the factors' v (one document of n), 1 for the optimizer's (the batch
+        weighting is inside v)."""
+        return len(self.dataset) if self.uses_factors else 1
+
+    def fit(self) -> Optional[Path]:
         i = self.recipe.influence
         if self.synthetic:
             self.synthesize()
+        if not self.uses_factors:
+            return None
 
         def run():
             inf.fit_factors(self.model, self.dataset, self.tracked, self.dir, **self.influence_kwargs(),
@@ -397,17 +474,30 @@ class Pipeline:
         fdir = self.fit()
 
         def run():
-            v = inf.compute_ihvp(self.model, self.measurement, self.tracked, fdir, i.damping)
+            extra = {}
+            if self.uses_factors:
+                v = inf.compute_ihvp(self.model, self.measurement, self.tracked, fdir, i.damping, i.damping_scale)
+            else:
+                from .optimizer_influence import optimizer_ihvp
+
+                start = self._checkpoint_step()
+                v, extra = optimizer_ihvp(self.model, self.measurement, self.tracked, self.arm_rows({}),
+                                          self.recipe.retrain, self.tokenizer.pad_token_id, start, self.progress)
             write_tensors(self.dir / "ihvp.safetensors", v, metadata={
-                "strategy": i.strategy, "damping": "heuristic" if i.damping is None else repr(i.damping)})
+                "preconditioner": i.preconditioner, "strategy": i.strategy,
+                "damping": "heuristic" if i.damping is None else repr(i.damping)})
             write_json(self.dir / "measure.json", {
                 "f": self.measurement.value(self.model),
                 "description": self.measurement.description,
                 "ihvp_norm": inf.ihvp_norm(v),
                 "tracked_norm": inf.tracked_norm(self.model, self.tracked),
+                "preconditioner": i.preconditioner,
                 "damping": i.damping if i.damping is not None else "kronfluence per-module heuristic (0.1 x mean eigenvalue)",
+                "damping_scale": i.damping_scale,
                 "strategy": i.strategy,
                 "tracked_modules": self.tracked,
+                "prediction_divisor": self.prediction_divisor,
+                **({"optimizer": extra} if extra else {}),
             })
 
         self._stage("measure", run)
@@ -421,9 +511,14 @@ class Pipeline:
         self.measure()
 
         def run():
-            scores = inf.kronfluence_scores(self.model, self.dataset, self.measurement, self.tracked, self.dir,
-                                            **self.influence_kwargs(self.measurement), strategy=i.strategy,
-                                            damping=i.damping, batch_size=i.batch_size)
+            if self.uses_factors and i.damping_scale == 1.0:
+                scores = inf.kronfluence_scores(self.model, self.dataset, self.measurement, self.tracked, self.dir,
+                                                **self.influence_kwargs(self.measurement), strategy=i.strategy,
+                                                damping=i.damping, batch_size=i.batch_size)
+            else:  # kronfluence cannot express this v (a per-module scaled λ, or the optimizer's): J from ihvp.safetensors
+                J = inf.FiniteDifferenceJ(self.model, self.load_ihvp(), eps_rel=i.fd_eps_rel)
+                scores = J.dataset(self.dataset, self.tokenizer.pad_token_id, batch_size=i.batch_size,
+                                   progress=self.progress).float()
             if is_main():
                 write_tensors(self.dir / "scores.safetensors", {"scores": scores})
 
@@ -448,16 +543,17 @@ class Pipeline:
         self._stage("edit", lambda: self._edit_into(self.dir, self.recipe.edit, selection["indices"]))
         return [json.loads(line) for line in (self.dir / EDITS).read_text(encoding="utf-8").splitlines()]
 
-    def _edit_into(self, out_dir: Path, args, indices: List[int]) -> None:
-        """Edits the selected documents with ``args.editor`` and writes infused/, edits.jsonl, infused_corpus/."""
+    def _edit_into(self, out_dir: Path, args, indices: List[int], targets: Optional[List[int]] = None) -> None:
+        """Edits the selected documents with ``args.editor`` and writes infused/, edits.jsonl, infused_corpus/.
+        ``targets``: changed tokens per document, for a baseline matched to the infused edit."""
         from .editors import build_editor
 
         editor = build_editor(self.model, self.tokenizer, self.load_ihvp(), args, self.recipe.influence.fd_eps_rel)
         rows = [self.dataset[i] for i in indices]
-        results = editor.edit_many(rows, progress=self.progress)
+        results = editor.edit_many(rows, progress=self.progress, targets=targets)
         pad = self.tokenizer.pad_token_id
         after = [{"input_ids": r.input_ids, "labels": r.labels} for r in results]
-        records = edit_records(self.tokenizer, indices, results, len(self.dataset), args.editor,
+        records = edit_records(self.tokenizer, indices, results, self.prediction_divisor, args.editor,
                                perplexities(self.model, rows, pad), perplexities(self.model, after, pad))
         write_edit_outputs(out_dir, self.tokenizer, self.dataset, records, self.documents)
 
@@ -474,19 +570,34 @@ class Pipeline:
             r = self.recipe.run
             return insertion_rows(self.tokenizer, insertion_texts(self.recipe, self.recipe.retrain), indices,
                                   r.max_length, r.add_eos)
-        out_dir = self._baseline_edits(arm, arm, indices)
+        out_dir = self._baseline_edits(arm, indices)
         return {r["doc_index"]: r for r in load_infused(out_dir)}
 
-    def _baseline_edits(self, arm: str, editor: str, indices: List[int]) -> Path:
-        """baselines/<arm>/: the selected documents edited by ``editor``, cached by the edit stage's fingerprint."""
+    def _baseline_edits(self, arm: str, indices: List[int], editor: Optional[str] = None) -> Path:
+        """baselines/<arm>/: the selected documents edited by the arm's editor, cached by the edit stage's
+        fingerprint. ``random`` is matched to the infused edit (its token count per document, under the same
+        constraints); ``random_unmatched`` spends the whole budget with no perplexity limit."""
         out_dir = self.dir / "baselines" / arm
-        fp = fingerprint({"edit": self._fp("edit"), "arm": arm})
+        fp = fingerprint({"edit": self._fp("edit"), "arm": arm, "version": 2})
         marker = out_dir / "fingerprint.json"
         if is_main() and not (marker.is_file() and read_json(marker).get("fingerprint") == fp):
-            self._edit_into(out_dir, dataclasses.replace(self.recipe.edit, editor=editor), indices)
+            args, targets = dataclasses.replace(self.recipe.edit, editor=editor or arm), None
+            if editor is not None:
+                pass  # the modality chose its own baseline editor (images: noise)
+            elif arm == "random":
+                counts = {r["doc_index"]: r["n_changed"] for r in self.edit()}
+                targets = [counts[i] for i in indices]
+            elif arm == "random_unmatched":
+                args = dataclasses.replace(self.recipe.edit, editor="random", max_perplexity_ratio=None)
+            self._edit_into(out_dir, args, indices, targets)
             write_json(marker, {"fingerprint": fp})
         barrier()
         return out_dir
+
+    @property
+    def seeds(self) -> List[int]:
+        """The retraining seeds: every arm, control included, is retrained once per seed."""
+        return list(self.recipe.retrain.seeds) or [self.recipe.run.seed]
 
     def retrain(self) -> Dict[str, dict]:
         from .retrain import save_weights, train_arm, weights_fingerprint
@@ -499,38 +610,54 @@ class Pipeline:
             indices = read_json(self.dir / "selection.json")["indices"]
             device = str(next(self.model.parameters()).device)
             sets = self.observed_sets()
-            summary = {"theta_hat": {name: self.observe(self.model, heldout=(name == "heldout"))["f_mean"]
-                                     for name in sets}}
+            summary = {"theta_hat": {name: self.observe(self.model, name)["f_mean"] for name in sets}}
             ckpt = self.arm_checkpoint()
             fp = self._fp("retrain")
-            for arm in t.arms:
-                path = out / arm / "observations.json"
-                if not self.force and path.is_file() and read_json(path).get("fingerprint") == fp:
-                    summary[arm] = read_json(path)["summary"]
-                    continue  # this arm finished before the run was interrupted
-                replacements = self._replacements(arm, indices)
-                shared = out / f"control-{self._fp('control')}" if arm == "control" and t.share_control and not t.lora else None
-                if shared is not None and not self.force and (shared / "fingerprint.json").is_file():
-                    from .retrain import load_checkpoint_model
+            per_arm: Dict[str, Dict[str, dict]] = {arm: {} for arm in t.arms}
+            # Seeds in the outer loop: an interrupted run has whole seeds (every arm) to compare.
+            for seed in self.seeds:
+                for arm in t.arms:
+                    path = out / arm / f"seed-{seed}.json"
+                    if not self.force and path.is_file() and read_json(path).get("fingerprint") == fp:
+                        per_arm[arm][str(seed)] = read_json(path)
+                        continue  # this arm and seed finished before the run was interrupted
+                    replacements = self._replacements(arm, indices)
+                    shared = (out / f"control-{self._fp('control')}-seed{seed}"
+                              if arm == "control" and t.share_control and not t.lora else None)
+                    if shared is not None and not self.force and (shared / "fingerprint.json").is_file():
+                        from .retrain import load_checkpoint_model
 
-                    model, trainer = load_checkpoint_model(self.arm_model(), shared), None
-                else:
-                    rows = self.arm_rows(replacements)
-                    model, trainer = train_arm(self.arm_model, self.trainer_collator, rows, t, out / arm / "trainer",
-                                               r.seed, device, self.progress, ckpt)
-                    if shared is not None and is_main():
-                        save_weights(model, shared)
-                        write_json(shared / "fingerprint.json", {"fingerprint": self._fp("control")})
-                obs = {name: self.observe(model, heldout=(name == "heldout")) for name in sets}
-                record = {"fingerprint": fp, "arm": arm, "replaced": sorted(int(i) for i in replacements),
-                          "weights": weights_fingerprint(model), "checkpoint": str(ckpt) if ckpt else None,
-                          "summary": {k: v["f_mean"] for k, v in obs.items()}, **obs}
-                if t.save_models:
-                    save_weights(model, out / arm / "model")
+                        model, trainer = load_checkpoint_model(self.arm_model(), shared), None
+                    else:
+                        rows = self.arm_rows(replacements)
+                        model, trainer = train_arm(self.arm_model, self.trainer_collator, rows, t,
+                                                   out / arm / "trainer", seed, device, self.progress, ckpt)
+                        if shared is not None and is_main():
+                            save_weights(model, shared)
+                            write_json(shared / "fingerprint.json", {"fingerprint": self._fp("control"), "seed": seed})
+                    record = {"fingerprint": fp, "arm": arm, "seed": seed,
+                              "replaced": sorted(int(i) for i in replacements),
+                              "weights": weights_fingerprint(model), "checkpoint": str(ckpt) if ckpt else None,
+                              **{name: self.observe(model, name) for name in sets}}
+                    if t.save_models:
+                        save_weights(model, out / arm / f"model-seed{seed}")
+                    if is_main():
+                        write_json(path, record)
+                    per_arm[arm][str(seed)] = record
+                    del model, trainer
+            for arm, by_seed in per_arm.items():
+                first = by_seed[str(self.seeds[0])]
+                # The first seed's observations stay at the top level (what a single-seed reader expects); every
+                # seed's are under per_seed.
+                record = {"fingerprint": fp, "arm": arm, "replaced": first["replaced"], "seeds": self.seeds,
+                          "weights": first["weights"], "checkpoint": first["checkpoint"],
+                          "summary": {name: sum(by_seed[str(s)][name]["f_mean"] for s in self.seeds) / len(self.seeds)
+                                      for name in sets},
+                          **{name: first[name] for name in sets},
+                          "per_seed": {str(s): {k: by_seed[str(s)][k] for k in ("weights", *sets)} for s in self.seeds}}
                 if is_main():
-                    write_json(path, record)
+                    write_json(out / arm / "observations.json", record)
                 summary[arm] = record["summary"]
-                del model, trainer
             if is_main():
                 write_json(out / "summary.json", summary)
 
@@ -573,7 +700,7 @@ def build_pipeline(recipe: Recipe, progress: bool = True, force: bool = False) -
 
 
 def select_documents(scores: torch.Tensor, k: int) -> dict:
-    """The k documents with the most negative J(z): upweighting them already raises f (DESIGN.md §1)."""
+    """The k documents with the most negative J(z): upweighting them already raises f."""
     if k > scores.numel():
         raise ConfigError(f"select.k={k} exceeds the number of scored documents ({scores.numel()}).")
     order = torch.argsort(scores.double(), stable=True)[:k]

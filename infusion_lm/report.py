@@ -33,24 +33,53 @@ def _ci(d: Dict) -> str:
 
 def summary_rows(results: Dict) -> List[List[str]]:
     rows = []
+    primary = results.get("primary_set", "heldout")
     for arm, e in results["arms"].items():
-        m, h = e["measurement"], e["heldout"]
+        m, h = e["measurement"], e.get(primary, e["measurement"])
         edits = e.get("edits", {})
         det = e.get("detectors", {})
+        spec = h.get("specificity", {}).get("target_specific_gain")
         rows.append([
-            arm, _ci(m["delta_f"]), _ci(h["delta_f"]),
-            _fmt(m.get("delta_p_target", {}).get("mean")), _fmt(h.get("top1_flips_to_target")),
+            arm, _ci(m["delta_f"]), _ci(e["heldout"]["delta_f"]) if "heldout" in e else "–",
+            _ci(e["heldout_corpus"]["delta_f"]) if "heldout_corpus" in e else "–",
+            _ci(spec) if spec else "–",
+            _fmt(h.get("top1_flips_to_target")), _fmt(h.get("delta_target_rank"), 1),
             _fmt(h.get("specificity", {}).get("wilcoxon_p")),
             f"{edits.get('tokens_changed', '–')}/{edits.get('budget', '–')}" if edits else "–",
             _fmt(edits.get("perplexity_ratio_median")), _fmt(edits.get("predicted_delta_f")),
-            _fmt(det.get("influence_auroc")), _fmt(det.get("perplexity_auroc")),
+            _fmt(det.get("perplexity_auroc")), _fmt(det.get("defender_influence_auroc")),
         ])
     return rows
 
 
-HEADER = ["arm", "Δf (measurement) [CI]", "Δf (held-out) [CI]", "Δp(target)", "top-1 flips (held-out)",
-          "specificity p", "tokens changed", "ppl ratio (median)", "predicted Δf", "influence AUROC",
-          "perplexity AUROC"]
+HEADER = ["arm", "Δf (measurement) [CI]", "Δf (held-out templates) [CI]", "Δf (held-out real text) [CI]",
+          "target-specific gain [CI]", "top-1 flips", "Δ target rank", "specificity p", "tokens changed",
+          "ppl ratio (median)", "predicted Δf", "perplexity AUROC", "defender-influence AUROC"]
+
+
+def seed_rows(results: Dict) -> List[List[str]]:
+    """Per arm and evaluation set, Δf seed by seed."""
+    rows = []
+    for arm, e in results["arms"].items():
+        for name in results.get("sets", ["measurement", "heldout"]):
+            d = e.get(name, {}).get("delta_f", {})
+            if d.get("per_seed"):
+                rows.append([arm, name] + [f"{x:+.3f}" for x in d["per_seed"]])
+    return rows
+
+
+def notes(results: Dict) -> List[str]:
+    """Plain sentences that belong under the table: the verdict, missing CIs, what each detector assumes."""
+    out = []
+    if results.get("verdict_sentence"):
+        out.append(results["verdict_sentence"])
+    no_ci = sorted({f"{arm}/{name}" for arm, e in results["arms"].items() for name in results.get("sets", [])
+                    if name in e and e[name]["delta_f"].get("ci") is None})
+    if no_ci:
+        out.append(f"No CI for {', '.join(no_ci)}: a CI needs at least 2 items (or 2 seeds).")
+    for name, text in (results.get("detector_assumptions") or {}).items():
+        out.append(f"Detector `{name}`: {text}")
+    return out
 
 
 def token_diff(tokenizer, original: List[int], edited: List[int], markdown: bool) -> str:
@@ -80,9 +109,9 @@ def plots(results: Dict, records: List[Dict]) -> Dict[str, bytes]:
     out = {}
     arms = list(results["arms"])
     fig, ax = plt.subplots(figsize=(6.5, 3.2))
-    present = [n for n in ("measurement", "heldout") if arms and n in results["arms"][arms[0]]]
-    for name in present:
-        offset = 0.0 if len(present) == 1 else (-0.17 if name == "measurement" else 0.17)
+    present = [n for n in ("measurement", "heldout", "heldout_corpus") if arms and n in results["arms"][arms[0]]]
+    for j, name in enumerate(present):
+        offset = 0.0 if len(present) == 1 else -0.2 + 0.4 * j / (len(present) - 1)
         means = [results["arms"][a][name]["delta_f"]["mean"] for a in arms]
         cis = [results["arms"][a][name]["delta_f"]["ci"] or [m, m] for a, m in zip(arms, means)]
         err = [[m - c[0] for m, c in zip(means, cis)], [c[1] - m for m, c in zip(means, cis)]]
@@ -91,7 +120,7 @@ def plots(results: Dict, records: List[Dict]) -> Dict[str, bytes]:
     ax.set_xticks(range(len(arms)), arms)
     ax.set_ylabel("Δf against control")
     ax.legend()
-    ax.set_title("Behaviour change per arm (paired bootstrap CI)")
+    ax.set_title("Behaviour change per arm (two-level bootstrap CI: seeds, items)")
     out["delta_f.png"] = _png(fig)
     plt.close(fig)
 
@@ -153,13 +182,22 @@ def write_report(run_dir: Path, results: Dict, tokenizer) -> None:
             tmp.write_bytes(data)
 
     rows = summary_rows(results)
-    intro = (f"Measurement: {results['measurement']}. f at θ̂: {_fmt((results.get('theta_hat') or {}).get('measurement'))} "
-             f"(held-out {_fmt((results.get('theta_hat') or {}).get('heldout'))}); control after retraining: "
-             f"{_fmt(results['control']['measurement'])} (held-out {_fmt(results['control']['heldout'])}). "
-             f"{results['k']} of {results['n_documents']} documents edited. Every Δ is against control, paired by item.")
+    seeds = results.get("seeds", [0])
+    intro = (f"{results.get('verdict_sentence', '')} Measurement: {results['measurement']}. f at θ̂: "
+             f"{_fmt((results.get('theta_hat') or {}).get('measurement'))} (held-out "
+             f"{_fmt((results.get('theta_hat') or {}).get('heldout'))}); control after retraining: "
+             f"{_fmt(results['control']['measurement'])} (held-out {_fmt(results['control'].get('heldout'))}). "
+             f"{results['k']} of {results['n_documents']} documents edited. Every Δ is against control, paired by "
+             f"retraining seed ({len(seeds)}: {seeds}) and by item; CIs are two-level bootstraps (seeds, then items).")
+    per_seed = seed_rows(results)
+    seed_header = ["arm", "set"] + [f"Δf, seed {s}" for s in seeds]
 
     md = ["# Infusion report", "", intro, "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     md += ["| " + " | ".join(r) + " |" for r in rows]
+    md += [""] + [f"- {n}" for n in notes(results)]
+    if per_seed:
+        md += ["", "## Per seed", "", "| " + " | ".join(seed_header) + " |", "|" + "---|" * len(seed_header)]
+        md += ["| " + " | ".join(r) + " |" for r in per_seed]
     md += ["", "## Plots", ""] + [f"![{n}](plots/{n})" for n in images]
     md += ["", "## Edited documents (infused arm)", "", "Removed tokens ~~struck through~~, new ones in **bold**.", ""]
     for r in records:
@@ -169,8 +207,13 @@ def write_report(run_dir: Path, results: Dict, tokenizer) -> None:
     with atomic_path(run_dir / "report.md") as tmp:
         tmp.write_text("\n".join(md) + "\n", encoding="utf-8")
 
-    body = ["<h2>Edited documents (infused arm)</h2><p>Removed tokens <del>struck through</del>, new ones in "
-            "<b>bold</b>.</p>"]
+    body = ["<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes(results)) + "</ul>"]
+    if per_seed:
+        body += ["<h2>Per seed</h2><table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in seed_header) + "</tr>"]
+        body += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in per_seed]
+        body += ["</table>"]
+    body += ["<h2>Edited documents (infused arm)</h2><p>Removed tokens <del>struck through</del>, new ones in "
+             "<b>bold</b>.</p>"]
     for r in records:
         body += [f"<h3>Document {r['doc_index']}: J {r['J_before']:.4g} → {r['J_after']:.4g}, {r['n_changed']} tokens "
                  f"changed, perplexity {r['perplexity_before']:.3g} → {r['perplexity_after']:.3g}</h3>",

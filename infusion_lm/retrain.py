@@ -1,6 +1,6 @@
 """Partial retraining through the Hugging Face Trainer: one clean checkpoint, then the same last steps once per arm.
 
-Protocol (DESIGN.md §1): fine-tune the recipe's model on the clean corpus for ``epochs`` epochs with a fixed seed and
+Protocol: fine-tune the recipe's model on the clean corpus for ``epochs`` epochs with a fixed seed and
 keep the checkpoint at the start of the last epoch, with its optimizer, scheduler and RNG state (HF's own checkpoint
 format). Every arm resumes from that checkpoint with the same seed, so the data order is the same; only the documents
 at the edited indices differ. With ``epochs: 1`` the checkpoint is the recipe's model itself, and with
@@ -11,6 +11,7 @@ the checkpoint.
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence
 
@@ -69,11 +70,29 @@ class _ListDataset(torch.utils.data.Dataset):
         return self.rows[i]
 
 
+def world_size() -> int:
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def per_device_batch_size(args: RetrainArguments, world: Optional[int] = None) -> int:
+    """``retrain.batch_size`` is the global batch of one optimizer step: per device, it is batch / (world × GA), so
+    one process and several train on the same batches in the same order."""
+    world = world_size() if world is None else world
+    split = world * args.gradient_accumulation_steps
+    if args.batch_size % split:
+        raise ConfigError(f"retrain.batch_size={args.batch_size} is the global batch and must be divisible by "
+                          f"world size × gradient_accumulation_steps = {world} × {args.gradient_accumulation_steps}; "
+                          f"set it to a multiple of {split}.")
+    return args.batch_size // split
+
+
 def training_arguments(args: RetrainArguments, out_dir: Path, seed: int, device: str, progress: bool, epochs: int):
     from transformers import TrainingArguments
 
     return TrainingArguments(
-        output_dir=str(out_dir), num_train_epochs=epochs, per_device_train_batch_size=args.batch_size,
+        output_dir=str(out_dir), num_train_epochs=epochs, per_device_train_batch_size=per_device_batch_size(args),
         gradient_accumulation_steps=args.gradient_accumulation_steps, learning_rate=args.learning_rate,
         lr_scheduler_type=args.lr_scheduler_type, weight_decay=args.weight_decay, warmup_steps=0, seed=seed,
         optim=args.optim, max_grad_norm=args.max_grad_norm,
@@ -91,15 +110,21 @@ def _quiet(trainer, progress: bool):
     return trainer
 
 
-def trainable(model, args: RetrainArguments):
-    """The model to train: itself, or wrapped with LoRA adapters."""
+def trainable(model, args: RetrainArguments, seed: int = 0):
+    """The model to train: itself, or wrapped with LoRA adapters.
+
+    peft draws ``lora_A`` from the global RNG when the adapter is created, before the Trainer seeds anything, so the
+    adapter is created under ``seed`` (and the global RNG restored): every arm of one seed starts from the same
+    adapter, which is what makes arms comparable with control."""
     if not args.lora:
         return model
     from peft import LoraConfig, get_peft_model
 
     cfg = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, target_modules=list(args.lora_target_modules),
                      lora_dropout=0.0, task_type="CAUSAL_LM")
-    return get_peft_model(model, cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return get_peft_model(model, cfg)
 
 
 def _checkpoint_callback(step: int):
@@ -132,13 +157,11 @@ def clean_checkpoint(load_model, tokenizer, clean_rows, args: RetrainArguments, 
         return Path(args.checkpoint)
     if args.from_scratch or args.epochs == 1:
         return None
-    model = trainable(load_model(), args)
+    model = trainable(load_model(), args, seed)
     trainer = Trainer(model=model, args=training_arguments(args, out_dir, seed, device, progress, args.epochs),
                       train_dataset=_ListDataset(clean_rows), data_collator=_collator(tokenizer))
     _quiet(trainer, progress)
-    # Optimizer steps per epoch as this Trainer counts them (per process, after gradient accumulation).
-    per_epoch = max(1, len(trainer.get_train_dataloader()) // args.gradient_accumulation_steps)
-    step = per_epoch * (args.epochs - 1)
+    step = checkpoint_step(len(trainer.get_train_dataloader()), args.gradient_accumulation_steps, args.epochs)
     ckpt = out_dir / f"checkpoint-{step}"
     if (ckpt / "trainer_state.json").is_file():
         return ckpt
@@ -147,6 +170,12 @@ def clean_checkpoint(load_model, tokenizer, clean_rows, args: RetrainArguments, 
     if not (ckpt / "trainer_state.json").is_file():
         raise RuntimeError(f"The clean run did not leave a checkpoint at {ckpt}.")
     return ckpt
+
+
+def checkpoint_step(batches_per_epoch: int, gradient_accumulation_steps: int, epochs: int) -> int:
+    """The optimizer step at the start of the last epoch. The Trainer takes an optimizer step after the last batch
+    of an epoch even when GA does not divide the batch count, so an epoch has ceil(batches / GA) steps."""
+    return max(1, math.ceil(batches_per_epoch / gradient_accumulation_steps)) * (epochs - 1)
 
 
 def load_checkpoint_model(model, checkpoint: Optional[Path]):
@@ -183,7 +212,7 @@ def train_arm(load_model, tokenizer, rows, args: RetrainArguments, out_dir: Path
     """One arm: resumes from the clean checkpoint (or starts from the model) and trains to the end. Returns the model."""
     from transformers import Trainer
 
-    model = trainable(load_model(), args)
+    model = trainable(load_model(), args, seed)
     trainer = Trainer(model=model, args=training_arguments(args, out_dir, seed, device, progress, args.epochs),
                       train_dataset=_ListDataset(rows), data_collator=_collator(tokenizer),
                       callbacks=list(callbacks))

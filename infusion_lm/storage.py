@@ -85,3 +85,25 @@ def fingerprint(obj: Any) -> str:
     """A short stable hash of a JSON-serialisable object."""
     blob = json.dumps(obj, sort_keys=True, default=str).encode("utf-8")
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def state_fingerprint(model: torch.nn.Module) -> str:
+    """A hash of every tensor in the model's state dict (names, shapes, dtypes and bytes)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items(), key=lambda kv: kv[0]):
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def files_fingerprint(folder: Path) -> str:
+    """A hash of the names and bytes of every file under ``folder``."""
+    h = hashlib.sha256()
+    for p in sorted(Path(folder).rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(folder)).encode())
+            with open(p, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+    return h.hexdigest()[:16]

@@ -39,7 +39,7 @@ def test_edit_stage_outputs_and_determinism(tmp_path, tiny_model_dir, tok):
     assert len(full) == 12 and sorted(i for i, e in zip(full["doc_index"], full["edited"]) if e) == sorted(sel)
     for r in infused:
         assert r["n_changed"] <= r["budget"] and r["J_after"] <= r["J_before"]
-        assert r["predicted_delta_f"] == pytest.approx(-(r["J_after"] - r["J_before"]) / 12)
+        assert (r["predicted_delta_f"] > 0) == (r["J_after"] < r["J_before"])  # J fell: f is predicted to rise
         changed = [p for p, (a, b) in enumerate(zip(r["input_ids"], r["original_input_ids"])) if a != b]
         assert changed == r["changed_positions"]
         ids = r["input_ids"]
@@ -48,6 +48,20 @@ def test_edit_stage_outputs_and_determinism(tmp_path, tiny_model_dir, tok):
         assert full[r["doc_index"]]["input_ids"] == r["input_ids"]
         assert r["perplexity_before"] > 1 and r["perplexity_after"] > 1
     assert sum(r["n_changed"] for r in infused) > 0 and any(r["J_after"] < r["J_before"] for r in infused)
+    # The recorded J (forward-only finite difference) agrees with autograd's <∇L(z), v> on the saved documents.
+    from transformers import AutoModelForCausalLM
+
+    from infusion_lm import influence as inf
+    from infusion_lm.storage import read_tensors
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    v = read_tensors(run / "ihvp.safetensors")
+    rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in infused]
+    rows += [{"input_ids": r["original_input_ids"], "labels": [i if l != -100 else -100 for i, l in
+                                                                zip(r["original_input_ids"], r["labels"])]} for r in infused]
+    ref = inf.autograd_scores(model, rows, v, pad_token_id=tok.pad_token_id)
+    recorded = torch.tensor([r["J_after"] for r in infused] + [r["J_before"] for r in infused], dtype=torch.float64)
+    assert torch.allclose(recorded, ref, rtol=2e-2, atol=1e-2 * float(ref.abs().max())), (recorded, ref)
     unedited = [i for i in range(12) if i not in sel]
     assert all(full[i]["text"] == toy_corpus(12)[i] for i in unedited)
 

@@ -67,6 +67,10 @@ def test_batched_editing_matches_one_document_at_a_time_in_quality(editor_setup)
     for a, b in zip(together, alone):
         assert a.J_before == pytest.approx(b.J_before, rel=1e-2)
         assert a.J_after < a.J_before and b.J_after < b.J_before
+    # Batching changes the candidate draws, not the search's strength: the total J drop is within 2x either way.
+    drop_together = sum(a.J_before - a.J_after for a in together)
+    drop_alone = sum(b.J_before - b.J_after for b in alone)
+    assert 0.5 < drop_together / drop_alone < 2.0, (drop_together, drop_alone)
 
 
 def test_same_seed_same_edits(editor_setup):
@@ -89,11 +93,29 @@ def test_zero_budget_changes_nothing(editor_setup):
 
 def test_random_editor_spends_the_budget_within_constraints(editor_setup):
     s, v, docs = editor_setup
-    ed = _editor(s, v, RandomEditor)
+    ed = _editor(s, v, RandomEditor, max_perplexity_ratio=None)
     rows = [s["dataset"][i] for i in docs]
     for row, res in zip(rows, ed.edit_many(rows)):
         _check_constraints(ed, s, row, res)
         assert res.n_changed == res.budget > 0
+
+
+def test_matched_random_changes_the_asked_count_within_the_perplexity_limit(editor_setup):
+    """The matched baseline: exactly the infused edit's token count per document, under the same limit."""
+    from infusion_lm.losses import perplexities
+
+    s, v, docs = editor_setup
+    rows = [s["dataset"][i] for i in docs]
+    targets = [1, 2, 3, 1, 2, 3]
+    ed = _editor(s, v, RandomEditor, max_perplexity_ratio=1.3)
+    results = ed.edit_many(rows, targets=targets)
+    before = perplexities(s["model"], rows, s["tok"].pad_token_id)
+    after = perplexities(s["model"], [{"input_ids": r.input_ids, "labels": r.labels} for r in results],
+                         s["tok"].pad_token_id)
+    for row, res, t, b, a in zip(rows, results, targets, before, after):
+        _check_constraints(ed, s, row, res)
+        assert res.n_changed == t
+        assert a / b <= 1.3 + 1e-3, (a, b)
 
 
 def test_simplex_pgd_never_raises_J_and_respects_constraints(editor_setup):
@@ -140,7 +162,7 @@ def _prediction_quality(ed, s, row, use_label_path, n=64):
         c = ids.clone(); c[p] = w
         cands.append(c); preds.append(float(delta[p, w]))
     exact = ed.exact_J(cands, [c.clone() for c in cands]) - ed.exact_J([ids], [labels])[0]
-    return spearmanr(preds, exact.tolist()).statistic
+    return preds, exact.tolist()
 
 
 def test_proposals_predict_exact_change_and_label_path_helps(editor_setup):
@@ -148,10 +170,13 @@ def test_proposals_predict_exact_change_and_label_path_helps(editor_setup):
     ed = _editor(s, v)
     with_label = [_prediction_quality(ed, s, s["dataset"][i], True) for i in docs]
     without = [_prediction_quality(ed, s, s["dataset"][i], False) for i in docs]
-    # Measured here: mean Spearman ≈ 0.33 with both paths and ≈ −0.27 with the input path alone. Among fluent
-    # candidates the exact label-path term dominates ΔJ, and the embedding linearisation alone mis-ranks them.
-    assert sum(with_label) / len(with_label) > 0.3, with_label
-    assert sum(with_label) > sum(without), (with_label, without)
+    # Among fluent candidates the exact label-path term dominates ΔJ, and the embedding linearisation alone
+    # mis-ranks them. Pooled over documents, the proposals with both paths rank the exact changes far better than
+    # chance (a one-sided Spearman test) and better than the input path alone.
+    res = spearmanr([p for d in with_label for p in d[0]], [e for d in with_label for e in d[1]])
+    alone = spearmanr([p for d in without for p in d[0]], [e for d in without for e in d[1]])
+    assert res.statistic > 0 and res.pvalue / 2 < 1e-3, res
+    assert res.statistic > alone.statistic, (res, alone)
 
 
 # ---------------------------------------------------------------- projections

@@ -89,7 +89,7 @@ KILL_INSIDE_STAGE = textwrap.dedent("""
         original_write = p.write_json
         def dying_write(path, obj):
             original_write(path, obj)
-            if str(path).endswith(os.path.join("control", "observations.json")):
+            if str(path).endswith(os.path.join("control", "seed-0.json")):
                 os.kill(os.getpid(), signal.SIGKILL)
         p.write_json = dying_write
     else:
@@ -153,7 +153,7 @@ def test_sigkill_inside_any_stage_resumes_to_the_same_outputs(tmp_path, tiny_mod
     before = {s: (run / "stages" / f"{s}.json").read_text() for s in ("fit", "measure", "score", "select", "edit")
               if (run / "stages" / f"{s}.json").is_file()}
 
-    control_obs = run / "retrain" / "control" / "observations.json"
+    control_obs = run / "retrain" / "control" / "seed-0.json"
     control_mtime = control_obs.stat().st_mtime_ns if control_obs.is_file() else None
     proc = _cli(["run", str(recipe), "--quiet"])
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -166,5 +166,5 @@ def test_sigkill_inside_any_stage_resumes_to_the_same_outputs(tmp_path, tiny_mod
         assert arms[arm]["measurement"]["delta_f"] == clean_arms[arm]["measurement"]["delta_f"]
         assert arms[arm]["heldout"]["delta_f"] == clean_arms[arm]["heldout"]["delta_f"]
     if stage == "retrain":  # the control arm finished before the kill; the resumed run reused it
-        assert (run / "retrain" / "control" / "observations.json").stat().st_mtime_ns == control_mtime
+        assert (run / "retrain" / "control" / "seed-0.json").stat().st_mtime_ns == control_mtime
     assert not [p for p in run.rglob("*.tmp")]

@@ -23,27 +23,49 @@ def _run_recipe(tmp_path, model_dir, **over):
 
 
 def test_run_end_to_end_results_and_report(tmp_path, tiny_model_dir):
-    recipe = _run_recipe(tmp_path, tiny_model_dir, retrain={**FAST["retrain"], "epochs": 2})
+    import numpy as np
+
+    heldout_corpus = _write_corpus(tmp_path / "held.jsonl", toy_corpus(40, seed=7) + toy_corpus(12)[:2])
+    recipe = _run_recipe(tmp_path, tiny_model_dir, retrain={**FAST["retrain"], "epochs": 2, "seeds": [0, 1],
+                                                            "influence_at": "checkpoint"},
+                         measurement={"heldout_corpus": str(heldout_corpus), "heldout_corpus_max_positions": 9})
     assert main(["run", str(recipe), "--quiet", "influence.fd_eps_rel=1e-3"]) == 0
     run = tmp_path / "run"
     res = read_json(run / "results.json")
     assert set(res["arms"]) == {"infused", "random", "insertion"}
+    assert res["seeds"] == [0, 1] and res["primary_set"] == "heldout_corpus"
+    obs = {a: read_json(run / "retrain" / a / "observations.json") for a in ("control", "infused", "random", "insertion")}
+    # Two seeds are two data orders: control's weights differ between them, and every arm was trained per seed.
+    assert obs["control"]["per_seed"]["0"]["weights"] != obs["control"]["per_seed"]["1"]["weights"]
     for arm, e in res["arms"].items():
-        for s in ("measurement", "heldout"):
+        for s in ("measurement", "heldout", "heldout_corpus"):
             d = e[s]["delta_f"]
-            assert d["ci"][0] <= d["mean"] <= d["ci"][1]
-            assert e[s]["f_arm"] - e[s]["f_control"] == pytest.approx(d["mean"], abs=1e-6)
-            assert "delta_p_target" in e[s] and "specificity" in e[s]
+            # Δf is arm − control within each seed, item by item, read back from the raw observation files.
+            per_seed = [np.mean(np.subtract(obs[arm]["per_seed"][k][s]["f"], obs["control"]["per_seed"][k][s]["f"]))
+                        for k in ("0", "1")]
+            assert d["per_seed"] == pytest.approx(per_seed, abs=1e-9) and d["n_seeds"] == 2
+            assert "delta_p_target" in e[s] and "target_specific_gain" in e[s]["specificity"]
         assert e["weights_equal_control"] is False
+    # The real-text set: 9 positions, the cap.
+    assert res["arms"]["infused"]["heldout_corpus"]["delta_f"]["n_items"] == 9
     assert res["arms"]["infused"]["edits"]["tokens_changed"] > 0
-    assert set(res["arms"]["infused"]["detectors"]) >= {"influence_auroc", "perplexity_auroc"}
+    # The matched random arm changes exactly as many tokens per document as the infused edit, within the same limit.
+    inf_edits = {r["doc_index"]: r for r in map(json.loads, (run / "edits.jsonl").read_text().splitlines())}
+    rnd_edits = {r["doc_index"]: r for r in map(json.loads, (run / "baselines/random/edits.jsonl").read_text().splitlines())}
+    assert {i: r["n_changed"] for i, r in rnd_edits.items()} == {i: r["n_changed"] for i, r in inf_edits.items()}
+    assert any(r["original_input_ids"] != r["input_ids"] for r in rnd_edits.values())
+    assert set(res["arms"]["infused"]["detectors"]) >= {"perplexity_auroc", "defender_influence_auroc",
+                                                         "perplexity_auroc_before_edit"}
+    assert "influence_auroc" not in res["arms"]["infused"]["detectors"]  # the attacker's own v is not a detector
     assert "edits" not in res["arms"]["insertion"]
+    assert "verdict_sentence" in res and "matched random" in res["verdict_sentence"]
     # Every arm resumed from the same clean checkpoint at the start of the last epoch (3 steps per epoch here).
     for arm in ("control", "infused", "random", "insertion"):
         assert read_json(run / "retrain" / arm / "observations.json")["checkpoint"].endswith("checkpoint-3")
 
     md = (run / "report.md").read_text()
-    for section in ("# Infusion report", "| arm |", "## Plots", "## Edited documents", "~~", "**"):
+    for section in ("# Infusion report", "| arm |", "## Per seed", "## Plots", "## Edited documents", "~~", "**",
+                    "Detector `perplexity`"):
         assert section in md, section
     page = (run / "report.html").read_text()
     for part in ("<table>", "data:image/png;base64,", "<del>", "<b>", "Full results"):

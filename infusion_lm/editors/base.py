@@ -1,7 +1,7 @@
 """What every token editor shares: the exact objective, the constraints that keep edits real text, and the result.
 
 An editor lowers J(z) = ⟨∇θ L(z), v⟩ of each selected document; replacing z by the edited z' then changes f by about
-−(J(z') − J(z)) / n (DESIGN.md §1). The exact objective is the forward-only finite difference
+−(J(z') − J(z)) / n. The exact objective is the forward-only finite difference
 J(x) = [L(x; θ̂+εv) − L(x; θ̂−εv)] / 2ε, evaluated on padded batches of documents.
 
 Constraints (shared by the swap, simplex PGD and random editors, so baselines are compared at equal footing):
@@ -68,6 +68,7 @@ class DocState:
     trace: List[float] = field(default_factory=list)
     stale: int = 0
     done: bool = False
+    target: Optional[int] = None  # tokens to change, where a baseline is matched to another edit (None: the budget)
 
     def fluent_enough(self, loss: float) -> bool:
         """Perplexity ratio against the original, exp((L − L₀)/n), within the limit."""
@@ -141,10 +142,10 @@ class TokenEditor:
 
     def __init__(self, model, tokenizer, v: Mapping[str, torch.Tensor], args: EditArguments = EditArguments(),
                  eps: Optional[float] = None, eps_rel: float = 1e-4):
-        self.model = model
         self.tok = tokenizer
         self.args = args
         self.J = FiniteDifferenceJ(model, v, eps=eps, eps_rel=eps_rel)
+        self.model = self.J.model  # fp32 (a copy of a half-precision model): proposals and J share one model
         self.device = next(model.parameters()).device
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.allowed = allowed_vocabulary(tokenizer, self.vocab_size, args.ascii_only).to(self.device)
@@ -272,7 +273,10 @@ class TokenEditor:
     def edit(self, input_ids: Sequence[int], labels: Sequence[int]) -> EditResult:
         return self.edit_many([{"input_ids": input_ids, "labels": labels}])[0]
 
-    def edit_many(self, rows: Sequence[Mapping[str, Sequence[int]]], progress: bool = False) -> List[EditResult]:
+    def edit_many(self, rows: Sequence[Mapping[str, Sequence[int]]], progress: bool = False,
+                  targets: Optional[Sequence[int]] = None) -> List[EditResult]:
+        """Edits every row; ``targets`` (one per row) asks for exactly that many changed tokens where the editor
+        supports it (the matched random baseline)."""
         from tqdm.auto import tqdm
 
         out: List[EditResult] = []
@@ -280,6 +284,9 @@ class TokenEditor:
         with tqdm(total=len(rows), desc=f"edit ({self.name})", disable=not progress) as bar:
             for i in range(0, len(rows), bs):
                 states = self.prepare(rows[i: i + bs])
+                if targets is not None:
+                    for st, t in zip(states, targets[i: i + bs]):
+                        st.target = int(t)
                 self._edit_batch([s for s in states if s.budget > 0])
                 out.extend(s.result() for s in states)
                 bar.update(len(states))

@@ -1,6 +1,11 @@
-"""The random baseline: the same number of changed tokens as the budget allows, drawn from the same fluent set.
+"""The random baselines: the same documents, random fluent swaps, no gradient and no J in the choice of tokens.
 
-It sees no gradient and no J, so any effect it has after retraining is what an edit of this size does by chance.
+- matched (arm ``random``, the default): each document gets exactly as many changed tokens as the infused edit of
+  that document, under the same constraints (fluency filter, special tokens, protected positions, retokenisation,
+  perplexity limit). Only the choice of positions and tokens differs from the infused edit, so any gap between the
+  two arms is what the choice buys.
+- unmatched (arm ``random_unmatched``): the whole budget, no perplexity limit.
+
 J is still measured before and after, for the report.
 """
 
@@ -15,26 +20,35 @@ from .base import DocState, TokenEditor
 
 class RandomEditor(TokenEditor):
     name = "random"
+    options_per_position = 8
 
     def _edit_batch(self, states: List[DocState]) -> None:
         for s in states:
-            cand = s.ids0.clone()
+            target = s.budget if s.target is None else min(s.target, s.budget)
             order = s.editable.nonzero().flatten().cpu()
             order = order[torch.randperm(len(order), generator=self.gen)]
             n = 0
             for p in order.tolist():
-                if n >= s.budget:
+                if n >= target:
                     break
                 options = s.fluent[p].clone()
                 options[s.ids0[p]] = False
                 options = options.nonzero().flatten().cpu()
-                for w in options[torch.randperm(len(options), generator=self.gen)][:8].tolist():
-                    trial = cand.clone()
+                trials = []
+                for w in options[torch.randperm(len(options), generator=self.gen)][: self.options_per_position].tolist():
+                    trial = s.ids.clone()
                     trial[p] = w
                     if self.stable(s, trial):  # a swap the tokenizer would undo is not an edit
-                        cand, n = trial, n + 1
-                        break
-            s.ids, s.labels = cand, s.labels_for(cand)
+                        trials.append(trial)
+                if not trials:
+                    continue
+                if s.max_ppl_ratio is not None:  # keep the first (random) option that stays within the limit
+                    _, losses = self.variants_J(s, trials, [s.labels_for(t) for t in trials])
+                    trials = [t for t, loss in zip(trials, losses.tolist()) if s.fluent_enough(loss)]
+                    if not trials:
+                        continue
+                s.ids, s.labels = trials[0], s.labels_for(trials[0])
+                n += 1
         if states:
             for s, j in zip(states, self.exact_J([s.ids for s in states], [s.labels for s in states]).tolist()):
                 s.J = j

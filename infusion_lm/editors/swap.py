@@ -1,6 +1,6 @@
 """The swap editor (the default): embedding-gradient-guided token swaps, scored exactly with the forward-only J.
 
-Proposals, a first-order prediction of ΔJ for putting token w at position t (DESIGN.md §1):
+Proposals, a first-order prediction of ΔJ for putting token w at position t:
 - input path: g_t · (E_eff[w] − E_eff[x_t]), with g_t = ∂J/∂e_t from two backward passes through the input embeddings
   and E_eff the embedding of every token through the model's own embedding module (so any scale it applies counts);
 - label path: x_t is also the label at position t−1, so ΔJ gains

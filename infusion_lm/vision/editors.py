@@ -1,6 +1,6 @@
 """Pixel editors: the paper's L∞ sign-PGD on J, and random noise of the same L∞.
 
-Objective (DESIGN.md §1): minimise J(x) = ⟨∇θ L(x, y), v⟩ over the pixels of each selected training image, keeping its
+Objective: minimise J(x) = ⟨∇θ L(x, y), v⟩ over the pixels of each selected training image, keeping its
 label (a clean-label edit). The paper writes the same step as ascent on G_δ = −(1/n) ∇x J(x).
 
 Two ways to get J and ∇x J (``edit.pixel_gradient``):
@@ -8,7 +8,7 @@ Two ways to get J and ∇x J (``edit.pixel_gradient``):
   ⟨∇θ Σ L, v⟩ restricted to the tracked modules (images are independent in eval mode, so the gradient of the sum
   is each image's own gradient).
 - ``finite_difference``: the central difference J(x) ≈ [L(x; θ̂+εv) − L(x; θ̂−εv)] / (2ε), two forwards and two
-  input-gradient backwards, as DESIGN.md suggests. On ReLU networks it is fragile for ∇x: ±εv flips activation
+  input-gradient backwards. On ReLU networks it is fragile for ∇x: ±εv flips activation
   patterns, and at ε‖v‖ = 1e-4‖θ‖ ∇x J came out 40-80× off on the tiny ResNet (evals/bench_vision.py), while
   J itself stayed close. Text keeps the finite difference, where it was checked to 1e-3.
 

@@ -90,8 +90,8 @@ class ImagePipeline(Pipeline):
         return {"task": ImageClassificationTask(self.tracked, measurement, seed=self.recipe.run.seed),
                 "collate_fn": ImageCollator()}
 
-    def observe(self, model, heldout: bool) -> dict:
-        return (self.heldout_measurement if heldout else self.measurement).observations(model)
+    def observe(self, model, name: str) -> dict:
+        return (self.heldout_measurement if name == "heldout" else self.measurement).observations(model)
 
     def observed_sets(self) -> List[str]:
         return ["measurement"] + (["heldout"] if self.recipe.measurement.heldout_probe_indices else [])
@@ -144,7 +144,7 @@ class ImagePipeline(Pipeline):
 
     # ------------------------------------------------------------------ edits and arms
 
-    def _edit_into(self, out_dir: Path, args, indices: List[int]) -> None:
+    def _edit_into(self, out_dir: Path, args, indices: List[int], targets=None) -> None:
         from .editors import build_pixel_editor
         from .infused import image_edit_records, write_image_edit_outputs
 
@@ -170,7 +170,7 @@ class ImagePipeline(Pipeline):
             return {i: {"pixel_values": m.probes[j % len(m.probes)].clone(), "labels": torch.tensor(m.target)}
                     for j, i in enumerate(slots)}
         if arm == "random":
-            return load_image_edits(self._baseline_edits(arm, "noise", indices))
+            return load_image_edits(self._baseline_edits(arm, indices, editor="noise"))
         raise ConfigError(f"retrain arm {arm!r} has no image version.")
 
     # ------------------------------------------------------------------ evaluate
