@@ -62,13 +62,47 @@ def candidate_throughput(model, tok, v, row, n: int = 32, seed: int = 0) -> dict
             "median_rel_err_forward_only": rel(fwd), "median_rel_err_prefix_cache": rel(pre)}
 
 
+def pruning_recall(model, tok, v, rows, n: int = 16, pool: int = 4, seed: int = 0) -> dict:
+    """Probe sampling: draw pool × n candidates, keep the n best by the first-order ΔJ, score those exactly. Recall:
+    the share of the pool's exact top-4 (and of its exact best) that the first-order ranking keeps, per document."""
+    import torch
+
+    from infusion_lm.config import EditArguments
+    from infusion_lm.editors import SwapEditor
+
+    ed = SwapEditor(model, tok, v, EditArguments(seed=seed, n_candidates=n * pool, max_perplexity_ratio=None))
+    top4, best, kept_frac, t_exact = [], [], [], 0.0
+    for row in rows:
+        st = ed.prepare([row])[0]
+        delta = ed.predicted_delta_batch([st.ids], [st.labels])[0]
+        cands = ed._candidates(st, delta)
+        if len(cands) <= n:
+            continue
+        pred = torch.stack([delta[(c != st.ids).nonzero().flatten(), c[c != st.ids]].sum() for c in cands]).cpu()
+        exact = ed.variants_J(st, cands, [st.labels_for(c) for c in cands])[0]
+        kept = set(torch.argsort(pred, stable=True)[:n].tolist())
+        ex_order = torch.argsort(exact).tolist()
+        top4.append(len(kept & set(ex_order[:4])) / 4)
+        best.append(float(ex_order[0] in kept))
+        t0 = time.perf_counter()
+        ed.variants_J(st, [cands[i] for i in kept], [st.labels_for(cands[i]) for i in kept])
+        t_exact += time.perf_counter() - t0
+        kept_frac.append(len(kept) / len(cands))
+    return {"n_exact": n, "pool": n * pool, "documents": len(top4), "recall_top4": statistics.mean(top4),
+            "recall_best": statistics.mean(best), "chance_recall": statistics.mean(kept_frac),
+            "pool_candidates_per_s": n * pool * len(top4) / t_exact}
+
+
 def run_editor(name, model, tok, v, rows, args) -> dict:
     from infusion_lm.config import EditArguments
     from infusion_lm.editors import build_editor
     from infusion_lm.losses import perplexities
 
+    pool = 1
+    if name.startswith("swap_pool"):
+        name, pool = "swap", int(name[len("swap_pool"):])
     eargs = EditArguments(editor=name, budget_fraction=args.budget, steps=args.steps, n_candidates=args.candidates,
-                          eval_every=max(1, args.steps // 4), seed=0, doc_batch_size=len(rows))
+                          eval_every=max(1, args.steps // 4), seed=0, doc_batch_size=len(rows), candidate_pool=pool)
     ed = build_editor(model, tok, v, eargs)
     t0 = time.perf_counter()
     res = ed.edit_many(rows)
@@ -99,7 +133,8 @@ def main():
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--candidates", type=int, default=16)
     p.add_argument("--budget", type=float, default=0.08)
-    p.add_argument("--editors", nargs="+", default=["swap", "simplex_pgd", "random"])
+    p.add_argument("--editors", nargs="+", default=["swap", "swap_pool4", "simplex_pgd", "random"],
+                   help="swap_poolN: the swap editor with candidate_pool N (probe sampling)")
     p.add_argument("--out", default=str(ROOT / "evals" / "results" / "bench_editor.json"))
     args = p.parse_args()
 
@@ -127,6 +162,9 @@ def main():
     thr = candidate_throughput(model, tok, v, rows[0])
     print(f"throughput: prefix cache {thr['prefix_cache_per_s']:.2f}, full forward {thr['forward_only_per_s']:.2f}, "
           f"autograd {thr['autograd_per_s']:.2f} candidates/s", flush=True)
+    prune = pruning_recall(model, tok, v, rows)
+    print(f"pruning: recall of the exact top-4 {prune['recall_top4']:.2f}, of the best {prune['recall_best']:.2f} "
+          f"(chance {prune['chance_recall']:.2f}); {prune['pool_candidates_per_s']:.1f} pool candidates/s", flush=True)
     editors = {}
     for name in args.editors:
         editors[name] = run_editor(name, model, tok, v, rows, args)
@@ -142,15 +180,19 @@ def main():
     print(f"{'speed-up, prefix cache':<44}{thr['speedup_prefix_cache']:>12.2f}  >= 3")
     print(f"{'speed-up, full batch':<44}{thr['speedup_forward_only']:>12.2f}")
     print(f"{'median rel. error vs autograd (prefix cache)':<44}{thr['median_rel_err_prefix_cache']:>12.1e}")
+    print(f"{'pool candidates/s with probe sampling (4x)':<44}{prune['pool_candidates_per_s']:>12.2f}")
+    print(f"{'  speed-up vs autograd':<44}{prune['pool_candidates_per_s'] / thr['autograd_per_s']:>12.2f}  >= 3")
+    print(f"{'  recall of the exact top-4 | best':<44}{prune['recall_top4']:>6.2f} | {prune['recall_best']:.2f}"
+          f"  (chance {prune['chance_recall']:.2f})")
     print()
     print(f"{'editor':<14}{'s/doc':>8}{'changed':>9}{'improved':>10}{'J drop/token':>14}{'ppl ratio (med)':>17}")
     for name, e in editors.items():
         print(f"{name:<14}{e['per_doc_s']:>8.1f}{e['tokens_changed']:>5}/{e['budget_tokens']:<3}"
               f"{e['docs_improved']:>7}/{len(rows):<2}{e['J_drop_per_token']:>14.1f}{e['ppl_ratio_median']:>17.3f}")
     print("goal: swap perplexity ratio <= 1.3")
-    result = {"model": "SmolLM2-135M-Instruct", "source": source, "docs": args.docs, "tokens": args.tokens,
+    result = {"command": "python evals/bench_editor.py " + " ".join(sys.argv[1:]), "model": "SmolLM2-135M-Instruct", "source": source, "docs": args.docs, "tokens": args.tokens,
               "layers": args.layers, "steps": args.steps, "candidates": args.candidates, "budget": args.budget,
-              "setup_s": setup_s, "chosen": chosen, "throughput": thr, "editors": editors,
+              "setup_s": setup_s, "chosen": chosen, "throughput": thr, "pruning": prune, "editors": editors,
               "torch_threads": torch.get_num_threads()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

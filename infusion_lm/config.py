@@ -278,6 +278,9 @@ class EditArguments:
     # swap
     topk: int = field(default=16, metadata=_help("swap: proposals kept per position, by predicted decrease in J."))
     n_candidates: int = field(default=16, metadata=_help("swap: candidate documents scored exactly per step."))
+    candidate_pool: int = field(default=1, metadata=_help(
+        "swap: draw candidate_pool × n_candidates candidates, rank them by the first-order ΔJ of their swaps, and "
+        "score only the n_candidates most promising exactly (probe sampling). 1: no pruning."))
     swaps_per_candidate: int = field(default=1, metadata=_help("swap: token swaps in each candidate."))
     steps: int = field(default=12, metadata=_help("swap: search steps; simplex_pgd: gradient steps."))
     patience: int = field(default=4, metadata=_help("swap: stop a document after this many steps without improvement."))
@@ -322,7 +325,7 @@ class EditArguments:
         if not 0 < self.fluency_top_p <= 1:
             raise ConfigError(f"edit.fluency_top_p must be in (0, 1] (got {self.fluency_top_p}).")
         for name in ("doc_batch_size", "score_batch_size", "topk", "n_candidates", "swaps_per_candidate", "steps",
-                     "patience", "eval_every"):
+                     "patience", "eval_every", "candidate_pool"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"edit.{name} must be >= 1 (got {getattr(self, name)}).")
         if self.pgd_lr <= 0:

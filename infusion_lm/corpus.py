@@ -37,6 +37,9 @@ def _doc_from_record(rec: Any, text_field: str, messages_field: str, where: str)
         msgs = rec[messages_field]
         if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
             raise CorpusError(f"{where}: `{messages_field}` must be a list of {{role, content}} objects.")
+        if msgs and not any(m["role"] == "assistant" for m in msgs):
+            raise CorpusError(f"{where}: the conversation has no assistant turn, so nothing in it would be trained; "
+                              f"add the assistant's answer or remove the row.")
         return {"messages": msgs}
     if text_field in rec and isinstance(rec[text_field], str):
         return {"text": rec[text_field]}

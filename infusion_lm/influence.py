@@ -384,6 +384,63 @@ def fp32_view(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).float().eval()
 
 
+def _decoder_layers(model: nn.Module, tracked: Sequence[str]):
+    """(the ModuleList of decoder layers, the lowest layer index holding a tracked module), or None when the tracked
+    modules do not all sit inside one such list."""
+    best = None
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and name and all(t.startswith(name + ".") for t in tracked):
+            idx = [t[len(name) + 1:].split(".", 1)[0] for t in tracked]
+            if all(i.isdigit() for i in idx) and (best is None or len(name) > len(best[0])):
+                best = (name, mod, min(int(i) for i in idx))
+    return None if best is None else (best[1], best[2])
+
+
+_BRANCH_KWARGS = ("attention_mask", "position_ids", "position_embeddings")
+
+
+@contextmanager
+def _two_branches(layers: nn.ModuleList, first: int, batch: int, deltas: Mapping[nn.Module, tuple], eps: float):
+    """Runs the layers below ``first`` once, then both perturbed models side by side in one batch of 2B rows.
+
+    At layer ``first`` the hidden states (and the per-row tensors the layers receive: mask, positions) are repeated
+    to 2B rows; each tracked linear module then adds +ε(ΔW x + Δb) to the first B rows and −ε(...) to the last B.
+    (W ± εΔW)x = Wx ± εΔWx, so this is the same function as two passes with perturbed weights, with the shared
+    bottom computed once and the perturbation kept apart from W's rounding.
+    """
+    def rep(x):
+        if torch.is_tensor(x) and x.dim() > 0 and x.shape[0] == batch:
+            return torch.cat([x, x], dim=0)
+        if isinstance(x, tuple):
+            return tuple(rep(t) for t in x)
+        return x
+
+    def pre(mod, args, kwargs):
+        args = (rep(args[0]),) + tuple(args[1:]) if args else args
+        if not args and "hidden_states" in kwargs:
+            kwargs["hidden_states"] = rep(kwargs["hidden_states"])
+        for key in _BRANCH_KWARGS:
+            if key in kwargs:
+                kwargs[key] = rep(kwargs[key])
+        return args, kwargs
+
+    def post(mod, args, out):
+        dw, db = deltas[mod]
+        x = args[0]
+        d = F.linear(x, dw.to(x.dtype), None if db is None else db.to(x.dtype))
+        sign = torch.ones(out.shape[0], *([1] * (out.dim() - 1)), dtype=out.dtype, device=out.device)
+        sign[out.shape[0] // 2:] = -1
+        return out + eps * sign * d
+
+    handles = [layer.register_forward_pre_hook(pre, with_kwargs=True) for layer in list(layers)[first:]]
+    handles += [mod.register_forward_hook(post) for mod in deltas]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 class FiniteDifferenceJ:
     """J(z) ≈ [L(z; θ̂ + εv) − L(z; θ̂ − εv)] / (2ε), forward passes only.
 
@@ -391,7 +448,8 @@ class FiniteDifferenceJ:
     gradients and no double backprop. The model itself is never modified.
     """
 
-    def __init__(self, model: nn.Module, v: Mapping[str, torch.Tensor], eps: Optional[float] = None, eps_rel: float = 1e-4):
+    def __init__(self, model: nn.Module, v: Mapping[str, torch.Tensor], eps: Optional[float] = None, eps_rel: float = 1e-4,
+                 shared_bottom: bool = True):
         # In bf16/fp16 most of θ ± εv rounds back to θ (and the difference of two losses drowns in rounding), so
         # J is always computed on an fp32 copy of a half-precision model. ``self.model`` is the copy J runs on.
         self.model = fp32_view(model)
@@ -400,6 +458,17 @@ class FiniteDifferenceJ:
         with torch.no_grad():
             self.plus = perturbed_params(model, v, +self.eps)
             self.minus = perturbed_params(model, v, -self.eps)
+        # The shared-bottom path (see _two_branches): the perturbation direction per tracked module, and where the
+        # two branches split. Models whose tracked modules are not in a list of decoder layers use two passes.
+        found = _decoder_layers(model, list(v))
+        self._branch = None
+        if shared_bottom and found is not None and all(isinstance(model.get_submodule(n), nn.Linear) for n in v):
+            deltas = {}
+            for name, mat in v.items():
+                w, b = module_params(model, name)
+                dw, db = from_layout(mat.to(device=w.device, dtype=_acc(w.dtype)), w, b)
+                deltas[model.get_submodule(name)] = (dw, db)
+            self._branch = (found[0], found[1], deltas)
 
     def losses(self, batch: Dict[str, torch.Tensor], sign: int, **kw) -> torch.Tensor:
         params = self.plus if sign > 0 else self.minus
@@ -414,7 +483,15 @@ class FiniteDifferenceJ:
     @torch.no_grad()
     def with_loss(self, batch: Dict[str, torch.Tensor]):
         """(J, L): J per row, and L = (L⁺ + L⁻)/2, the loss at θ̂ itself up to O(ε²), for free."""
-        plus, minus = self.losses(batch, +1), self.losses(batch, -1)
+        if self._branch is not None:
+            layers, first, deltas = self._branch
+            B = batch["input_ids"].shape[0]
+            with _two_branches(layers, first, B, deltas, self.eps):
+                logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            both = per_document_loss_from_logits(logits, torch.cat([batch["labels"], batch["labels"]]))
+            plus, minus = both[:B], both[B:]
+        else:
+            plus, minus = self.losses(batch, +1), self.losses(batch, -1)
         return (plus - minus) / (2 * self.eps), (plus + minus) / 2
 
     @torch.no_grad()

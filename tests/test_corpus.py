@@ -62,3 +62,11 @@ def test_collator_pads_right_and_masks(tok):
     n0 = len(ds[0]["input_ids"])
     assert b["attention_mask"][0, :n0].all() and not b["attention_mask"][0, n0:].any()
     assert (b["labels"][0, n0:] == IGNORE_INDEX).all()
+
+
+def test_chat_row_without_an_assistant_turn_is_named(tmp_path):
+    rows = [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]},
+            {"messages": [{"role": "user", "content": "Anyone there?"}]}]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(CorpusError, match=r"chat.jsonl line 2: the conversation has no assistant turn"):
+        load_documents(str(tmp_path / "chat.jsonl"))

@@ -90,7 +90,8 @@ class SwapEditor(TokenEditor):
         # Candidates come in groups that share their first swap position (GCG-style: a few positions, several tokens
         # each), so the prefix cache reruns each group's suffix once per group instead of once per candidate.
         per_position = min(a.topk, self.group_size)
-        n_positions = min(len(positions), -(-a.n_candidates // per_position))
+        pool = a.n_candidates * a.candidate_pool
+        n_positions = min(len(positions), -(-pool // per_position))
         chosen = positions[torch.randperm(len(positions), generator=self.gen)[:n_positions]].tolist()
         cands, seen = [], set()
         for p in chosen:
@@ -107,6 +108,11 @@ class SwapEditor(TokenEditor):
                     continue
                 seen.add(key)
                 cands.append(cand)
+        if a.candidate_pool > 1 and len(cands) > a.n_candidates:
+            # Probe sampling (as nanoGCG does): rank the pool by the first-order ΔJ of its swaps and score only the
+            # most promising exactly.
+            pred = torch.stack([delta[(c != st.ids).nonzero().flatten(), c[c != st.ids]].sum() for c in cands])
+            cands = [cands[i] for i in torch.argsort(pred.cpu(), stable=True)[: a.n_candidates].tolist()]
         return cands
 
     def _edit_batch(self, states: List[DocState]) -> None:
