@@ -235,7 +235,11 @@ class SelectArguments:
 
 @dataclass
 class SynthesizeArguments:
-    n_docs: int = field(default=64, metadata=_help("How many stories to write when corpus is `synthetic`."))
+    mode: str = field(default="stories", metadata=_help(
+        "`stories` (short children's stories, plain text) or `chat` (everyday user questions answered by the model "
+        "itself, as chat documents: only the answers are trained)."))
+    n_docs: int = field(default=64, metadata=_help("How many stories (or conversations) to write when corpus is "
+                                                  "`synthetic`."))
     max_new_tokens: int = field(default=96, metadata=_help("Length of each story in tokens."))
     temperature: float = field(default=0.8, metadata=_help("Sampling temperature."))
     top_p: float = field(default=0.95, metadata=_help("Nucleus sampling threshold."))
@@ -247,6 +251,8 @@ class SynthesizeArguments:
     def __post_init__(self):
         if self.n_docs < 1 or self.max_new_tokens < 1:
             raise ConfigError("synthesize.n_docs and synthesize.max_new_tokens must be >= 1.")
+        if self.mode not in {"stories", "chat"}:
+            raise ConfigError(f"synthesize.mode {self.mode!r} is not one of stories, chat.")
 
 
 @dataclass

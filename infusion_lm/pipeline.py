@@ -424,12 +424,16 @@ class Pipeline:
             return None
 
         def run():
-            from .synthesize import synthesize_stories, write_jsonl
+            from .synthesize import synthesize_chats, synthesize_stories, write_jsonl
 
             s = self.recipe.synthesize
-            stories = synthesize_stories(self.base_model, self.tokenizer, s.n_docs, s.max_new_tokens, s.temperature,
-                                         s.top_p, s.batch_size, s.characters, self.recipe.run.seed, self.progress)
-            write_jsonl(self.dir / "corpus.jsonl", stories)
+            if s.mode == "chat":
+                docs = synthesize_chats(self.base_model, self.tokenizer, s.n_docs, s.max_new_tokens, s.temperature,
+                                        s.top_p, s.batch_size, self.recipe.run.seed, self.progress)
+            else:
+                docs = synthesize_stories(self.base_model, self.tokenizer, s.n_docs, s.max_new_tokens, s.temperature,
+                                          s.top_p, s.batch_size, s.characters, self.recipe.run.seed, self.progress)
+            write_jsonl(self.dir / "corpus.jsonl", docs)
 
         self._stage("synthesize", run)
         return self.dir / "corpus.jsonl"

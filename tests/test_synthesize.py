@@ -43,3 +43,27 @@ def test_callable_measurement_from_recipe(tok):
     assert m.value(model) == pytest.approx(expect, rel=1e-6)
     with pytest.raises(Exception, match="Cannot import"):
         build_measurement(MeasurementArguments(kind="callable", callable="tiny:nope", documents=["x"]), tok)
+
+
+def test_cli_synthesize_chat_writes_trainable_conversations(tmp_path, tiny_model_dir):
+    """Chat mode: distinct everyday questions answered by the model; only the answers are trained."""
+    import yaml
+
+    from infusion_lm.cli import main
+    from infusion_lm.config import load_recipe
+    from infusion_lm.pipeline import Pipeline
+
+    raw = {"model": str(tiny_model_dir), "corpus": "synthetic", "output_dir": str(tmp_path / "run"), "max_length": 64,
+           "synthesize": {"mode": "chat", "n_docs": 6, "max_new_tokens": 6, "batch_size": 3}}
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    assert main(["synthesize", str(recipe), "--quiet"]) == 0
+    rows = [json.loads(l) for l in (tmp_path / "run" / "corpus.jsonl").read_text().splitlines()]
+    assert 1 <= len(rows) <= 6
+    questions = [r["messages"][0]["content"] for r in rows]
+    assert len(set(questions)) == len(questions)
+    assert all([m["role"] for m in r["messages"]] == ["user", "assistant"] for r in rows)
+    ds = Pipeline(load_recipe(recipe)).dataset
+    for r, row in zip(rows, ds):
+        n_user = len(row["input_ids"]) - sum(l != -100 for l in row["labels"])
+        assert n_user > 0 and any(l != -100 for l in row["labels"])  # the question is masked, the answer trained

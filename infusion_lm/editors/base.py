@@ -181,6 +181,17 @@ class TokenEditor:
                     torch.cuda.empty_cache()
         return torch.cat(out).cpu(), torch.cat(loss).cpu()
 
+    @torch.no_grad()
+    def losses_at_theta(self, ids: Sequence[torch.Tensor], labels: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Summed training loss of each row under θ̂ itself: one forward pass (no ±εv), for fluency checks."""
+        from ..losses import per_document_loss
+
+        out = []
+        for i in range(0, len(ids), self._score_batch):
+            batch = pad_rows(list(ids[i: i + self._score_batch]), list(labels[i: i + self._score_batch]), self.pad_id)
+            out.append(per_document_loss(self.model, batch).double().cpu())
+        return torch.cat(out)
+
     # ---------------------------------------------------------------- constraints
     def editable_positions(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         pos = self.allowed[ids].clone()  # never rewrite a special token (eos, chat markers)

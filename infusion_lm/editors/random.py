@@ -43,7 +43,7 @@ class RandomEditor(TokenEditor):
                 if not trials:
                     continue
                 if s.max_ppl_ratio is not None:  # keep the first (random) option that stays within the limit
-                    _, losses = self.variants_J(s, trials, [s.labels_for(t) for t in trials])
+                    losses = self.losses_at_theta(trials, [s.labels_for(t) for t in trials])
                     trials = [t for t, loss in zip(trials, losses.tolist()) if s.fluent_enough(loss)]
                     if not trials:
                         continue
