@@ -85,6 +85,7 @@ def main():
     divisors["identity"] = n
     vs["optimizer"], opt_info = optimizer_ihvp(model, measurement, tracked, rows, pipe.recipe.retrain, pad,
                                                pipe._checkpoint_step())
+    opt_info.pop("stats")
     divisors["optimizer"] = 1
     print(f"v for {len(vs)} strategies: {time.perf_counter() - t0:.0f} s", flush=True)
 

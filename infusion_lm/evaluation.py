@@ -100,7 +100,8 @@ DETECTOR_ASSUMPTIONS = {
                           "the text names the probe, on the held-out documents), fits influence on the corpus it "
                           "received, and flags the documents that most push that behaviour up (most negative J "
                           "under its own v). It does not know the attacker's target or measurement documents. "
-                          "Here its v uses the run's factors, fitted on the clean corpus.",
+                          "Here its v uses the run's preconditioner (factors fitted on the clean corpus, or the "
+                          "optimizer's statistics).",
 }
 
 
@@ -138,11 +139,17 @@ class DefenderView:
         rows = [pipe.dataset[i] for i in range(len(pipe.dataset))]
         self.clean = {"perplexity": perplexities(self.base, rows, self.pad)}
         self.J = None
-        if m.kind == "contrastive" and pipe.recipe.influence.preconditioner == "factors":
+        if m.kind == "contrastive":
             words = list(ev.defender_words) or [w for w in [m.target, *ev.candidates] if w.strip() != m.probe.strip()]
             docs = m.heldout_documents or m.documents
             measurement = any_word_measurement(pipe.tokenizer, docs, m.probe, words)
-            v = compute_ihvp(pipe.model, measurement, pipe.tracked, pipe.factors_dir, pipe.damping)
+            if pipe.uses_factors:
+                v = compute_ihvp(pipe.model, measurement, pipe.tracked, pipe.factors_dir, pipe.damping)
+            else:
+                from .optimizer_influence import optimizer_ihvp
+
+                v, _ = optimizer_ihvp(pipe.model, measurement, pipe.tracked, pipe.arm_rows({}), pipe.recipe.retrain,
+                                      self.pad, pipe._checkpoint_step(), stats=pipe.optimizer_stats())
             self.J = FiniteDifferenceJ(pipe.model, v, eps_rel=pipe.recipe.influence.fd_eps_rel)
             self.words = words
             self.clean["defender_influence"] = (-self.J.dataset(rows, self.pad)).tolist()

@@ -117,8 +117,13 @@ def gradient_statistics(model: nn.Module, rows: Sequence[Mapping], tracked: Sequ
 
 
 def optimizer_ihvp(model: nn.Module, measurement, tracked: Sequence[str], rows: Sequence[Mapping], retrain,
-                   pad_token_id: int, start_step: int = 0, progress: bool = False) -> Tuple[Dict[str, torch.Tensor], Dict]:
-    """v = P ⊙ ∇f / N for the retraining described by ``retrain`` (a RetrainArguments), and what went into it."""
+                   pad_token_id: int, start_step: int = 0, progress: bool = False,
+                   stats: Tuple[Dict[str, torch.Tensor], float, float] | None = None
+                   ) -> Tuple[Dict[str, torch.Tensor], Dict]:
+    """v = P ⊙ ∇f / N for the retraining described by ``retrain`` (a RetrainArguments), and what went into it.
+
+    ``stats``: (mean squared gradients, clip factor, tokens per batch) from an earlier call's ``info["stats"]``, so a
+    second measurement (the defender's) costs no pass over the corpus."""
     optim = retrain.optim
     if not (optim.startswith("adam") or optim.startswith("sgd")):
         raise ConfigError(f"influence.preconditioner=optimizer models AdamW and SGD, not retrain.optim={optim!r}; "
@@ -129,8 +134,8 @@ def optimizer_ihvp(model: nn.Module, measurement, tracked: Sequence[str], rows: 
     total_steps = steps_per_epoch * retrain.epochs
     weight = response_weights(steps_per_epoch, start_step, retrained_epochs, retrain.learning_rate, optim,
                               retrain.lr_scheduler_type, total_steps)
-    sq, clip, tokens = gradient_statistics(model, rows, tracked, retrain.batch_size, pad_token_id,
-                                           retrain.max_grad_norm, progress)
+    sq, clip, tokens = stats if stats is not None else gradient_statistics(
+        model, rows, tracked, retrain.batch_size, pad_token_id, retrain.max_grad_norm, progress)
     grads = measurement_gradients(model, measurement, tracked)
     eps = 1e-8  # TrainingArguments.adam_epsilon's default
     v = {}
@@ -142,7 +147,7 @@ def optimizer_ihvp(model: nn.Module, measurement, tracked: Sequence[str], rows: 
         v[name] = (scale * g.float() / tokens).cpu()
     info = {"response_weight": weight, "mean_clip_factor": clip, "tokens_per_batch": tokens,
             "steps_per_epoch": steps_per_epoch, "retrained_epochs": retrained_epochs, "start_step": start_step,
-            "optim": optim}
+            "optim": optim, "stats": (sq, clip, tokens)}
     return v, info
 
 

@@ -294,7 +294,8 @@ class Pipeline:
         return {
             "synthesize": [self.dir / "corpus.jsonl"],
             "fit": [inf.factors_dir(self.dir, self.recipe.influence.strategy) / "infusion_fingerprint.json"],
-            "measure": [self.dir / "ihvp.safetensors", self.dir / "measure.json"],
+            "measure": [self.dir / "ihvp.safetensors", self.dir / "measure.json"]
+                       + ([] if self.uses_factors else [self.dir / "optimizer_stats.safetensors"]),
             "score": [self.dir / "scores.safetensors"],
             "select": [self.dir / "selection.json"],
             "edit": [self.dir / INFUSED, self.dir / EDITS, self.dir / INFUSED_CORPUS],
@@ -487,6 +488,9 @@ class Pipeline:
                 start = self._checkpoint_step()
                 v, extra = optimizer_ihvp(self.model, self.measurement, self.tracked, self.arm_rows({}),
                                           self.recipe.retrain, self.tokenizer.pad_token_id, start, self.progress)
+                sq, clip, tokens = extra.pop("stats")  # kept for a second measurement (the defender's view)
+                write_tensors(self.dir / "optimizer_stats.safetensors", sq,
+                              metadata={"clip": repr(clip), "tokens": repr(tokens)})
             write_tensors(self.dir / "ihvp.safetensors", v, metadata={
                 "preconditioner": i.preconditioner, "strategy": i.strategy,
                 "damping": "heuristic" if i.damping is None else repr(i.damping)})
@@ -506,6 +510,15 @@ class Pipeline:
 
         self._stage("measure", run)
         return self.load_ihvp()
+
+    def optimizer_stats(self):
+        """(mean squared gradients per tracked module, clip factor, tokens per batch) saved by the measure stage."""
+        from safetensors import safe_open
+
+        path = self.dir / "optimizer_stats.safetensors"
+        with safe_open(str(path), "pt") as fh:
+            meta = fh.metadata()
+        return read_tensors(path), float(meta["clip"]), float(meta["tokens"])
 
     def load_ihvp(self) -> Dict[str, torch.Tensor]:
         return read_tensors(self.dir / "ihvp.safetensors")
