@@ -23,8 +23,19 @@ class RandomEditor(TokenEditor):
     options_per_position = 8
 
     def _edit_batch(self, states: List[DocState]) -> None:
+        import math
+
         for s in states:
             target = s.budget if s.target is None else min(s.target, s.budget)
+            cost = None
+            if s.max_ppl_ratio is not None:
+                # The loss a swap adds at its own label position, read off one forward pass of the original: options
+                # that alone would break the perplexity limit are skipped before the exact check.
+                with torch.no_grad():
+                    logp = torch.log_softmax(self.model(input_ids=s.ids0[None]).logits[0].float(), -1)
+                cost = torch.zeros(len(s.ids0), logp.shape[-1], device=logp.device)
+                cost[1:] = logp[:-1].gather(-1, s.ids0[1:, None]) - logp[:-1]
+                allowed_loss = s.L0 + s.n_trained * math.log(s.max_ppl_ratio)
             order = s.editable.nonzero().flatten().cpu()
             order = order[torch.randperm(len(order), generator=self.gen)]
             n = 0
@@ -33,6 +44,9 @@ class RandomEditor(TokenEditor):
                     break
                 options = s.fluent[p].clone()
                 options[s.ids0[p]] = False
+                if cost is not None:
+                    current = float(self.losses_at_theta([s.ids], [s.labels])[0]) if n else s.L0
+                    options &= cost[p] <= allowed_loss - current
                 options = options.nonzero().flatten().cpu()
                 trials = []
                 for w in options[torch.randperm(len(options), generator=self.gen)][: self.options_per_position].tolist():
