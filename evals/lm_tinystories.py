@@ -123,7 +123,8 @@ def main():
     p.add_argument("--heldout_positions", type=int, default=60,
                    help="probe positions from real stories outside the training slice (the primary evaluation set)")
     p.add_argument("--preconditioner", default="factors", choices=["factors", "optimizer"])
-    p.add_argument("--damping_scale", type=float, default=1.0)
+    p.add_argument("--damping_scale", type=float, default=1000.0,
+                   help="influence.damping_scale (1000: best ranked by evals/lm_calibration.py; 1: kronfluence's heuristic)")
     p.add_argument("--work_dir", default=None,
                    help="run folder shared by the pairs (factors, clean checkpoint, control); default out_dir/work. "
                         "Point two evals (e.g. two preconditioners) at one work_dir to share them.")
