@@ -105,6 +105,11 @@ def main():
     rest = [i for i in range(n) if i not in used]
     groups.append(("random", [int(i) for i in rng.choice(rest, size=args.n_edits - 2 * per, replace=False)]))
     edits = []
+    edits_file = Path(ns.out_dir) / "edits.json"
+    groups_key = [[name, idx] for name, idx in groups]
+    if edits_file.is_file() and read_json(edits_file).get("groups") == groups_key:
+        edits = read_json(edits_file)["edits"]  # the same selection as a finished run: its edits, not recomputed
+        groups = []
     for name, idx in groups:
         v = vs["optimizer"] if name == "swap_optimizer" else vs["ekfac_heuristic_x1"]
         cls = RandomEditor if name == "random" else SwapEditor
@@ -113,6 +118,8 @@ def main():
             if res.n_changed:
                 edits.append({"group": name, "doc_index": i, "input_ids": res.input_ids, "labels": res.labels,
                               "n_changed": res.n_changed})
+    if groups:
+        write_json(edits_file, {"groups": groups_key, "edits": edits})  # a rerun (e.g. a new strategy) reuses them
     print(f"{len(edits)} edits: {time.perf_counter() - t0:.0f} s", flush=True)
 
     # ---- actual Δf: each edit retrained alone, same seed and order as control
