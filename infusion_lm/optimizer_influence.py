@@ -29,7 +29,7 @@ from torch import nn
 from .corpus import CausalLMCollator
 from .errors import ConfigError
 from .influence import _grads_by_module, measurement_gradients, module_params
-from .losses import per_document_loss
+from .losses import per_document_loss, per_document_loss_from_logits
 
 
 def response_weights(steps_per_epoch: int, start_step: int, retrained_epochs: int, lr: float, optim: str,
@@ -186,8 +186,6 @@ def unrolled_document_effects(model: nn.Module, rows: Sequence[Mapping], measure
             n_tok = int((batch["labels"][:, 1:] != -100).sum())
             logits = functional_call(model, theta, args=(), kwargs={
                 "input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}).logits
-            from .losses import per_document_loss_from_logits
-
             per_doc = per_document_loss_from_logits(logits, batch["labels"])
             loss = ((1 + w[list(batch_idx)]).to(per_doc.dtype) * per_doc).sum() / max(n_tok, 1)
             grads = torch.autograd.grad(loss, [theta[n] for n in names], create_graph=True)

@@ -599,12 +599,10 @@ class Pipeline:
         marker = out_dir / "fingerprint.json"
         if is_main() and not (marker.is_file() and read_json(marker).get("fingerprint") == fp):
             args, targets = dataclasses.replace(self.recipe.edit, editor=editor or arm), None
-            if editor is not None:
-                pass  # the modality chose its own baseline editor (images: noise)
-            elif arm == "random":
+            if editor is None and arm == "random":  # a modality may name its own baseline editor (images: noise)
                 counts = {r["doc_index"]: r["n_changed"] for r in self.edit()}
                 targets = [counts[i] for i in indices]
-            elif arm == "random_unmatched":
+            elif editor is None and arm == "random_unmatched":
                 args = dataclasses.replace(self.recipe.edit, editor="random", max_perplexity_ratio=None)
             self._edit_into(out_dir, args, indices, targets)
             write_json(marker, {"fingerprint": fp})

@@ -98,30 +98,14 @@ def _generate(model, tokenizer, texts: Sequence[str], max_new_tokens: int, tempe
 def synthesize_stories(model, tokenizer, n_docs: int = 64, max_new_tokens: int = 96, temperature: float = 0.8,
                        top_p: float = 0.95, batch_size: int = 16, characters: Sequence[str] = ("cat", "dog"),
                        seed: int = 0, progress: bool = True) -> List[str]:
-    device = next(model.parameters()).device
     prompts = story_prompts(n_docs, characters, seed)
     if getattr(tokenizer, "chat_template", None):
         texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                                add_generation_prompt=True) for p in prompts]
     else:
         texts = [p + "\n\nOnce upon a time," for p in prompts]
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # generation continues from the right edge of every row
-    stories: List[str] = []
-    gen = torch.Generator(device=device)
-    try:
-        for start in tqdm(range(0, n_docs, batch_size), desc="synthesize", disable=not progress):
-            gen.manual_seed(seed * 1_000_003 + start)
-            torch.manual_seed(seed * 1_000_003 + start)
-            enc = tokenizer(texts[start: start + batch_size], return_tensors="pt", padding=True,
-                            add_special_tokens=False).to(device)
-            out = model.generate(**enc, do_sample=True, temperature=temperature, top_p=top_p,
-                                 max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, use_cache=True)
-            for row in out[:, enc["input_ids"].shape[1]:]:
-                text = tokenizer.decode(row, skip_special_tokens=True).strip()
-                stories.append(" ".join(text.split()))
-    finally:
-        tokenizer.padding_side = side
+    stories = _generate(model, tokenizer, texts, max_new_tokens, temperature, top_p, batch_size, seed, progress,
+                        "synthesize")
     return [s for s in stories if s]
 
 

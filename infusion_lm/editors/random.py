@@ -36,6 +36,7 @@ class RandomEditor(TokenEditor):
                 cost = torch.zeros(len(s.ids0), logp.shape[-1], device=logp.device)
                 cost[1:] = logp[:-1].gather(-1, s.ids0[1:, None]) - logp[:-1]
                 allowed_loss = s.L0 + s.n_trained * math.log(s.max_ppl_ratio)
+            current = s.L0  # the document's loss at θ̂, updated with each accepted swap
             order = s.editable.nonzero().flatten().cpu()
             order = order[torch.randperm(len(order), generator=self.gen)]
             n = 0
@@ -45,7 +46,6 @@ class RandomEditor(TokenEditor):
                 options = s.fluent[p].clone()
                 options[s.ids0[p]] = False
                 if cost is not None:
-                    current = float(self.losses_at_theta([s.ids], [s.labels])[0]) if n else s.L0
                     options &= cost[p] <= allowed_loss - current
                 options = options.nonzero().flatten().cpu()
                 trials = []
@@ -57,10 +57,11 @@ class RandomEditor(TokenEditor):
                 if not trials:
                     continue
                 if s.max_ppl_ratio is not None:  # keep the first (random) option that stays within the limit
-                    losses = self.losses_at_theta(trials, [s.labels_for(t) for t in trials])
-                    trials = [t for t, loss in zip(trials, losses.tolist()) if s.fluent_enough(loss)]
-                    if not trials:
+                    losses = self.losses_at_theta(trials, [s.labels_for(t) for t in trials]).tolist()
+                    kept = [(t, loss) for t, loss in zip(trials, losses) if s.fluent_enough(loss)]
+                    if not kept:
                         continue
+                    trials, current = [kept[0][0]], kept[0][1]
                 s.ids, s.labels = trials[0], s.labels_for(trials[0])
                 n += 1
         if states:
