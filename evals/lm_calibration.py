@@ -10,7 +10,8 @@ Setup: the TinyStories protocol of evals/lm_tinystories.py (SmolLM2-135M-Instruc
 2. Each edit is retrained alone: epoch 2 from the checkpoint with one document replaced, same seed and data order as
    control, so actual Δf = f(edited run) − f(control) is deterministic. f is the measurement v was built from.
 3. Each strategy predicts every edit's Δf from its own v: −(J(z') − J(z)) / n for the factors' v (EK-FAC with the
-   heuristic damping × 1, 10, 100, 1000; identity, v = ∇f, the λ → ∞ direction), −(J(z') − J(z)) for the optimizer's.
+   heuristic damping × 1, 10, 100, 1000; identity, v = ∇f, the λ → ∞ direction), −(J(z') − J(z)) for the optimizer's
+   (over ``--layers``, and over every decoder layer: ``optimizer_all_layers``).
 4. Per strategy: Spearman(predicted, actual), the median actual / predicted ratio, and the fraction of signs right.
 
     python evals/lm_calibration.py [--probe dog --target bear] [--n_edits 30]
@@ -59,6 +60,7 @@ def main():
     from infusion_lm.pipeline import Pipeline
     from infusion_lm.retrain import train_arm
     from infusion_lm.storage import read_json, write_json
+    from infusion_lm.tracking import resolve_tracked_modules
 
     ns = argparse.Namespace(docs=args.docs, tokens=args.tokens, out_dir=str(ROOT / "runs" / "lm_calibration"),
                             work_dir=args.work_dir, heldout_positions=60, layers=args.layers, preconditioner="factors",
@@ -87,6 +89,12 @@ def main():
                                                pipe._checkpoint_step())
     opt_info.pop("stats")
     divisors["optimizer"] = 1
+    # The same first-order model with every decoder layer's projections perturbed: retraining moves all of them, so
+    # a v over two layers sees only part of the change it predicts.
+    all_layers = resolve_tracked_modules(model)
+    vs["optimizer_all_layers"], _ = optimizer_ihvp(model, measurement, all_layers, rows, pipe.recipe.retrain, pad,
+                                                   pipe._checkpoint_step())
+    divisors["optimizer_all_layers"] = 1
     print(f"v for {len(vs)} strategies: {time.perf_counter() - t0:.0f} s", flush=True)
 
     # ---- the edits
