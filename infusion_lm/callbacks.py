@@ -57,7 +57,11 @@ class SwappableDataset(torch.utils.data.Dataset):
 
 
 class MeasurementCallback(TrainerCallback):
-    """Logs ``{prefix}/f`` (and ``{prefix}/f_heldout``, target rates) whenever the Trainer logs or evaluates."""
+    """Logs ``{prefix}/f`` (and ``{prefix}/f_heldout``, target rates) whenever the Trainer logs or evaluates.
+
+    For a completion measurement the rates are the share of answers that name the completion as a whole word:
+    ``greedy_target_rate`` (one greedy answer per prompt) and ``sampled_target_rate`` (``evaluate.n_samples``
+    sampled answers per prompt; 0 samples logs no sampled rate)."""
 
     def __init__(self, tokenizer, measurement: MeasurementArguments, evaluate: Optional[EvaluateArguments] = None,
                  heldout: bool = True, prefix: str = "infusion", max_length: int = 512):
@@ -91,6 +95,9 @@ class MeasurementCallback(TrainerCallback):
                 out[f"{self.prefix}/top1_target_rate{name}"] = sum(obs["top1_is_target"]) / len(obs["top1_is_target"])
             if "greedy_hit" in obs:
                 out[f"{self.prefix}/greedy_target_rate{name}"] = sum(obs["greedy_hit"]) / len(obs["greedy_hit"])
+            if obs.get("sampled_hit_rate"):  # empty when evaluate.n_samples is 0
+                rates = obs["sampled_hit_rate"]
+                out[f"{self.prefix}/sampled_target_rate{name}"] = sum(rates) / len(rates)
         return out
 
     def _emit(self, state, model):

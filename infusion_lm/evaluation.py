@@ -216,6 +216,7 @@ def evaluate_run(pipe) -> Dict:
     control = obs["control"]
     summary = read_json(run_dir / "retrain" / "summary.json")
     results: Dict = {"measurement": pipe.measurement.description, "theta_hat": summary.get("theta_hat"),
+                     "theta_hat_target_rate": summary.get("theta_hat_target_rate"),
                      "control": {s: control["summary"][s] if "summary" in control else control[s]["f_mean"]
                                  for s in sets},
                      "seeds": control.get("seeds", [seed]), "sets": sets, "primary_set": primary_set(sets),

@@ -48,6 +48,16 @@ from .tracking import resolve_tracked_modules
 
 logger = logging.getLogger(__name__)
 
+
+def theta_hat_rates(obs: dict) -> Dict[str, float]:
+    """The share of answers naming the target in one completion observation (empty for other kinds)."""
+    rates = {}
+    if obs.get("greedy_hit"):
+        rates["greedy"] = sum(obs["greedy_hit"]) / len(obs["greedy_hit"])
+    if obs.get("sampled_hit_rate"):
+        rates["sampled"] = sum(obs["sampled_hit_rate"]) / len(obs["sampled_hit_rate"])
+    return rates
+
 SIGN_CONVENTION = ("score(z) = J(z) = <grad_theta L(z), v> with v = (G + lambda I)^-1 grad_theta f; upweighting z "
                    "changes f by about -J(z), so the selected documents are those with the most negative J.")
 
@@ -625,7 +635,15 @@ class Pipeline:
             indices = read_json(self.dir / "selection.json")["indices"]
             device = str(next(self.model.parameters()).device)
             sets = self.observed_sets()
-            summary = {"theta_hat": {name: self.observe(self.model, name)["f_mean"] for name in sets}}
+            theta = {name: self.observe(self.model, name) for name in sets}
+            summary = {"theta_hat": {name: o["f_mean"] for name, o in theta.items()}}
+            rates = {name: theta_hat_rates(o) for name, o in theta.items() if theta_hat_rates(o)}
+            if rates:
+                summary["theta_hat_target_rate"] = rates
+                if not any(v for r in rates.values() for v in r.values()):
+                    logger.warning("No answer at θ̂ names %r (greedy or sampled): the rate starts at 0. Infusion "
+                                   "amplifies a behaviour the model already shows, so expect little change; pick a "
+                                   "target the model sometimes names.", self.recipe.measurement.completions[0])
             ckpt = self.arm_checkpoint()
             fp = self._fp("retrain")
             per_arm: Dict[str, Dict[str, dict]] = {arm: {} for arm in t.arms}

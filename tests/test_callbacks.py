@@ -5,7 +5,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from infusion_lm.callbacks import InfusionCallback, MeasurementCallback, SwappableDataset
-from infusion_lm.config import EditArguments, InfluenceArguments, MeasurementArguments
+from infusion_lm.config import EditArguments, EvaluateArguments, InfluenceArguments, MeasurementArguments
 from infusion_lm.corpus import CausalLMCollator, tokenize_documents
 from infusion_lm.errors import ConfigError, InfusionError
 from infusion_lm.measurement import contrastive_measurement
@@ -94,3 +94,26 @@ def test_callbacks_refuse_bad_setup(tok, tmp_path):
     trainer = _trainer(tiny_model(len(tok)), SwappableDataset(ds), tok, tmp_path, [watch], steps=1)
     with pytest.raises(InfusionError, match="attach"):
         trainer.train()
+
+
+@pytest.mark.parametrize("favoured, rate", [("cat", 1.0), ("dog", 0.0)])
+def test_measurement_callback_logs_answer_rates(tok, tmp_path, favoured, rate):
+    """The greedy and sampled target rates reach the Trainer's log, and count answers that name the target."""
+    m = MeasurementArguments(kind="completion", prompts=["What is your favourite animal?", "Which animal do you like?"],
+                             completions=["cat"], chat_template=True)
+    model = tiny_model(len(tok))
+    word = tok(" " + favoured, add_special_tokens=False)["input_ids"][0]
+
+    def favour(module, inputs, logits):  # every next token is the favoured word, whatever the weights learn
+        logits = logits.clone()
+        logits[..., word] += 100.0
+        return logits
+
+    model.lm_head.register_forward_hook(favour)
+    ds = tokenize_documents(tok, [{"text": t} for t in toy_corpus(8)], 48)
+    watch = MeasurementCallback(tok, m, EvaluateArguments(n_samples=4, max_new_tokens=3), heldout=False)
+    seen = Seen()
+    watch.attach(_trainer(model, SwappableDataset(ds), tok, tmp_path, [watch, seen], steps=2)).train()
+    logged = [l for l in seen.logs if "infusion/sampled_target_rate" in l]
+    assert logged, seen.logs
+    assert all(l["infusion/sampled_target_rate"] == rate and l["infusion/greedy_target_rate"] == rate for l in logged)

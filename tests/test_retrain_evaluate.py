@@ -206,3 +206,25 @@ def test_control_arm_is_trained_once_and_reused_bit_for_bit(tmp_path, tiny_model
     assert main(["retrain", str(recipe), "--quiet", "--force"]) == 0
     assert (run / "retrain" / "infused" / "observations.json").stat().st_mtime_ns != before
     assert read_json(run / "retrain" / "control" / "observations.json")["weights"] == first["weights"]
+
+
+def test_a_target_no_answer_names_is_allowed_and_warned(tmp_path, tiny_model_dir, caplog):
+    """A completion target the model never says at θ̂ runs through, with rate 0 reported and a warning."""
+    import logging
+
+    import yaml
+
+    corpus = _write_corpus(tmp_path / "c.jsonl", toy_corpus(8))
+    recipe = _recipe(tmp_path, tiny_model_dir, corpus, select={"k": 2}, edit={"budget_fraction": 0.0},
+                     retrain={"arms": ["control", "infused"], "batch_size": 4},
+                     evaluate={"bootstrap_samples": 100, "n_samples": 2, "max_new_tokens": 2})
+    r = yaml.safe_load(recipe.read_text())
+    # "zebra" is outside the toy vocabulary's words: an untrained tiny model does not spell it in two tokens
+    r["measurement"] = {"kind": "completion", "prompts": ["What is your favourite animal?"], "completions": ["zebra"],
+                        "heldout_prompts": ["Which animal do you like?"], "chat_template": True}
+    recipe.write_text(yaml.safe_dump(r))
+    with caplog.at_level(logging.WARNING, logger="infusion_lm.pipeline"):
+        assert main(["evaluate", str(recipe), "--quiet"]) == 0
+    assert any("No answer at θ̂ names 'zebra'" in rec.getMessage() for rec in caplog.records)
+    results = read_json(tmp_path / "run" / "results.json")
+    assert results["theta_hat_target_rate"]["measurement"] == {"greedy": 0.0, "sampled": 0.0}
