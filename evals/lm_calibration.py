@@ -11,7 +11,8 @@ Setup: the TinyStories protocol of evals/lm_tinystories.py (SmolLM2-135M-Instruc
    control, so actual Δf = f(edited run) − f(control) is deterministic. f is the measurement v was built from.
 3. Each strategy predicts every edit's Δf from its own v: −(J(z') − J(z)) / n for the factors' v (EK-FAC with the
    heuristic damping × 1, 10, 100, 1000; identity, v = ∇f, the λ → ∞ direction), −(J(z') − J(z)) for the optimizer's
-   (over ``--layers``, and over every decoder layer: ``optimizer_all_layers``).
+   (over ``--layers``; over every decoder layer, ``optimizer_all_layers``; and over those plus the embeddings,
+   ``optimizer_all_params``).
 4. Per strategy: Spearman(predicted, actual), the median actual / predicted ratio, and the fraction of signs right.
 
     python evals/lm_calibration.py [--probe dog --target bear] [--n_edits 30]
@@ -95,6 +96,14 @@ def main():
     vs["optimizer_all_layers"], _ = optimizer_ihvp(model, measurement, all_layers, rows, pipe.recipe.retrain, pad,
                                                    pipe._checkpoint_step())
     divisors["optimizer_all_layers"] = 1
+    # ... and with the (tied) input/output embeddings too: an edit that writes the target word moves its output row
+    # directly. Diagonal, so the vocabulary-sized matrix costs one extra vector (kronfluence never tracks it).
+    emb = model.get_input_embeddings()
+    with_embeddings = all_layers + [n for n, m in model.named_modules()
+                                    if m is emb or (m is model.get_output_embeddings() and m.weight is not emb.weight)]
+    vs["optimizer_all_params"], _ = optimizer_ihvp(model, measurement, with_embeddings, rows, pipe.recipe.retrain, pad,
+                                                   pipe._checkpoint_step())
+    divisors["optimizer_all_params"] = 1
     print(f"v for {len(vs)} strategies: {time.perf_counter() - t0:.0f} s", flush=True)
 
     # ---- the edits
