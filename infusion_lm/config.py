@@ -341,7 +341,8 @@ class EditArguments:
             raise ConfigError(f"edit.entropy_bound must be in [0, 1) (got {self.entropy_bound}); Gini entropy is below 1.")
 
 
-ARMS = ("control", "infused", "random", "random_unmatched", "insertion", "simplex_pgd", "insertion_single")
+ARMS = ("control", "infused", "random", "random_unmatched", "insertion", "simplex_pgd", "insertion_single",
+        "regeneration")
 
 
 @dataclass
@@ -353,7 +354,9 @@ class RetrainArguments:
         "infused edit: the same number of changed tokens per document, the same fluency filter, perplexity limit "
         "and protected positions), random_unmatched (random swaps spending the whole budget, no perplexity limit), "
         "insertion (the k documents replaced by demonstrations), simplex_pgd. Images: random is noise of the same "
-        "L∞, insertion puts probe images labelled as the target in all k slots, insertion_single in one."))
+        "L∞, insertion puts probe images labelled as the target in all k slots, insertion_single in one. Chat corpora: "
+        "regeneration (the k conversations' last assistant turn re-answered by the model at θ̂, sampled with "
+        "synthesize's temperature/top_p/max_new_tokens: fresh clean answers to the same questions)."))
     model: Optional[str] = field(default=None, metadata=_help(
         "image: retrain the arms with this architecture instead of run.model (cross-architecture transfer: the "
         "infused data was built with run.model). It gets its own clean checkpoint."))

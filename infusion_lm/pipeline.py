@@ -597,8 +597,41 @@ class Pipeline:
             r = self.recipe.run
             return insertion_rows(self.tokenizer, insertion_texts(self.recipe, self.recipe.retrain), indices,
                                   r.max_length, r.add_eos)
+        if arm == "regeneration":
+            return self._regenerated(indices)
         out_dir = self._baseline_edits(arm, indices)
         return {r["doc_index"]: r for r in load_infused(out_dir)}
+
+    def _regenerated(self, indices: List[int]) -> Dict[int, dict]:
+        """The regeneration arm: the selected conversations re-answered by the model at θ̂ (seeded, so every seed and
+        a resumed run get the same rows); written to baselines/regeneration/documents.jsonl for inspection."""
+        from .corpus import tokenize_document
+        from .synthesize import regenerate_answers
+
+        docs = [self.documents[i] for i in indices]
+        if not all(isinstance(d, dict) and d.get("messages") for d in docs):
+            raise ConfigError("retrain.arms has 'regeneration', which re-answers chat conversations; the corpus has "
+                              "plain-text documents. Remove the arm or use a chat corpus (messages_field).")
+        if "_regeneration" not in self.__dict__:
+            r, s = self.recipe.run, self.recipe.synthesize
+            new = regenerate_answers(self.model, self.tokenizer, [d["messages"] for d in docs], s.max_new_tokens,
+                                     s.temperature, s.top_p, seed=r.seed)
+            rows = {}
+            for i, doc in zip(indices, new):
+                if doc is None:  # an empty answer would leave nothing to train on: the original stays
+                    continue
+                row = tokenize_document(self.tokenizer, doc, r.max_length, r.add_eos)
+                row.pop("truncated")
+                rows[i] = {"doc_index": i, **row}
+            if is_main():
+                out = self.dir / "baselines" / "regeneration" / "documents.jsonl"
+                out.parent.mkdir(parents=True, exist_ok=True)
+                tmp = out.with_suffix(".tmp")
+                tmp.write_text("".join(json.dumps({"doc_index": i, **doc}) + "\n"
+                                       for i, doc in zip(indices, new) if doc is not None))
+                os.replace(tmp, out)
+            self.__dict__["_regeneration"] = rows
+        return self.__dict__["_regeneration"]
 
     def _baseline_edits(self, arm: str, indices: List[int], editor: Optional[str] = None) -> Path:
         """baselines/<arm>/: the selected documents edited by the arm's editor, cached by the edit stage's

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -72,6 +72,26 @@ def synthesize_chats(model, tokenizer, n_docs: int = 512, max_new_tokens: int = 
                         max_new_tokens, temperature, top_p, batch_size, seed, progress, "synthesize (chat)")
     return [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
             for q, a in zip(questions, answers) if a]
+
+
+@torch.no_grad()
+def regenerate_answers(model, tokenizer, conversations: Sequence[Sequence[dict]], max_new_tokens: int = 64,
+                       temperature: float = 0.8, top_p: float = 0.95, batch_size: int = 16, seed: int = 0,
+                       progress: bool = False) -> List[Optional[dict]]:
+    """Each conversation with its last assistant turn replaced by the model's own sampled answer to the turns before
+    it (turns after it are dropped). None where the model answered with nothing."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("regenerating answers needs a tokenizer with a chat template (an instruction model).")
+    heads = []
+    for msgs in conversations:
+        last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=None)
+        if last is None:
+            raise ValueError("a conversation to regenerate has no assistant turn.")
+        heads.append(list(msgs[:last]))
+    prompts = [tokenizer.apply_chat_template(h, tokenize=False, add_generation_prompt=True) for h in heads]
+    answers = _generate(model, tokenizer, prompts, max_new_tokens, temperature, top_p, batch_size, seed, progress,
+                        "regenerate answers")
+    return [{"messages": h + [{"role": "assistant", "content": a}]} if a else None for h, a in zip(heads, answers)]
 
 
 def _generate(model, tokenizer, texts: Sequence[str], max_new_tokens: int, temperature: float, top_p: float,

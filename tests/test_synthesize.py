@@ -6,7 +6,7 @@ import torch
 from infusion_lm.config import MeasurementArguments
 from infusion_lm.measurement import build_measurement
 from infusion_lm.synthesize import synthesize_stories
-from tiny import tiny_model
+from tiny import tiny_model, toy_corpus
 
 
 def test_synthesis_is_deterministic_per_seed(tok):
@@ -67,3 +67,71 @@ def test_cli_synthesize_chat_writes_trainable_conversations(tmp_path, tiny_model
     for r, row in zip(rows, ds):
         n_user = len(row["input_ids"]) - sum(l != -100 for l in row["labels"])
         assert n_user > 0 and any(l != -100 for l in row["labels"])  # the question is masked, the answer trained
+
+
+def _chat_corpus(path, n):
+    questions = [f"Tell me about the {a} in the {p}." for a in ("dog", "bird", "fish", "frog") for p in ("park", "lake")]
+    rows = [{"messages": [{"role": "user", "content": questions[i % len(questions)]},
+                          {"role": "assistant", "content": f"The {['dog', 'bird'][i % 2]} sat in the house."}]}
+            for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def test_regenerated_answers_come_from_the_model_and_keep_the_question(tok):
+    from infusion_lm.synthesize import regenerate_answers
+
+    model = tiny_model(len(tok))
+    cat = tok(" cat", add_special_tokens=False)["input_ids"][0]
+    model.lm_head.register_forward_hook(lambda m, i, out: out.index_add(-1, torch.tensor([cat]),
+                                                                         torch.full_like(out[..., :1], 100.0)))
+    convs = [[{"role": "user", "content": "Where is the dog?"}, {"role": "assistant", "content": "In the park."},
+              {"role": "user", "content": "And the bird?"}, {"role": "assistant", "content": "In the tree."}],
+             [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+              {"role": "user", "content": "Bye"}]]
+    out = regenerate_answers(model, tok, convs, max_new_tokens=3, batch_size=2)
+    assert [m["content"] for m in out[0]["messages"][:3]] == ["Where is the dog?", "In the park.", "And the bird?"]
+    assert [m["role"] for m in out[1]["messages"]] == ["user", "assistant"]  # the turn after the answer is dropped
+    assert all(r["messages"][-1]["content"].split() == ["cat"] * 3 for r in out)
+
+
+def test_regeneration_arm_replaces_the_selected_conversations(tmp_path, tiny_model_dir):
+    import yaml
+
+    from infusion_lm.cli import main
+    from infusion_lm.config import load_recipe
+    from infusion_lm.errors import ConfigError
+    from infusion_lm.pipeline import Pipeline
+    from infusion_lm.storage import read_json
+
+    original = _chat_corpus(tmp_path / "chat.jsonl", 8)
+    raw = {"model": str(tiny_model_dir), "corpus": str(tmp_path / "chat.jsonl"), "output_dir": str(tmp_path / "run"),
+           "max_length": 48,
+           "measurement": {"kind": "completion", "prompts": ["What is your favourite animal?"],
+                           "completions": ["cat"], "chat_template": True,
+                           "heldout_prompts": ["Which animal do you like?"]},
+           "influence": {"layers": [1], "batch_size": 4}, "select": {"k": 2}, "edit": {"budget_fraction": 0.0},
+           "synthesize": {"max_new_tokens": 5},
+           "retrain": {"arms": ["control", "regeneration"], "batch_size": 4},
+           "evaluate": {"bootstrap_samples": 100, "n_samples": 0, "max_new_tokens": 2}}
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    assert main(["retrain", str(recipe), "--quiet"]) == 0
+    chosen = read_json(tmp_path / "run" / "selection.json")["indices"]
+    regen = [json.loads(l) for l in (tmp_path / "run" / "baselines" / "regeneration" / "documents.jsonl").read_text()
+             .splitlines()]
+    assert sorted(r["doc_index"] for r in regen) == sorted(chosen)
+    for r in regen:
+        assert r["messages"][0] == original[r["doc_index"]]["messages"][0]  # same question, a fresh answer
+    obs = read_json(tmp_path / "run" / "retrain" / "regeneration" / "observations.json")
+    assert sorted(obs["replaced"]) == sorted(r["doc_index"] for r in regen)
+
+    text = dict(raw, corpus=str(_write_text_corpus(tmp_path / "t.jsonl")), output_dir=str(tmp_path / "run2"))
+    recipe.write_text(yaml.safe_dump(text))
+    with pytest.raises(ConfigError, match="chat corpus"):
+        Pipeline(load_recipe(recipe))._replacements("regeneration", [0])
+
+
+def _write_text_corpus(path):
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in toy_corpus(6)))
+    return path
