@@ -66,9 +66,12 @@ def test_measurement_over_many_batches_gives_the_whole_ihvp(tiny_setup, tiny_fac
     v_one = inf.compute_ihvp(s["model"], one, s["tracked"], fdir, damping=None)
     last = LogProbMeasurement(rows[-1:], s["tok"].pad_token_id, batch_size=1)
     v_last = inf.compute_ihvp(s["model"], last, s["tracked"], fdir, damping=None)
+    def rel(a, b):  # relative to the module's own scale: per-element tolerances trip on entries near 0
+        return float((a[name] - b[name]).norm() / b[name].norm())
+
     for name in v_one:
-        assert torch.allclose(v_many[name], v_one[name], rtol=1e-4, atol=1e-6 * float(v_one[name].abs().max()))
-    assert any(not torch.allclose(v_last[n], v_one[n], rtol=1e-2) for n in v_one)
+        assert rel(v_many, v_one) < 1e-4, (name, rel(v_many, v_one))
+    assert max(rel(v_last, v_one) for name in v_one) > 1e-2
 
 
 def test_clean_checkpoint_is_the_start_of_the_last_epoch_under_accumulation(tmp_path, tiny_model_dir, tok):
