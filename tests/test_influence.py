@@ -106,3 +106,32 @@ def test_kronfluence_stages_leave_the_model_as_it_was(tiny_setup, tiny_factors):
     with torch.no_grad():
         after = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     assert torch.equal(before, after)
+
+
+def test_lora_adapters_ihvp_and_J_match_kronfluence_and_autograd(tiny_setup, tmp_path):
+    """On a peft model the default tracked modules are the LoRA A/B projections; v over them reproduces kronfluence's
+    own pairwise scores, and the forward-only J matches autograd."""
+    from peft import LoraConfig, get_peft_model
+
+    from infusion_lm.tracking import resolve_tracked_modules
+
+    s = tiny_setup
+    torch.manual_seed(1)
+    model = get_peft_model(copy.deepcopy(s["model"]), LoraConfig(r=2, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                                  lora_dropout=0.0))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # B = 0 at init would make every gradient through A zero: a trained adapter instead
+            torch.nn.init.normal_(p, std=0.05)
+    model.eval()
+    tracked = resolve_tracked_modules(model)
+    assert tracked and all(".lora_A." in n or ".lora_B." in n for n in tracked)
+    pad = s["tok"].pad_token_id
+    factors = inf.fit_factors(model, s["dataset"], tracked, tmp_path, pad_token_id=pad, strategy="ekfac", batch_size=8)
+    v = inf.compute_ihvp(model, s["measurement"], tracked, factors, damping=None)
+    ours = inf.autograd_scores(model, s["dataset"], v, pad_token_id=pad)
+    theirs = inf.kronfluence_scores(model, s["dataset"], s["measurement"], tracked, tmp_path, pad_token_id=pad,
+                                    strategy="ekfac", damping=None, scores_name="lora")
+    assert ours.abs().max() > 0
+    torch.testing.assert_close(ours, theirs.double(), rtol=1e-3, atol=1e-3 * float(ours.abs().max()))
+    fd = inf.FiniteDifferenceJ(model, v, eps_rel=1e-3).dataset(s["dataset"], pad)
+    assert float((fd - ours).abs().max() / ours.abs().max()) <= 1e-2
