@@ -105,7 +105,13 @@ class Pipeline:
     def _checkpoint_model(self):
         from .retrain import load_checkpoint_model
 
-        return load_checkpoint_model(self.fresh_model(), self.clean_checkpoint())
+        # LoRA: θ̂ keeps its adapters, so influence is over the LoRA A/B modules (the parameters the arms train)
+        return load_checkpoint_model(self.fresh_model(), self.clean_checkpoint(), merge_lora=not self.lora_influence)
+
+    @property
+    def lora_influence(self) -> bool:
+        """Influence over LoRA adapters: the arms train LoRA from a checkpoint that already has them."""
+        return self.recipe.retrain.lora and self.at_checkpoint
 
     @property
     def model(self):
@@ -203,7 +209,12 @@ class Pipeline:
     @cached_property
     def tracked(self) -> List[str]:
         i = self.recipe.influence
-        return resolve_tracked_modules(self.base_model, i.tracked_modules, i.layers, i.module_types)
+        model = self.base_model
+        if self.lora_influence:  # θ̂ is a peft model: names from the same adapter layout, without training θ̂ first
+            from .retrain import trainable
+
+            model = trainable(self.fresh_model(), self.recipe.retrain)
+        return resolve_tracked_modules(model, i.tracked_modules, i.layers, i.module_types)
 
     @cached_property
     def measurement(self):

@@ -178,15 +178,20 @@ def checkpoint_step(batches_per_epoch: int, gradient_accumulation_steps: int, ep
     return max(1, math.ceil(batches_per_epoch / gradient_accumulation_steps)) * (epochs - 1)
 
 
-def load_checkpoint_model(model, checkpoint: Optional[Path]):
-    """The weights of a Trainer checkpoint in ``model`` (LoRA adapters are merged), in eval mode: θ̂ for influence."""
+def load_checkpoint_model(model, checkpoint: Optional[Path], merge_lora: bool = True):
+    """The weights of a Trainer checkpoint in ``model``, in eval mode: θ̂ for influence.
+
+    LoRA checkpoints are merged into the base weights, or with ``merge_lora=False`` kept as a peft model whose
+    adapters are trainable: influence is then over the LoRA A/B modules, the parameters retraining actually moves."""
     if checkpoint is None:
         return model.eval()
     checkpoint = Path(checkpoint)
     if (checkpoint / "adapter_config.json").is_file():
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(checkpoint)).merge_and_unload()
+        model = PeftModel.from_pretrained(model, str(checkpoint), is_trainable=not merge_lora)
+        if merge_lora:
+            model = model.merge_and_unload()
     else:
         from safetensors.torch import load_file
 

@@ -173,3 +173,29 @@ def test_measurement_sets_from_files(tmp_path, tiny_model_dir, capsys):
     assert main(["score", str(missing), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "measurement.documents names the file no/such/file.jsonl, which does not exist" in err
+
+
+def test_lora_run_scores_over_the_adapters_at_the_checkpoint(tmp_path, tiny_model_dir):
+    """retrain.lora with influence_at: checkpoint keeps θ̂'s adapters: v and J are over the LoRA A/B modules (what the
+    arms train), and the score stage's J equals autograd on that peft θ̂."""
+    from infusion_lm.config import load_recipe
+    from infusion_lm.pipeline import Pipeline
+
+    corpus = _write_corpus(tmp_path / "c.jsonl", toy_corpus(12))
+    recipe = _recipe(tmp_path, tiny_model_dir, corpus, measurement={"heldout_documents": HELDOUT},
+                     retrain={"arms": ["control", "infused"], "lora": True, "lora_r": 2, "batch_size": 4,
+                              "learning_rate": 1e-2, "epochs": 2, "influence_at": "checkpoint"})
+    assert main(["score", str(recipe), "--quiet"]) == 0
+    pipe = Pipeline(load_recipe(recipe))
+    assert pipe.tracked and all(".lora_A." in n or ".lora_B." in n for n in pipe.tracked), pipe.tracked
+    assert read_json(tmp_path / "run" / "measure.json")["tracked_modules"] == pipe.tracked
+    ihvp = pipe.load_ihvp()
+    assert sorted(ihvp) == sorted(pipe.tracked)
+    scores = pipe.score()
+    ref = inf.autograd_scores(pipe.model, pipe.dataset, ihvp, pad_token_id=pipe.tokenizer.pad_token_id)
+    assert ref.abs().max() > 0
+    torch.testing.assert_close(scores.double(), ref, rtol=1e-3, atol=1e-3 * float(ref.abs().max()))
+    # the editor works on the peft θ̂ too, and lowers J under the adapters' v
+    assert main(["edit", str(recipe), "--quiet"]) == 0
+    edits = [json.loads(l) for l in (tmp_path / "run" / "edits.jsonl").read_text().splitlines()]
+    assert edits and any(e["n_changed"] and e["J_after"] < e["J_before"] for e in edits)
