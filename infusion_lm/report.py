@@ -189,6 +189,10 @@ def write_report(run_dir: Path, results: Dict, tokenizer) -> None:
              f"{_fmt(results['control']['measurement'])} (held-out {_fmt(results['control'].get('heldout'))}). "
              f"{results['k']} of {results['n_documents']} documents edited. Every Δ is against control, paired by "
              f"retraining seed ({len(seeds)}: {seeds}) and by item; CIs are two-level bootstraps (seeds, then items).")
+    rates = results.get("theta_hat_target_rate")
+    if rates:  # completion measurements: how often answers already name the target before any edit
+        intro += " Target rate at θ̂: " + "; ".join(
+            f"{name} " + ", ".join(f"{kind} {v:.1%}" for kind, v in r.items()) for name, r in rates.items()) + "."
     per_seed = seed_rows(results)
     seed_header = ["arm", "set"] + [f"Δf, seed {s}" for s in seeds]
 

@@ -228,3 +228,4 @@ def test_a_target_no_answer_names_is_allowed_and_warned(tmp_path, tiny_model_dir
     assert any("No answer at θ̂ names 'zebra'" in rec.getMessage() for rec in caplog.records)
     results = read_json(tmp_path / "run" / "results.json")
     assert results["theta_hat_target_rate"]["measurement"] == {"greedy": 0.0, "sampled": 0.0}
+    assert "Target rate at θ̂: measurement greedy 0.0%, sampled 0.0%" in (tmp_path / "run" / "report.md").read_text()
