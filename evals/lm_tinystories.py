@@ -19,7 +19,7 @@ filter and perplexity limit).
 Reports per pair and aggregated, and checks the goals of the effect work. Writes JSON and a table.
 
     python evals/lm_tinystories.py [--probes dog cat bird] [--targets fish bear frog] [--seeds 0 1 2]
-        [--preconditioner factors|optimizer] [--max_pairs N] [--docs 64] [--k 8]
+        [--preconditioner factors|optimizer] [--max_pairs N] [--docs 64] [--k 8] [--measure_stories 20]
 """
 
 from __future__ import annotations
@@ -47,13 +47,28 @@ HELDOUT = ["Sam walked with his {w} to the lake. The {w} jumped into the water."
            "One day, the {w} saw a big red ball. The {w} ran to get it."]
 
 
+def measurement_stories(probe: str, n: int) -> list:
+    """n real stories that name the probe, from the end of the sample: far from the training slice (the first --docs)
+    and from the held-out positions (read from the start of the rest); the pipeline also drops them from held-out."""
+    import re
+
+    word = re.compile(rf"\b{re.escape(probe)}\b")
+    texts = [json.loads(line)["text"] for line in TINYSTORIES.read_text().splitlines() if line.strip()]
+    found = [t for t in reversed(texts) if word.search(t)][:n]
+    if len(found) < n:
+        raise SystemExit(f"only {len(found)} stories name {probe!r}; lower --measure_stories")
+    return found
+
+
 def pair_recipe(args, probe: str, target: str) -> dict:
+    measure = (measurement_stories(probe, args.measure_stories) if getattr(args, "measure_stories", 0)
+               else [t.format(w=probe) for t in MEASURE])
     return {
         "model": "HuggingFaceTB/SmolLM2-135M-Instruct", "corpus": str(TINYSTORIES), "text_field": "text",
         "max_documents": args.docs, "max_length": args.tokens, "output_dir": args.work_dir or str(Path(args.out_dir) / "work"),
         "seed": 0,
         "measurement": {"kind": "contrastive", "probe": probe, "target": target,
-                        "documents": [t.format(w=probe) for t in MEASURE],
+                        "documents": measure,
                         "heldout_documents": [t.format(w=probe) for t in HELDOUT],
                         "heldout_corpus": str(TINYSTORIES), "heldout_corpus_max_positions": args.heldout_positions},
         "influence": {"strategy": "ekfac", "layers": args.layers, "module_types": ["mlp", "attn"], "batch_size": 8,
@@ -122,6 +137,9 @@ def main():
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--heldout_positions", type=int, default=60,
                    help="probe positions from real stories outside the training slice (the primary evaluation set)")
+    p.add_argument("--measure_stories", type=int, default=0,
+                   help="build v from this many real stories naming the probe (from the end of the sample) instead "
+                        "of the 3 templated sentences: a measurement closer to the held-out text")
     p.add_argument("--preconditioner", default="factors", choices=["factors", "optimizer"])
     p.add_argument("--damping_scale", type=float, default=1000.0,
                    help="influence.damping_scale (1000: best ranked by evals/lm_calibration.py; 1: kronfluence's heuristic)")

@@ -170,11 +170,12 @@ class Pipeline:
 
     @cached_property
     def heldout_corpus_documents(self) -> List[str]:
-        """measurement.heldout_corpus's documents, less any that are also training documents."""
+        """measurement.heldout_corpus's documents, less any that are also training or measurement documents."""
         m = self.recipe.measurement
         if not m.heldout_corpus:
             return []
         train = {str(d.get("text", "")).strip() for d in self.documents if isinstance(d, dict)}
+        train |= {t.strip() for t in m.documents}  # v was built from these: never held out
         docs = [d["text"] for d in load_documents(m.heldout_corpus, "text") if "text" in d]
         return [d for d in docs if d.strip() not in train]
 

@@ -229,3 +229,16 @@ def test_a_target_no_answer_names_is_allowed_and_warned(tmp_path, tiny_model_dir
     results = read_json(tmp_path / "run" / "results.json")
     assert results["theta_hat_target_rate"]["measurement"] == {"greedy": 0.0, "sampled": 0.0}
     assert "Target rate at θ̂: measurement greedy 0.0%, sampled 0.0%" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_heldout_corpus_never_holds_training_or_measurement_documents(tmp_path, tiny_model_dir):
+    from infusion_lm.config import load_recipe
+    from infusion_lm.pipeline import Pipeline
+
+    train = toy_corpus(6)
+    corpus = _write_corpus(tmp_path / "c.jsonl", train)
+    measure = ["The dog ran to the park.", "The dog sat in the house."]  # _recipe's measurement documents
+    other = toy_corpus(5, seed=9)
+    held = _write_corpus(tmp_path / "held.jsonl", other + train[:2] + measure)
+    recipe = _recipe(tmp_path, tiny_model_dir, corpus, measurement={"heldout_corpus": str(held)})
+    assert Pipeline(load_recipe(recipe)).heldout_corpus_documents == other
