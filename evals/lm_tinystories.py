@@ -202,17 +202,25 @@ def main():
               f"{s['pairs_ci_excludes_0']:>8.0%}{s['target_specific_gain_mean']:>+10.4f}{s['top1_flip_rate_mean']:>8.2%}"
               f"{s['delta_target_rank_mean']:>+8.1f}")
     sw = summary.get("infused", {})
+    def goal(value, bound):  # None: the arm it needs did not run
+        return None if value is None else value >= bound
+
     goals = {
-        "infused above control, seed-level CI excluding 0, in >= 90% of pairs": sw.get("pairs_ci_excludes_0", 0) >= 0.9,
-        "infused >= 3x matched random (mean Δf)": (sw.get("ratio_to_random") or 0) >= 3,
-        "infused >= 2x simplex PGD": (sw.get("ratio_to_simplex_pgd") or 0) >= 2,
-        "infused >= 1x insertion": (sw.get("ratio_to_insertion") or 0) >= 1,
-        "median perplexity ratio <= 1.3": (sw.get("perplexity_ratio_median") or 9) <= 1.3,
+        "infused above control, seed-level CI excluding 0, in >= 90% of pairs": goal(sw.get("pairs_ci_excludes_0"), 0.9),
+        "infused >= 3x matched random (mean Δf)": goal(sw.get("ratio_to_random"), 3),
+        "infused >= 2x simplex PGD": goal(sw.get("ratio_to_simplex_pgd"), 2),
+        "infused >= 1x insertion": goal(sw.get("ratio_to_insertion"), 1),
+        "median perplexity ratio <= 1.3": None if sw.get("perplexity_ratio_median") is None
+        else sw["perplexity_ratio_median"] <= 1.3,
     }
     print()
     for g, ok in goals.items():
-        print(f"{'met ' if ok else 'MISSED'}  {g}")
-    out = {"command": "python evals/lm_tinystories.py " + " ".join(sys.argv[1:]), "primary_set": "heldout_corpus",
+        print(f"{'not run' if ok is None else 'met    ' if ok else 'MISSED '}  {g}")
+    command = "python evals/lm_tinystories.py " + " ".join(sys.argv[1:])
+    if args.summarise_only and Path(args.out).is_file():  # keep the command and timings of the run that made the pairs
+        earlier = json.loads(Path(args.out).read_text())
+        command, timings = earlier.get("command", command), {**earlier.get("seconds", {}), **timings}
+    out = {"command": command, "primary_set": "heldout_corpus",
            "seeds": args.seeds, "preconditioner": args.preconditioner, "damping_scale": args.damping_scale,
            "pairs": list(per_pair), "docs": args.docs, "tokens": args.tokens, "k": args.k, "arms": args.arms,
            "per_pair": per_pair, "summary": summary, "goals": goals, "seconds": timings}
