@@ -100,6 +100,17 @@ def contrastive_observations(model, tokenizer, documents: Sequence[str], probe: 
     return out
 
 
+def target_rates(obs: dict) -> Dict[str, float]:
+    """The share of answers naming the target in one completion observation: ``greedy`` and, when answers were
+    sampled, ``sampled``. Empty for other kinds."""
+    rates = {}
+    if obs.get("greedy_hit"):
+        rates["greedy"] = sum(obs["greedy_hit"]) / len(obs["greedy_hit"])
+    if obs.get("sampled_hit_rate"):
+        rates["sampled"] = sum(obs["sampled_hit_rate"]) / len(obs["sampled_hit_rate"])
+    return rates
+
+
 def contains_word(text: str, word: str) -> bool:
     return bool(find_word(text.lower(), word.strip().lower()))
 

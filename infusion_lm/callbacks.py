@@ -84,7 +84,7 @@ class MeasurementCallback(TrainerCallback):
         return trainer
 
     def metrics(self, model) -> Dict[str, float]:
-        from .behaviour import observe
+        from .behaviour import observe, target_rates
 
         out = {}
         for name, held in (("", False), ("_heldout", True)) if self.heldout else (("", False),):
@@ -93,11 +93,8 @@ class MeasurementCallback(TrainerCallback):
             out[f"{self.prefix}/f{name}"] = obs["f_mean"]
             if "top1_is_target" in obs:
                 out[f"{self.prefix}/top1_target_rate{name}"] = sum(obs["top1_is_target"]) / len(obs["top1_is_target"])
-            if "greedy_hit" in obs:
-                out[f"{self.prefix}/greedy_target_rate{name}"] = sum(obs["greedy_hit"]) / len(obs["greedy_hit"])
-            if obs.get("sampled_hit_rate"):  # empty when evaluate.n_samples is 0
-                rates = obs["sampled_hit_rate"]
-                out[f"{self.prefix}/sampled_target_rate{name}"] = sum(rates) / len(rates)
+            for kind, rate in target_rates(obs).items():  # no sampled rate when evaluate.n_samples is 0
+                out[f"{self.prefix}/{kind}_target_rate{name}"] = rate
         return out
 
     def _emit(self, state, model):

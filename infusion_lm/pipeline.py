@@ -48,16 +48,6 @@ from .tracking import resolve_tracked_modules
 
 logger = logging.getLogger(__name__)
 
-
-def theta_hat_rates(obs: dict) -> Dict[str, float]:
-    """The share of answers naming the target in one completion observation (empty for other kinds)."""
-    rates = {}
-    if obs.get("greedy_hit"):
-        rates["greedy"] = sum(obs["greedy_hit"]) / len(obs["greedy_hit"])
-    if obs.get("sampled_hit_rate"):
-        rates["sampled"] = sum(obs["sampled_hit_rate"]) / len(obs["sampled_hit_rate"])
-    return rates
-
 SIGN_CONVENTION = ("score(z) = J(z) = <grad_theta L(z), v> with v = (G + lambda I)^-1 grad_theta f; upweighting z "
                    "changes f by about -J(z), so the selected documents are those with the most negative J.")
 
@@ -618,7 +608,7 @@ class Pipeline:
         """The regeneration arm: the selected conversations re-answered by the model at θ̂ (seeded, so every seed and
         a resumed run get the same rows); written to baselines/regeneration/documents.jsonl for inspection."""
         from .corpus import tokenize_document
-        from .synthesize import regenerate_answers
+        from .synthesize import regenerate_answers, write_jsonl
 
         docs = [self.documents[i] for i in indices]
         if not all(isinstance(d, dict) and d.get("messages") for d in docs):
@@ -638,10 +628,7 @@ class Pipeline:
             if is_main():
                 out = self.dir / "baselines" / "regeneration" / "documents.jsonl"
                 out.parent.mkdir(parents=True, exist_ok=True)
-                tmp = out.with_suffix(".tmp")
-                tmp.write_text("".join(json.dumps({"doc_index": i, **doc}) + "\n"
-                                       for i, doc in zip(indices, new) if doc is not None))
-                os.replace(tmp, out)
+                write_jsonl(out, [{"doc_index": i, **doc} for i, doc in zip(indices, new) if doc is not None])
             self.__dict__["_regeneration"] = rows
         return self.__dict__["_regeneration"]
 
@@ -682,7 +669,9 @@ class Pipeline:
             sets = self.observed_sets()
             theta = {name: self.observe(self.model, name) for name in sets}
             summary = {"theta_hat": {name: o["f_mean"] for name, o in theta.items()}}
-            rates = {name: theta_hat_rates(o) for name, o in theta.items() if theta_hat_rates(o)}
+            from .behaviour import target_rates
+
+            rates = {name: r for name, r in ((n, target_rates(o)) for n, o in theta.items()) if r}
             if rates:
                 summary["theta_hat_target_rate"] = rates
                 if not any(v for r in rates.values() for v in r.values()):
