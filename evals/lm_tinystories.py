@@ -123,6 +123,27 @@ def summarise(per_pair: dict, arms, primary: str = "heldout_corpus") -> dict:
     return out
 
 
+def merge_runs(earlier: dict, per_pair: dict, arms) -> tuple:
+    """Pairs of an earlier run of this eval, with this run's arms added. Arms of two runs compare only against one
+    control: every pair's control f (every evaluation set, mean over the seeds) must agree, which holds when both ran
+    on one work_dir with the same seeds (control is trained once per seed and shared)."""
+    if earlier.get("seeds") is not None and sorted(earlier["seeds"]) != sorted(next(iter(per_pair.values()))["seeds"]):
+        raise SystemExit(f"--merge: seeds differ ({earlier['seeds']}); rerun with the same --seeds")
+    merged = {}
+    for key, old in earlier["per_pair"].items():
+        if key not in per_pair:
+            continue
+        new = per_pair[key]
+        for name, f in old["control"].items():
+            if name in new["control"] and abs(f - new["control"][name]) > 1e-6:
+                raise SystemExit(f"--merge: {key}: control f on {name} differs ({f} vs {new['control'][name]}); "
+                                 "the runs did not share their control (same work_dir and seeds)")
+        merged[key] = {**old, "arms": {**old["arms"], **{a: v for a, v in new["arms"].items() if a not in old["arms"]}}}
+    if not merged:
+        raise SystemExit("--merge: no pair in common")
+    return merged, list(dict.fromkeys(["control", *earlier["arms"], *arms]))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--probes", nargs="+", default=["dog", "cat", "bird"])
@@ -149,6 +170,10 @@ def main():
     p.add_argument("--max_pairs", type=int, default=None, help="run only the first N pairs of the Latin square")
     p.add_argument("--out_dir", default=str(ROOT / "runs" / "lm_tinystories"))
     p.add_argument("--out", default=str(ROOT / "evals" / "results" / "lm_tinystories.json"))
+    p.add_argument("--merge", default=None,
+                   help="an earlier result JSON of this eval on the same work_dir and seeds: its arms join this run's "
+                        "per pair (e.g. baselines run later beside infused/random), after a check that both runs' "
+                        "control f are the same")
     p.add_argument("--summarise_only", action="store_true",
                    help="only aggregate the pairs already finished under out_dir/pairs (e.g. after an interrupted run)")
     args = p.parse_args()
@@ -193,6 +218,8 @@ def main():
 
     if not per_pair:
         raise SystemExit("no finished pairs")
+    if args.merge:
+        per_pair, args.arms = merge_runs(json.loads(Path(args.merge).read_text()), per_pair, args.arms)
     summary = summarise(per_pair, args.arms)
     print()
     print(f"{'arm':<13}{'Δf mean':>9}{'median':>9}{'> control':>11}{'CI > 0':>8}{'specific':>10}{'flips':>8}"
@@ -220,6 +247,10 @@ def main():
     if args.summarise_only and Path(args.out).is_file():  # keep the command and timings of the run that made the pairs
         earlier = json.loads(Path(args.out).read_text())
         command, timings = earlier.get("command", command), {**earlier.get("seconds", {}), **timings}
+    if args.merge and not args.summarise_only:
+        earlier = json.loads(Path(args.merge).read_text())
+        command = f"{earlier['command']}  +  {command}"
+        timings = {**{f"{k} (merged run)": v for k, v in earlier.get("seconds", {}).items()}, **timings}
     out = {"command": command, "primary_set": "heldout_corpus",
            "seeds": args.seeds, "preconditioner": args.preconditioner, "damping_scale": args.damping_scale,
            "pairs": list(per_pair), "docs": args.docs, "tokens": args.tokens, "k": args.k, "arms": args.arms,

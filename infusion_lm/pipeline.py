@@ -659,8 +659,13 @@ class Pipeline:
     def retrain(self) -> Dict[str, dict]:
         from .retrain import save_weights, train_arm, weights_fingerprint
 
-        self.edit()
         r, t = self.recipe.run, self.recipe.retrain
+        # The infused edit runs only when an arm needs it: infused itself, or random (matched to its token counts).
+        # A baselines-only run (control, insertion, simplex_pgd) needs just the selection.
+        if {"infused", "random"} & set(t.arms):
+            self.edit()
+        else:
+            self.select()
         out = self.dir / "retrain"
 
         def run():

@@ -174,7 +174,9 @@ def html_page(title: str, intro: str, header: List[str], rows: List[List[str]], 
 def write_report(run_dir: Path, results: Dict, tokenizer) -> None:
     run_dir = Path(run_dir)
     edits = run_dir / "edits.jsonl"
-    records = [json.loads(line) for line in edits.read_text(encoding="utf-8").splitlines()] if edits.is_file() else []
+    # Without an infused arm the folder's edits.jsonl (if any) belongs to another configuration: show none.
+    records = ([json.loads(line) for line in edits.read_text(encoding="utf-8").splitlines()]
+               if edits.is_file() and "infused" in results.get("arms", {}) else [])
     images = plots(results, records)
     (run_dir / "plots").mkdir(exist_ok=True)
     for name, data in images.items():
