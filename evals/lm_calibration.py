@@ -14,6 +14,7 @@ Setup: the TinyStories protocol of evals/lm_tinystories.py (SmolLM2-135M-Instruc
    (over ``--layers``; over every decoder layer, ``optimizer_all_layers``; and over those plus the embeddings,
    ``optimizer_all_params``).
 4. Per strategy: Spearman(predicted, actual), the median actual / predicted ratio, and the fraction of signs right.
+   J(z) for the predictions is exact (forward-mode, ``infusion_lm.forward_mode_j``).
 
     python evals/lm_calibration.py [--probe dog --target bear] [--n_edits 30]
 """
@@ -168,8 +169,12 @@ def main():
     edited_rows = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in edits]
     results = {}
     actual = np.array([e["actual_delta_f"] for e in edits])
+    from infusion_lm.forward_mode_j import ForwardModeJ
+
     for name, v in vs.items():
-        Jv = inf.FiniteDifferenceJ(model, v, eps_rel=1e-4)
+        # Exact J (a Jacobian-vector product): ΔJ of a one-document edit is small beside J itself, so the finite
+        # difference's ~1% error per document would blur the ranking.
+        Jv = ForwardModeJ(model, v)
         before = Jv.dataset([rows[e["doc_index"]] for e in edits], pad, batch_size=8).numpy()
         after = Jv.dataset(edited_rows, pad, batch_size=8).numpy()
         pred = -(after - before) / divisors[name]

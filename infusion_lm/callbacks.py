@@ -150,6 +150,7 @@ class InfusionCallback(TrainerCallback):
 
         from . import influence as inf
         from .editors import build_editor
+        from .forward_mode_j import document_j
         from .pipeline import select_documents
         from .tracking import resolve_tracked_modules
 
@@ -164,7 +165,7 @@ class InfusionCallback(TrainerCallback):
                                    use_empirical_fisher=i.use_empirical_fisher, batch_size=i.batch_size,
                                    covariance_max_examples=i.covariance_max_examples, overwrite=True)
             v = inf.compute_ihvp(model, self.measurement, tracked, fdir, i.damping)
-            J = inf.FiniteDifferenceJ(model, v, eps_rel=i.fd_eps_rel).dataset(rows, pad, batch_size=i.batch_size)
+            J = document_j(model, v, i.j_method, i.fd_eps_rel).dataset(rows, pad, batch_size=i.batch_size)
             chosen = select_documents(J, self.k)["indices"]
             editor = build_editor(model, self.tok, v, self.edit, i.fd_eps_rel)
             results = editor.edit_many([rows[c] for c in chosen])

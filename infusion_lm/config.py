@@ -195,6 +195,12 @@ class InfluenceArguments:
     fd_eps_rel: float = field(default=1e-4, metadata=_help(
         "Finite-difference step for the forward-only J(z): ε‖v‖ = fd_eps_rel · ‖θ_tracked‖ (J is always computed "
         "in fp32). The error against autograd is measured by evals/bench_influence.py (see the README)."))
+    j_method: str = field(default="forward_mode", metadata=_help(
+        "How J(z) of whole documents is computed where kronfluence's scores do not apply (a scaled damping, the "
+        "optimizer's v, the defender's view, the Trainer callback). `forward_mode`: one forward pass with a "
+        "Jacobian-vector product, exact (autograd to fp32 rounding). `finite_difference`: "
+        "[L(θ̂+εv) − L(θ̂−εv)] / 2ε with `fd_eps_rel`. The editor scores its candidates with the finite difference "
+        "either way: its shared-prefix cache makes many variants of one document cheaper there. Text only."))
     preconditioner: str = field(default="factors", metadata=_help(
         "What v models. `factors`: v = (G+λI)⁻¹∇f from kronfluence's factors (`strategy`, `damping`), the response "
         "of training to convergence. `optimizer`: v = steps · lr · ∇f / (√v̂ + ε) / tokens per batch, the "
@@ -219,6 +225,8 @@ class InfluenceArguments:
             raise ConfigError("influence.batch_size must be >= 1.")
         if not 0 < self.fd_eps_rel < 1:
             raise ConfigError("influence.fd_eps_rel must be in (0, 1); 1e-4 is a good default for fp32.")
+        if self.j_method not in {"forward_mode", "finite_difference"}:
+            raise ConfigError(f"influence.j_method {self.j_method!r} is not one of forward_mode, finite_difference.")
         if self.preconditioner not in {"factors", "optimizer"}:
             raise ConfigError(f"influence.preconditioner {self.preconditioner!r} is not one of factors, optimizer.")
         if self.damping_scale <= 0:

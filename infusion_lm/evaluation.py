@@ -128,7 +128,8 @@ class DefenderView:
     measurement the defender states itself. Clean-corpus scores are computed once and shared by every arm."""
 
     def __init__(self, pipe):
-        from .influence import FiniteDifferenceJ, compute_ihvp
+        from .forward_mode_j import document_j
+        from .influence import compute_ihvp
         from .losses import perplexities
         from .measurement import any_word_measurement
 
@@ -150,7 +151,8 @@ class DefenderView:
 
                 v, _ = optimizer_ihvp(pipe.model, measurement, pipe.tracked, pipe.arm_rows({}), pipe.recipe.retrain,
                                       self.pad, pipe._checkpoint_step(), stats=pipe.optimizer_stats())
-            self.J = FiniteDifferenceJ(pipe.model, v, eps_rel=pipe.recipe.influence.fd_eps_rel)
+            i = pipe.recipe.influence
+            self.J = document_j(pipe.model, v, i.j_method, i.fd_eps_rel)
             self.words = words
             self.clean["defender_influence"] = (-self.J.dataset(rows, self.pad)).tolist()
 

@@ -259,8 +259,10 @@ class Pipeline:
                            "max_grad_norm")}}
             return fingerprint(key)
         if stage == "score":
-            return fingerprint({"measure": self._fp("measure"), "fd_eps_rel": i.fd_eps_rel}
-                               if not (self.uses_factors and i.damping_scale == 1.0) else {"measure": self._fp("measure")})
+            if self.uses_factors and i.damping_scale == 1.0:  # kronfluence's own scores
+                return fingerprint({"measure": self._fp("measure")})
+            return fingerprint({"measure": self._fp("measure"), "j_method": i.j_method,
+                                **({"fd_eps_rel": i.fd_eps_rel} if i.j_method == "finite_difference" else {})})
         if stage == "select":
             return fingerprint({"score": self._fp("score"), "k": self.recipe.select.k})
         if stage == "edit":
@@ -545,7 +547,9 @@ class Pipeline:
                                                 **self.influence_kwargs(self.measurement), strategy=i.strategy,
                                                 damping=i.damping, batch_size=i.batch_size)
             else:  # kronfluence cannot express this v (a per-module scaled λ, or the optimizer's): J from ihvp.safetensors
-                J = inf.FiniteDifferenceJ(self.model, self.load_ihvp(), eps_rel=i.fd_eps_rel)
+                from .forward_mode_j import document_j
+
+                J = document_j(self.model, self.load_ihvp(), i.j_method, i.fd_eps_rel)
                 scores = J.dataset(self.dataset, self.tokenizer.pad_token_id, batch_size=i.batch_size,
                                    progress=self.progress).float()
             if is_main():
