@@ -205,7 +205,8 @@ def write_report(run_dir: Path, results: Dict, tokenizer) -> None:
         md += ["", "## Per seed", "", "| " + " | ".join(seed_header) + " |", "|" + "---|" * len(seed_header)]
         md += ["| " + " | ".join(r) + " |" for r in per_seed]
     md += ["", "## Plots", ""] + [f"![{n}](plots/{n})" for n in images]
-    md += ["", "## Edited documents (infused arm)", "", "Removed tokens ~~struck through~~, new ones in **bold**.", ""]
+    if records:
+        md += ["", "## Edited documents (infused arm)", "", "Removed tokens ~~struck through~~, new ones in **bold**.", ""]
     for r in records:
         md += [f"### Document {r['doc_index']}: J {r['J_before']:.4g} → {r['J_after']:.4g}, "
                f"{r['n_changed']} tokens changed, perplexity {r['perplexity_before']:.3g} → {r['perplexity_after']:.3g}",
@@ -218,8 +219,9 @@ def write_report(run_dir: Path, results: Dict, tokenizer) -> None:
         body += ["<h2>Per seed</h2><table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in seed_header) + "</tr>"]
         body += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in per_seed]
         body += ["</table>"]
-    body += ["<h2>Edited documents (infused arm)</h2><p>Removed tokens <del>struck through</del>, new ones in "
-             "<b>bold</b>.</p>"]
+    if records:
+        body += ["<h2>Edited documents (infused arm)</h2><p>Removed tokens <del>struck through</del>, new ones in "
+                 "<b>bold</b>.</p>"]
     for r in records:
         body += [f"<h3>Document {r['doc_index']}: J {r['J_before']:.4g} → {r['J_after']:.4g}, {r['n_changed']} tokens "
                  f"changed, perplexity {r['perplexity_before']:.3g} → {r['perplexity_after']:.3g}</h3>",

@@ -100,6 +100,19 @@ def test_zero_edits_train_to_identical_weights(tmp_path, tiny_model_dir):
     assert control["measurement"]["f"] == infused["measurement"]["f"]
 
 
+def test_a_baselines_only_run_skips_the_infused_edit(tmp_path, tiny_model_dir):
+    """control + insertion needs the selection, not the swap editor: no edit stage runs and the report shows no edits."""
+    recipe = _run_recipe(tmp_path, tiny_model_dir, retrain={**FAST["retrain"], "arms": ["control", "insertion"]})
+    assert main(["run", str(recipe), "--quiet"]) == 0
+    run = tmp_path / "run"
+    assert not (run / "stages" / "edit.json").exists() and not (run / "edits.jsonl").exists()
+    res = read_json(run / "results.json")
+    assert set(res["arms"]) == {"insertion"}
+    chosen = read_json(run / "selection.json")["indices"]
+    assert read_json(run / "retrain" / "insertion" / "observations.json")["replaced"] == sorted(chosen)
+    assert "Edited documents" not in (run / "report.md").read_text()
+
+
 @pytest.mark.parametrize("case,over,message", [
     ("no_heldout", {"measurement": {"heldout_documents": []}}, "needs a held-out measurement set"),
     ("overlap", {"measurement": {"heldout_documents": ["The dog ran to the park."]}}, "also appear in the measurement set"),
