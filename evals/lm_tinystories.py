@@ -95,7 +95,7 @@ def summarise(per_pair: dict, arms, primary: str = "heldout_corpus") -> dict:
         d = [x["delta_f"]["mean"] for x in rows]
         ci_above = [x["delta_f"].get("ci") is not None and x["delta_f"]["ci"][0] > 0 for x in rows]
         spec = [x["specificity"]["target_specific_gain"]["mean"] for x in rows]
-        out[arm] = {"delta_f_mean": statistics.mean(d), "delta_f_median": statistics.median(d),
+        out[arm] = {"n_pairs": len(rows), "delta_f_mean": statistics.mean(d), "delta_f_median": statistics.median(d),
                     "pairs_above_control": sum(x > 0 for x in d) / len(d),
                     "pairs_ci_excludes_0": sum(ci_above) / len(ci_above),
                     "target_specific_gain_mean": statistics.mean(spec),
@@ -108,13 +108,14 @@ def summarise(per_pair: dict, arms, primary: str = "heldout_corpus") -> dict:
             out[arm]["perplexity_ratio_median"] = statistics.median(e["perplexity_ratio_median"] for e in edits)
             out[arm]["tokens_changed"] = sum(e["tokens_changed"] for e in edits)
     if "infused" in out:
-        sw = {k: entry(p, "infused")["delta_f"]["mean"] for k, p in per_pair.items()}
         for base in ("random", "simplex_pgd", "insertion"):
-            if base in out:
-                other = {k: entry(p, base)["delta_f"]["mean"] for k, p in per_pair.items()}
-                out["infused"][f"beats_{base}_pairs"] = sum(sw[k] > other[k] for k in sw) / len(sw)
-                denom = statistics.mean(other.values())
-                out["infused"][f"ratio_to_{base}"] = statistics.mean(sw.values()) / denom if denom else None
+            if base in out:  # on the pairs where both arms ran
+                both = [p for p in per_pair.values() if "infused" in p["arms"] and base in p["arms"]]
+                sw = [entry(p, "infused")["delta_f"]["mean"] for p in both]
+                other = [entry(p, base)["delta_f"]["mean"] for p in both]
+                out["infused"][f"beats_{base}_pairs"] = sum(a > b for a, b in zip(sw, other)) / len(both)
+                out["infused"][f"vs_{base}_n_pairs"] = len(both)
+                out["infused"][f"ratio_to_{base}"] = statistics.mean(sw) / statistics.mean(other) if statistics.mean(other) else None
         verdicts = [p.get("verdict", {}).get("infused_minus_random") for p in per_pair.values()]
         verdicts = [v for v in verdicts if v]
         if verdicts:
@@ -131,7 +132,8 @@ def merge_runs(earlier: dict, per_pair: dict, arms) -> tuple:
         raise SystemExit(f"--merge: seeds differ ({earlier['seeds']}); rerun with the same --seeds")
     merged = {}
     for key, old in earlier["per_pair"].items():
-        if key not in per_pair:
+        if key not in per_pair:  # the later arms did not reach this pair (an interrupted run): the earlier arms only
+            merged[key] = old
             continue
         new = per_pair[key]
         for name, f in old["control"].items():
@@ -139,7 +141,7 @@ def merge_runs(earlier: dict, per_pair: dict, arms) -> tuple:
                 raise SystemExit(f"--merge: {key}: control f on {name} differs ({f} vs {new['control'][name]}); "
                                  "the runs did not share their control (same work_dir and seeds)")
         merged[key] = {**old, "arms": {**old["arms"], **{a: v for a, v in new["arms"].items() if a not in old["arms"]}}}
-    if not merged:
+    if not set(per_pair) & set(merged):
         raise SystemExit("--merge: no pair in common")
     return merged, list(dict.fromkeys(["control", *earlier["arms"], *arms]))
 
@@ -222,10 +224,10 @@ def main():
         per_pair, args.arms = merge_runs(json.loads(Path(args.merge).read_text()), per_pair, args.arms)
     summary = summarise(per_pair, args.arms)
     print()
-    print(f"{'arm':<13}{'Δf mean':>9}{'median':>9}{'> control':>11}{'CI > 0':>8}{'specific':>10}{'flips':>8}"
-          f"{'Δrank':>8}")
+    print(f"{'arm':<13}{'pairs':>6}{'Δf mean':>9}{'median':>9}{'> control':>11}{'CI > 0':>8}{'specific':>10}"
+          f"{'flips':>8}{'Δrank':>8}")
     for arm, s in summary.items():
-        print(f"{arm:<13}{s['delta_f_mean']:>+9.4f}{s['delta_f_median']:>+9.4f}{s['pairs_above_control']:>11.0%}"
+        print(f"{arm:<13}{s['n_pairs']:>6}{s['delta_f_mean']:>+9.4f}{s['delta_f_median']:>+9.4f}{s['pairs_above_control']:>11.0%}"
               f"{s['pairs_ci_excludes_0']:>8.0%}{s['target_specific_gain_mean']:>+10.4f}{s['top1_flip_rate_mean']:>8.2%}"
               f"{s['delta_target_rank_mean']:>+8.1f}")
     sw = summary.get("infused", {})
