@@ -207,6 +207,12 @@ class InfluenceArguments:
         "first-order effect of the retraining that actually runs (AdamW's step scale; v̂ from the clean "
         "checkpoint's optimizer state, or, without one, the mean squared mini-batch gradient over the corpus). "
         "Scores are then ⟨∇L(z), v⟩ for every document, without kronfluence."))
+    prediction: str = field(default="optimizer", metadata=_help(
+        "What each edit's predicted_delta_f models. `optimizer` (default): the first-order effect of the retraining "
+        "that runs, v = the AdamW/SGD response over every decoder layer's projections (retraining moves all of "
+        "them), predicted Δf = −(J(z') − J(z)); on single-document edits retrained alone it gets the size right "
+        "(evals/lm_calibration.py). `same_v`: −(J(z') − J(z)) / n with the v that selected and edited, which ranks "
+        "edits well but, for the factors' v, overstates the size. Text only."))
     damping_scale: float = field(default=1.0, metadata=_help(
         "factors: multiply the damping (the per-module heuristic, or `damping`) by this. A few retraining steps act "
         "like strong damping: on single-document edits retrained alone, 1000 ranked the actual change best "
@@ -227,6 +233,8 @@ class InfluenceArguments:
             raise ConfigError("influence.fd_eps_rel must be in (0, 1); 1e-4 is a good default for fp32.")
         if self.j_method not in {"forward_mode", "finite_difference"}:
             raise ConfigError(f"influence.j_method {self.j_method!r} is not one of forward_mode, finite_difference.")
+        if self.prediction not in {"optimizer", "same_v"}:
+            raise ConfigError(f"influence.prediction {self.prediction!r} is not one of optimizer, same_v.")
         if self.preconditioner not in {"factors", "optimizer"}:
             raise ConfigError(f"influence.preconditioner {self.preconditioner!r} is not one of factors, optimizer.")
         if self.damping_scale <= 0:

@@ -80,6 +80,8 @@ def _edit_summary(records: List[Dict]) -> Dict:
             "budget": sum(r["budget"] for r in records),
             "J_before": sum(r["J_before"] for r in records), "J_after": sum(r["J_after"] for r in records),
             "predicted_delta_f": sum(r["predicted_delta_f"] for r in records),
+            **({"predicted_delta_f_same_v": sum(r["predicted_delta_f_same_v"] for r in records)}
+               if all("predicted_delta_f_same_v" in r for r in records) else {}),
             "perplexity_ratio_median": statistics.median(ratios) if ratios else None,
             "perplexity_ratio_max": max(ratios) if ratios else None}
 

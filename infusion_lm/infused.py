@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from .corpus import IGNORE_INDEX
 from .storage import atomic_dir, atomic_path
@@ -39,9 +39,13 @@ def _decode(tokenizer, ids: Sequence[int], labels: Sequence[int]) -> str:
 
 
 def edit_records(tokenizer, indices: Sequence[int], results, n_docs: int, editor: str,
-                 ppl_before: Sequence[float], ppl_after: Sequence[float]) -> List[Dict]:
+                 ppl_before: Sequence[float], ppl_after: Sequence[float],
+                 predicted: Optional[Sequence[float]] = None) -> List[Dict]:
+    """One record per edited document. predicted_delta_f is ``predicted`` (a calibrated model of the retraining) where
+    given, else −ΔJ / n_docs with the editing v (kept as predicted_delta_f_same_v either way)."""
     records = []
-    for i, r, pb, pa in zip(indices, results, ppl_before, ppl_after):
+    for j, (i, r, pb, pa) in enumerate(zip(indices, results, ppl_before, ppl_after)):
+        same_v = -(float(r.J_after) - float(r.J_before)) / n_docs
         records.append({
             "doc_index": int(i),
             "text": _decode(tokenizer, r.input_ids, r.labels),
@@ -54,7 +58,8 @@ def edit_records(tokenizer, indices: Sequence[int], results, n_docs: int, editor
             "budget": r.budget,
             "J_before": float(r.J_before),
             "J_after": float(r.J_after),
-            "predicted_delta_f": -(float(r.J_after) - float(r.J_before)) / n_docs,
+            "predicted_delta_f": float(predicted[j]) if predicted is not None else same_v,
+            "predicted_delta_f_same_v": same_v,
             "perplexity_before": float(pb),
             "perplexity_after": float(pa),
             "editor": editor,

@@ -267,7 +267,7 @@ class Pipeline:
             return fingerprint({"score": self._fp("score"), "k": self.recipe.select.k})
         if stage == "edit":
             return fingerprint({"select": self._fp("select"), "edit": asdict(self.recipe.edit),
-                                "fd_eps_rel": i.fd_eps_rel})
+                                "fd_eps_rel": i.fd_eps_rel, "prediction": i.prediction})
         if stage == "retrain":
             return fingerprint({"edit": self._fp("edit"), "retrain": asdict(self.recipe.retrain),
                                 "measurement": asdict(self.recipe.measurement),
@@ -587,8 +587,35 @@ class Pipeline:
         pad = self.tokenizer.pad_token_id
         after = [{"input_ids": r.input_ids, "labels": r.labels} for r in results]
         records = edit_records(self.tokenizer, indices, results, self.prediction_divisor, args.editor,
-                               perplexities(self.model, rows, pad), perplexities(self.model, after, pad))
+                               perplexities(self.model, rows, pad), perplexities(self.model, after, pad),
+                               self._predicted_response(rows, after))
         write_edit_outputs(out_dir, self.tokenizer, self.dataset, records, self.documents)
+
+    def _predicted_response(self, before: List[dict], after: List[dict]) -> Optional[List[float]]:
+        """Predicted Δf of each edit (``influence.prediction: optimizer``): −(J(z') − J(z)) with v the first-order
+        response of the retraining that runs, over every decoder layer's projections (retraining moves all of them,
+        whatever subset influence tracks). None (the editing v's own −ΔJ/n is used) for `same_v` or another
+        optimizer. The v is built once per pipeline: one gradient pass over the corpus."""
+        from .optimizer_influence import optimizer_ihvp
+        from .tracking import resolve_tracked_modules
+
+        i, t = self.recipe.influence, self.recipe.retrain
+        if i.prediction != "optimizer":
+            return None
+        if not (t.optim.startswith("adam") or t.optim.startswith("sgd")):
+            logger.warning("influence.prediction=optimizer models AdamW and SGD, not retrain.optim=%r: predicted Δf "
+                           "uses the editing v instead (influence.prediction: same_v).", t.optim)
+            return None
+        from .forward_mode_j import ForwardModeJ
+
+        pad = self.tokenizer.pad_token_id
+        if "_prediction_J" not in self.__dict__:
+            v, _ = optimizer_ihvp(self.model, self.measurement, resolve_tracked_modules(self.model), self.arm_rows({}),
+                                  t, pad, self._checkpoint_step(), progress=self.progress)
+            self.__dict__["_prediction_J"] = ForwardModeJ(self.model, v)
+        J = self.__dict__["_prediction_J"]
+        strip = lambda rows: [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows]
+        return (-(J.dataset(strip(after), pad) - J.dataset(strip(before), pad))).tolist()
 
     def _replacements(self, arm: str, indices: List[int]) -> Dict[int, dict]:
         """Which documents an arm replaces, and with what (input_ids/labels rows)."""

@@ -132,7 +132,7 @@ def plots(results: Dict, records: List[Dict]) -> Dict[str, bytes]:
         lo = min(min(d["predicted_delta_f"], d["actual_delta_f"]) for _, d in pva)
         hi = max(max(d["predicted_delta_f"], d["actual_delta_f"]) for _, d in pva)
         ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8, ls="--")
-        ax.set_xlabel("predicted Δf (Σ −ΔJ/n)")
+        ax.set_xlabel("predicted Δf (sum over the edited documents)")
         ax.set_ylabel("actual Δf (measurement)")
         ax.legend()
         ax.set_title("Predicted against actual")

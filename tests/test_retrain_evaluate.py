@@ -161,6 +161,31 @@ def test_influence_at_the_clean_checkpoint(tmp_path, tiny_model_dir):
     obs = read_json(run / "retrain" / "infused" / "observations.json")
     assert obs["checkpoint"] == str(ckpts[0])
 
+    # predicted_delta_f (influence.prediction: optimizer) is −(J(z') − J(z)) for the optimizer's v over every layer at
+    # the checkpoint's step, recomputed here with per-document autograd; the editing v's −ΔJ/n is kept beside it.
+    from infusion_lm import influence as inf
+    from infusion_lm.optimizer_influence import optimizer_ihvp
+    from infusion_lm.tracking import resolve_tracked_modules
+
+    records = [json.loads(line) for line in (run / "edits.jsonl").read_text().splitlines()]
+    v, info = optimizer_ihvp(theta, pipe.measurement, resolve_tracked_modules(theta), pipe.arm_rows({}),
+                             pipe.recipe.retrain, pipe.tokenizer.pad_token_id, pipe._checkpoint_step())
+    assert info["start_step"] == 3
+    pad = pipe.tokenizer.pad_token_id
+    def J(rows):
+        return inf.autograd_scores(theta, rows, v, pad_token_id=pad)
+
+    # Plain text: the labels are the ids wherever the training mask keeps them.
+    before = [{"input_ids": r["original_input_ids"],
+               "labels": [-100 if l == -100 else t for l, t in zip(r["labels"], r["original_input_ids"])]}
+              for r in records]
+    expected = -(J([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in records]) - J(before))
+    got = torch.tensor([r["predicted_delta_f"] for r in records], dtype=torch.float64)
+    assert float(expected.abs().max()) > 0
+    torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-4 * float(expected.abs().max()))
+    same_v = [-(r["J_after"] - r["J_before"]) / len(pipe.dataset) for r in records]
+    assert [r["predicted_delta_f_same_v"] for r in records] == pytest.approx(same_v)
+
 
 def test_retrain_stage_infused_arm_raises_f_over_control(tmp_path, tok):
     """Through the real stages and the HF Trainer: on a tiny model trained near a minimum, the infused arm ends with
