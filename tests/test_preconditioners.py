@@ -43,8 +43,9 @@ def test_scores_edits_and_prediction_come_from_the_saved_v(tmp_path, tiny_model_
     scores = read_tensors(run / "scores.safetensors")["scores"].double()
     assert torch.allclose(scores, ref, rtol=2e-2, atol=2e-2 * float(ref.abs().max())), (scores, ref)
     records = [json.loads(line) for line in (run / "edits.jsonl").read_text().splitlines()]
-    for r in records:
-        assert r["predicted_delta_f"] == pytest.approx(-(r["J_after"] - r["J_before"]) / measure["prediction_divisor"])
+    for r in records:  # the editing v's own prediction (the default, calibrated one: test_retrain_evaluate.py)
+        assert r["predicted_delta_f_same_v"] == pytest.approx(
+            -(r["J_after"] - r["J_before"]) / measure["prediction_divisor"])
     res = read_json(run / "results.json")
     assert "defender_influence_auroc" in res["arms"]["infused"]["detectors"]
 
