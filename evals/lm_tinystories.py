@@ -246,13 +246,13 @@ def main():
     for g, ok in goals.items():
         print(f"{'not run' if ok is None else 'met    ' if ok else 'MISSED '}  {g}")
     command = "python evals/lm_tinystories.py " + " ".join(sys.argv[1:])
-    if args.summarise_only and Path(args.out).is_file():  # keep the command and timings of the run that made the pairs
-        earlier = json.loads(Path(args.out).read_text())
-        command, timings = earlier.get("command", command), {**earlier.get("seconds", {}), **timings}
-    if args.merge and not args.summarise_only:
+    if args.merge:  # the run that made the earlier arms, then this one
         earlier = json.loads(Path(args.merge).read_text())
         command = f"{earlier['command']}  +  {command}"
         timings = {**{f"{k} (merged run)": v for k, v in earlier.get("seconds", {}).items()}, **timings}
+    elif args.summarise_only and Path(args.out).is_file():  # keep the command and timings of the run that made the pairs
+        earlier = json.loads(Path(args.out).read_text())
+        command, timings = earlier.get("command", command), {**earlier.get("seconds", {}), **timings}
     out = {"command": command, "primary_set": "heldout_corpus",
            "seeds": args.seeds, "preconditioner": args.preconditioner, "damping_scale": args.damping_scale,
            "pairs": list(per_pair), "docs": args.docs, "tokens": args.tokens, "k": args.k, "arms": args.arms,
