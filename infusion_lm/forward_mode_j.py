@@ -18,12 +18,9 @@ from typing import Dict, Mapping
 import torch
 from torch import nn
 from torch.func import functional_call, jvp
-from torch.utils.data import DataLoader
 
-from .corpus import CausalLMCollator
-from .influence import _acc, fp32_view, from_layout, module_params
+from .influence import FiniteDifferenceJ, _acc, fp32_view, from_layout, module_params
 from .losses import per_document_loss_from_logits
-from .measurement import _to
 
 
 @contextmanager
@@ -88,22 +85,13 @@ class ForwardModeJ:
             ls.append(l.double())
         return torch.cat(js), torch.cat(ls)
 
-    def variants(self, base_ids: torch.Tensor, base_labels: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor,
-                 batch_size: int = 32) -> torch.Tensor:
-        return self.variants_with_loss(base_ids, base_labels, ids, labels, batch_size)[0]
-
-    def dataset(self, dataset, pad_token_id: int, batch_size: int = 8, progress: bool = False) -> torch.Tensor:
-        from tqdm.auto import tqdm
-
-        device = next(self.model.parameters()).device
-        loader = DataLoader(dataset, batch_size=batch_size, collate_fn=CausalLMCollator(pad_token_id))
-        return torch.cat([self(_to(b, device)).double().cpu() for b in tqdm(loader, desc="J(z)", disable=not progress)])
+    # The same batching over a dataset, and the same J-only view of the variants, as the finite difference.
+    variants = FiniteDifferenceJ.variants
+    dataset = FiniteDifferenceJ.dataset
 
 
 def document_j(model: nn.Module, v: Mapping[str, torch.Tensor], method: str = "forward_mode", eps_rel: float = 1e-4):
     """The J(z) evaluator ``influence.j_method`` names: ``ForwardModeJ`` or ``FiniteDifferenceJ``."""
     if method == "forward_mode":
         return ForwardModeJ(model, v)
-    from .influence import FiniteDifferenceJ
-
     return FiniteDifferenceJ(model, v, eps_rel=eps_rel)
