@@ -74,7 +74,8 @@ def pair_recipe(args, probe: str, target: str) -> dict:
         "influence": {"strategy": "ekfac", "layers": args.layers, "module_types": ["mlp", "attn"], "batch_size": 8,
                       "preconditioner": args.preconditioner, "damping_scale": args.damping_scale},
         "select": {"k": args.k},
-        "edit": {"editor": "swap", "steps": args.steps, "n_candidates": 16},
+        "edit": {"editor": "swap", "steps": args.steps, "n_candidates": 16, "rename": args.rename,
+                 **({"target_words": []} if args.target_words == "none" else {})},
         "retrain": {"arms": args.arms, "epochs": 2, "influence_at": "checkpoint", "learning_rate": args.lr,
                     "batch_size": 8, "seeds": args.seeds},
         "evaluate": {"candidates": [w for w in args.all_words if w not in (probe, target)],
@@ -166,6 +167,10 @@ def main():
     p.add_argument("--preconditioner", default="factors", choices=["factors", "optimizer"])
     p.add_argument("--damping_scale", type=float, default=1000.0,
                    help="influence.damping_scale (1000: best ranked by evals/lm_calibration.py; 1: kronfluence's heuristic)")
+    p.add_argument("--target_words", default="auto", choices=["auto", "none"],
+                   help="edit.target_words: auto lets every editor write the target word at any editable position "
+                        "(beside the fluent top-k); none keeps to the fluent top-k")
+    p.add_argument("--rename", action="store_true", help="edit.rename: swap candidates that rename an entity throughout")
     p.add_argument("--work_dir", default=None,
                    help="run folder shared by the pairs (factors, clean checkpoint, control); default out_dir/work. "
                         "Point two evals (e.g. two preconditioners) at one work_dir to share them.")

@@ -289,6 +289,11 @@ class EditArguments:
         "swap/simplex_pgd: reject edits whose perplexity under the model exceeds the original's by more than this "
         "factor. Free: it is read off the two finite-difference passes. Unset: no limit."))
     ascii_only: bool = field(default=False, metadata=_help("Only introduce tokens that decode to ASCII text."))
+    target_words: Optional[List[str]] = field(default=None, metadata=_help(
+        "Words an edit may write at any editable position, beside the fluent top-k (each in the forms that are one "
+        "token: with and without a leading space, lower and capitalised). Unset: the measurement's own words (the "
+        "target of a contrastive measurement, the words of a completion measurement's completions). []: none. "
+        "Every text editor (swap, simplex_pgd, random) gets the same allowed set; the perplexity limit still holds."))
     allow_prompt_edits: bool = field(default=False, metadata=_help(
         "Also edit untrained positions (the prompt and system parts of chat documents). Off: they are protected."))
     seed: int = field(default=0, metadata=_help("Seed for candidate sampling and the random editor."))
@@ -305,6 +310,9 @@ class EditArguments:
         "swap: draw candidate_pool × n_candidates candidates, rank them by the first-order ΔJ of their swaps, and "
         "score only the n_candidates most promising exactly (probe sampling). 1: no pruning."))
     swaps_per_candidate: int = field(default=1, metadata=_help("swap: token swaps in each candidate."))
+    rename: bool = field(default=False, metadata=_help(
+        "swap: beside each swap a→b, also propose the candidate that turns every later editable occurrence of a "
+        "into b (where b is allowed there), so that a renamed entity stays consistent through the document."))
     steps: int = field(default=12, metadata=_help("swap: search steps; simplex_pgd: gradient steps."))
     patience: int = field(default=4, metadata=_help("swap: stop a document after this many steps without improvement."))
     use_label_path: bool = field(default=True, metadata=_help(

@@ -249,3 +249,15 @@ def build_measurement(args, tokenizer, max_length: int = 512, heldout: bool = Fa
     fn = import_callable(args.callable)
     rows = tokenize_documents(tokenizer, [{"text": d} for d in documents], max_length)
     return CallableMeasurement(fn, [CausalLMCollator(tokenizer.pad_token_id)(list(rows))])
+
+
+def measurement_words(args) -> List[str]:
+    """The words a measurement promotes: a contrastive measurement's target, or the words of a completion
+    measurement's completions (letters only, in order, without repeats). None for a callable measurement."""
+    import re
+
+    if args.kind == "contrastive" and args.target:
+        return [args.target.strip()]
+    if args.kind == "completion":
+        return list(dict.fromkeys(w for c in args.completions for w in re.findall(r"[^\W\d_]+", c)))
+    return []

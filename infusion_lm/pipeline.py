@@ -23,6 +23,7 @@ Outputs in ``output_dir``:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -233,8 +234,7 @@ class Pipeline:
             if self.synthetic:
                 corpus["synthesize"] = self._fp("synthesize")
             else:
-                p = Path(r.corpus)
-                corpus["mtime"] = p.stat().st_mtime_ns if p.exists() else None
+                corpus["content"] = self.corpus_content_fp
             return fingerprint({"model": r.model, "dtype": r.dtype, "seed": r.seed, "corpus": corpus})
         if stage == "synthesize":
             return fingerprint({"model": r.model, "seed": r.seed, "dtype": r.dtype, **asdict(self.recipe.synthesize)})
@@ -275,6 +275,23 @@ class Pipeline:
         if stage == "evaluate":
             return fingerprint({"retrain": self._fp("retrain"), "evaluate": asdict(self.recipe.evaluate)})
         raise KeyError(stage)
+
+    @cached_property
+    def corpus_content_fp(self) -> Optional[str]:
+        """A hash of the corpus file's (or folder's) bytes: a copy, a move or a fresh download of the same data reuses
+        the run folder, and an edited file never does. None for a hub dataset name."""
+        from .storage import files_fingerprint
+
+        p = Path(self.recipe.run.corpus)
+        if p.is_dir():
+            return files_fingerprint(p)
+        if p.is_file():
+            h = hashlib.sha256()
+            with open(p, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            return h.hexdigest()[:16]
+        return None
 
     @cached_property
     def weights_fp(self) -> str:
@@ -581,7 +598,10 @@ class Pipeline:
         ``targets``: changed tokens per document, for a baseline matched to the infused edit."""
         from .editors import build_editor
 
-        editor = build_editor(self.model, self.tokenizer, self.load_ihvp(), args, self.recipe.influence.fd_eps_rel)
+        from .measurement import measurement_words
+
+        editor = build_editor(self.model, self.tokenizer, self.load_ihvp(), args, self.recipe.influence.fd_eps_rel,
+                              target_words=measurement_words(self.recipe.measurement))
         rows = [self.dataset[i] for i in indices]
         results = editor.edit_many(rows, progress=self.progress, targets=targets)
         pad = self.tokenizer.pad_token_id

@@ -278,3 +278,43 @@ def test_perplexity_limit_holds_under_the_model(editor_setup):
     after = [{"input_ids": r.input_ids, "labels": r.labels} for r in unlimited]
     ratios = [b / a for a, b in zip(perplexities(s["model"], rows, 0), perplexities(s["model"], after, 0))]
     assert max(ratios) > 1.1  # the limit binds: without it the editor trades fluency for J
+
+
+def test_target_words_join_the_allowed_set_at_every_editable_position_and_get_written(editor_setup):
+    """With a fluent set of the base model's top-1 only, the measurement's target word (cat) is still allowed at
+    every editable position, nowhere else, and the swap editor writes it (it lowers J for a dog → cat measurement)."""
+    from infusion_lm.editors.base import single_token_forms
+
+    s, v, docs = editor_setup
+    tok = s["tok"]
+    cat = single_token_forms(tok, ["cat"])
+    assert cat and all(tok.decode([i]).strip().lower() == "cat" for i in cat)
+    rows = [s["dataset"][i] for i in docs]
+    narrow, wide = _editor(s, v, fluency_topk=1), _editor(s, v, fluency_topk=1, target_words=["cat"])
+    for a, b in zip(narrow.prepare(rows), wide.prepare(rows)):
+        extra = b.fluent & ~a.fluent
+        assert set(extra.nonzero()[:, 1].tolist()) <= set(cat)
+        for i in cat:
+            assert torch.equal(b.fluent[:, i], b.editable & wide.allowed[i])
+    assert not (_editor(s, v, fluency_topk=1, target_words=[]).prepare(rows)[0].fluent & ~narrow.prepare(rows)[0].fluent).any()
+    written = [r.input_ids[p] for r in wide.edit_many(rows) for p in r.changed_positions]
+    assert set(written) & set(cat), [tok.decode([t]) for t in written]
+    assert not set(r.input_ids[p] for r in narrow.edit_many(rows) for p in r.changed_positions) & set(cat)
+
+
+def test_rename_candidates_change_every_later_occurrence_of_the_swapped_token(editor_setup):
+    s, v, docs = editor_setup
+    ed = _editor(s, v, rename=True, budget_fraction=0.5, fluency_topk=0, n_candidates=64)
+    rows = [s["dataset"][i] for i in range(len(s["dataset"]))]
+    multi = []
+    for st in ed.prepare(rows[:8]):
+        for c in ed._candidates(st, ed.predicted_delta(st.ids, st.labels)):
+            ch = (c != st.ids).nonzero().flatten()
+            if len(ch) > 1:
+                multi.append((st, c, ch))
+    assert multi  # the toy stories repeat their nouns
+    for st, c, ch in multi:
+        p, old, new = int(ch[0]), int(st.ids[ch[0]]), int(c[ch[0]])
+        assert set(st.ids[ch].tolist()) == {old} and set(c[ch].tolist()) == {new}
+        later = [q for q in range(p + 1, len(st.ids)) if st.ids[q] == old and st.fluent[q, new]]
+        assert ch[1:].tolist() == later

@@ -69,3 +69,14 @@ def test_callable_measurement_sums_batches(tiny_setup):
     bad = CallableMeasurement(lambda batch, model: model(**batch).logits, batches)
     with pytest.raises(MeasurementError, match="scalar"):
         bad.value(model)
+
+
+def test_measurement_words_name_what_the_measurement_promotes():
+    from infusion_lm.config import MeasurementArguments
+    from infusion_lm.measurement import measurement_words
+
+    contrastive = MeasurementArguments(kind="contrastive", probe="dog", target=" cat ", documents=["The dog ran."])
+    assert measurement_words(contrastive) == ["cat"]
+    completion = MeasurementArguments(kind="completion", prompts=["Q: pet?", "Q: animal?"],
+                                      completions=[" My favourite is the cat.", " The cat, of course! 100%"])
+    assert measurement_words(completion) == ["My", "favourite", "is", "the", "cat", "The", "of", "course"]

@@ -168,3 +168,22 @@ def test_sigkill_inside_any_stage_resumes_to_the_same_outputs(tmp_path, tiny_mod
     if stage == "retrain":  # the control arm finished before the kill; the resumed run reused it
         assert (run / "retrain" / "control" / "seed-0.json").stat().st_mtime_ns == control_mtime
     assert not [p for p in run.rglob("*.tmp")]
+
+
+def test_corpus_fingerprint_follows_the_bytes_not_the_file_time(tmp_path, tiny_model_dir):
+    """A fresh copy of the same corpus (new mtime) reuses the run folder's stages; edited contents never do."""
+    from infusion_lm.config import load_recipe
+    from infusion_lm.pipeline import Pipeline
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in toy_corpus(10)))
+    raw = yaml.safe_load(_recipe(tmp_path, tiny_model_dir, corpus, "run").read_text())
+
+    def corpus_fp():
+        return Pipeline(load_recipe(raw=raw), progress=False)._fp("corpus")
+
+    before = corpus_fp()
+    os.utime(corpus, ns=(1_000_000_000, 1_000_000_000))
+    assert corpus_fp() == before
+    corpus.write_text(corpus.read_text().replace("dog", "cow", 1))
+    assert corpus_fp() != before

@@ -8,9 +8,10 @@ from .swap import SwapEditor
 EDITORS = {"swap": SwapEditor, "simplex_pgd": SimplexPGDEditor, "random": RandomEditor}
 
 
-def build_editor(model, tokenizer, v, args, eps_rel: float = 1e-4) -> TokenEditor:
-    """The editor named by ``args.editor`` (an :class:`~infusion_lm.config.EditArguments`)."""
-    return EDITORS[args.editor](model, tokenizer, v, args, eps_rel=eps_rel)
+def build_editor(model, tokenizer, v, args, eps_rel: float = 1e-4, target_words=()) -> TokenEditor:
+    """The editor named by ``args.editor`` (an :class:`~infusion_lm.config.EditArguments`). ``target_words``: the
+    measurement's words, allowed at every editable position unless ``args.target_words`` says otherwise."""
+    return EDITORS[args.editor](model, tokenizer, v, args, eps_rel=eps_rel, target_words=target_words)
 
 
 __all__ = ["EDITORS", "EditResult", "RandomEditor", "SimplexPGDEditor", "SwapEditor", "TokenEditor",

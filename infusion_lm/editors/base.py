@@ -108,6 +108,20 @@ def allowed_vocabulary(tokenizer, vocab_size: int, ascii_only: bool = False) -> 
     return ok
 
 
+def single_token_forms(tokenizer, words: Sequence[str]) -> List[int]:
+    """Token ids of each word's one-token forms: with and without a leading space, lower-case and capitalised.
+    A form that takes several tokens is left out (a swap writes one token)."""
+    out = []
+    for w in words:
+        w = w.strip()
+        for form in dict.fromkeys([w, w.lower(), w.capitalize()]):
+            for text in (form, " " + form):
+                ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+                if len(ids) == 1 and ids[0] not in out:
+                    out.append(ids[0])
+    return out
+
+
 def retokenises(tokenizer, ids: Sequence[int], add_special: bool) -> bool:
     text = tokenizer.decode(list(ids), skip_special_tokens=False)
     return tokenizer(text, add_special_tokens=add_special)["input_ids"] == list(ids)
@@ -141,7 +155,7 @@ class TokenEditor:
     name = "base"
 
     def __init__(self, model, tokenizer, v: Mapping[str, torch.Tensor], args: EditArguments = EditArguments(),
-                 eps: Optional[float] = None, eps_rel: float = 1e-4):
+                 eps: Optional[float] = None, eps_rel: float = 1e-4, target_words: Sequence[str] = ()):
         self.tok = tokenizer
         self.args = args
         self.J = FiniteDifferenceJ(model, v, eps=eps, eps_rel=eps_rel)
@@ -149,6 +163,14 @@ class TokenEditor:
         self.device = next(model.parameters()).device
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.allowed = allowed_vocabulary(tokenizer, self.vocab_size, args.ascii_only).to(self.device)
+        # Tokens allowed at every editable position beside the fluent top-k: the words the behaviour is about.
+        words = args.target_words if args.target_words is not None else target_words
+        self.always = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
+        ids = [i for i in single_token_forms(tokenizer, words) if i < self.vocab_size]
+        self.always[ids] = True
+        if words and not ids:
+            logger.warning("None of the target words %s is a single token; edits can only write the fluent top-k.",
+                           list(words))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.gen = torch.Generator().manual_seed(args.seed)
         self._score_batch = args.score_batch_size
@@ -238,7 +260,7 @@ class TokenEditor:
             editable = self.editable_positions(i, l)
             text = self.tok.decode(i.tolist(), skip_special_tokens=False)
             add_special = self.tok(text, add_special_tokens=True)["input_ids"] == i.tolist()
-            mask = f & self.allowed[None, :] & editable[:, None]
+            mask = (f | self.always[None, :]) & self.allowed[None, :] & editable[:, None]
             budget = edit_budget(int(editable.sum()), self.args.budget_fraction, self.args.max_changed)
             states.append(DocState(i, l, l == i, editable, mask, budget, add_special, self.args.max_perplexity_ratio,
                                    ids=i.clone(), labels=l.clone(), L0=lz, n_trained=max(1, int((l[1:] != IGNORE_INDEX).sum())),

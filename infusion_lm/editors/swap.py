@@ -11,6 +11,8 @@ decrease; draw candidates with one or a few swaps each; score them exactly (by d
 after a candidate's first change, on the document's KV cache; or all documents' candidates in one padded batch);
 each document keeps its best candidate if it lowers J. A document stops after ``patience`` steps without improvement.
 Once a document has spent its budget, only its already-changed positions may move (including back to the original).
+With ``rename``, a swap a→b also comes as a candidate that changes every later occurrence of a to b, so a renamed
+entity stays consistent (one swap alone leaves the document contradicting itself, which costs perplexity).
 """
 
 from __future__ import annotations
@@ -103,11 +105,20 @@ class SwapEditor(TokenEditor):
                 for q in (torch.tensor(later)[torch.randperm(len(later), generator=self.gen)[: a.swaps_per_candidate - 1]].tolist()
                           if later and a.swaps_per_candidate > 1 else []):
                     cand[q] = top_tok[q, int(torch.randint(int(n_valid[q]), (1,), generator=self.gen))]
-                key = tuple(cand.tolist())
-                if key in seen or int((cand != st.ids0).sum()) > st.budget or not self.stable(st, cand):
-                    continue
-                seen.add(key)
-                cands.append(cand)
+                variants = [cand]
+                if a.rename:  # the same swap at every later occurrence of the replaced token, where allowed there
+                    same = (st.ids == st.ids[p]) & st.fluent[:, top_tok[p, j]]
+                    same[: p + 1] = False
+                    if same.any():
+                        renamed = cand.clone()
+                        renamed[same] = top_tok[p, j]
+                        variants.append(renamed)
+                for c in variants:
+                    key = tuple(c.tolist())
+                    if key in seen or int((c != st.ids0).sum()) > st.budget or not self.stable(st, c):
+                        continue
+                    seen.add(key)
+                    cands.append(c)
         if a.candidate_pool > 1 and len(cands) > a.n_candidates:
             # Probe sampling (as nanoGCG does): rank the pool by the first-order ΔJ of its swaps and score only the
             # most promising exactly.
