@@ -175,6 +175,9 @@ def main():
                    help="run folder shared by the pairs (factors, clean checkpoint, control); default out_dir/work. "
                         "Point two evals (e.g. two preconditioners) at one work_dir to share them.")
     p.add_argument("--max_pairs", type=int, default=None, help="run only the first N pairs of the Latin square")
+    p.add_argument("--pairs", nargs="+", default=None, metavar="PROBE:TARGET",
+                   help="run only these pairs of the Latin square (e.g. cat:frog bird:fish), so that two processes on "
+                        "two work_dirs can split it")
     p.add_argument("--out_dir", default=str(ROOT / "runs" / "lm_tinystories"))
     p.add_argument("--out", default=str(ROOT / "evals" / "results" / "lm_tinystories.json"))
     p.add_argument("--merge", default=None,
@@ -198,6 +201,11 @@ def main():
     pairs = [(args.probes[i % len(args.probes)], args.targets[(i + s) % len(args.targets)])
              for s in range(n) for i in range(len(args.probes))]
     pairs = [pr for j, pr in enumerate(pairs) if pr[0] != pr[1] and pr not in pairs[:j]][: args.max_pairs]
+    if args.pairs:
+        wanted = [tuple(x.split(":")) for x in args.pairs]
+        if unknown := [":".join(w) for w in wanted if w not in pairs]:
+            raise SystemExit(f"--pairs {' '.join(unknown)}: not in the Latin square of --probes/--targets")
+        pairs = [pr for pr in pairs if pr in wanted]
     if args.summarise_only:
         pairs = []
         for d in sorted((Path(args.out_dir) / "pairs").glob("*_*")):
