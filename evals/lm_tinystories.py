@@ -116,7 +116,8 @@ def summarise(per_pair: dict, arms, primary: str = "heldout_corpus") -> dict:
                 other = [entry(p, base)["delta_f"]["mean"] for p in both]
                 out["infused"][f"beats_{base}_pairs"] = sum(a > b for a, b in zip(sw, other)) / len(both)
                 out["infused"][f"vs_{base}_n_pairs"] = len(both)
-                out["infused"][f"ratio_to_{base}"] = statistics.mean(sw) / statistics.mean(other) if statistics.mean(other) else None
+                out["infused"][f"ratio_to_{base}"] = statistics.mean(sw) / statistics.mean(other) if statistics.mean(other) > 0 else None
+                out["infused"][f"means_vs_{base}"] = [statistics.mean(sw), statistics.mean(other)]  # infused, base
         verdicts = [p.get("verdict", {}).get("infused_minus_random") for p in per_pair.values()]
         verdicts = [v for v in verdicts if v]
         if verdicts:
@@ -211,7 +212,7 @@ def main():
         for d in sorted((Path(args.out_dir) / "pairs").glob("*_*")):
             res = json.loads((d / "results.json").read_text())
             per_pair[d.name.replace("_", "->")] = res
-            args.arms = ["control"] + list(res["arms"])
+        args.arms = list(dict.fromkeys(["control", *(a for res in per_pair.values() for a in res["arms"])]))
     for probe, target in pairs:
         key = f"{probe}->{target}"
         dest = Path(args.out_dir) / "pairs" / f"{probe}_{target}"
@@ -247,11 +248,15 @@ def main():
     def goal(value, bound):  # None: the arm it needs did not run
         return None if value is None else value >= bound
 
+    def times(base, factor):  # mean Δf of infused >= factor × the baseline's, on the pairs where both ran
+        m = sw.get(f"means_vs_{base}")
+        return None if m is None else m[0] >= factor * m[1]
+
     goals = {
         "infused above control, seed-level CI excluding 0, in >= 90% of pairs": goal(sw.get("pairs_ci_excludes_0"), 0.9),
-        "infused >= 3x matched random (mean Δf)": goal(sw.get("ratio_to_random"), 3),
-        "infused >= 2x simplex PGD": goal(sw.get("ratio_to_simplex_pgd"), 2),
-        "infused >= 1x insertion": goal(sw.get("ratio_to_insertion"), 1),
+        "infused >= 3x matched random (mean Δf)": times("random", 3),
+        "infused >= 2x simplex PGD": times("simplex_pgd", 2),
+        "infused >= 1x insertion": times("insertion", 1),
         "median perplexity ratio <= 1.3": None if sw.get("perplexity_ratio_median") is None
         else sw["perplexity_ratio_median"] <= 1.3,
     }
