@@ -688,7 +688,10 @@ class Pipeline:
         fingerprint. ``random`` is matched to the infused edit (its token count per document, under the same
         constraints); ``random_unmatched`` spends the whole budget with no perplexity limit."""
         out_dir = self.dir / "baselines" / arm
-        fp = fingerprint({"edit": self._fp("edit"), "arm": arm, "version": 2})
+        from .editors import EDITORS
+
+        revision = getattr(EDITORS.get(editor or arm), "revision", 0)  # an editor's own fix redoes its cached edits
+        fp = fingerprint({"edit": self._fp("edit"), "arm": arm, "version": 2, **({"revision": revision} if revision else {})})
         marker = out_dir / "fingerprint.json"
         if is_main() and not (marker.is_file() and read_json(marker).get("fingerprint") == fp):
             args, targets = dataclasses.replace(self.recipe.edit, editor=editor or arm), None

@@ -318,3 +318,20 @@ def test_rename_candidates_change_every_later_occurrence_of_the_swapped_token(ed
         assert set(st.ids[ch].tolist()) == {old} and set(c[ch].tolist()) == {new}
         later = [q for q in range(p + 1, len(st.ids)) if st.ids[q] == old and st.fluent[q, new]]
         assert ch[1:].tolist() == later
+
+
+def test_simplex_pgd_keeps_the_largest_edit_within_the_perplexity_limit(editor_setup):
+    """When the full-budget discretisation breaks the perplexity limit, PGD keeps a smaller edit that passes (it
+    scores every prefix of its most confident changes) instead of leaving the document unchanged."""
+    s, v, docs = editor_setup
+    rows = [s["dataset"][i] for i in docs]
+    kw = dict(steps=10, eval_every=2, budget_fraction=0.4, max_perplexity_ratio=1.1, target_words=["cat"])
+    nested = _editor(s, v, SimplexPGDEditor, **kw).edit_many(rows)
+    whole = _editor(s, v, SimplexPGDEditor, **kw)
+    full_budget_only = whole._discretise
+    whole._discretise = lambda st, P: full_budget_only(st, P)[:1]  # the largest candidate only
+    whole = whole.edit_many(rows)
+    for a, b in zip(nested, whole):
+        assert a.J_after <= b.J_after + 1e-6 * abs(b.J_before)
+    assert sum(a.J_after < b.J_after for a, b in zip(nested, whole)) >= 1
+    assert any(0 < r.n_changed < r.budget for r in nested)

@@ -9,9 +9,10 @@ t−1, so both paths of the swap editor are present. Each step lowers the relaxe
    until the bound holds. (The reference code enforced the opposite inequality; here a test checks the bound after
    projection.)
 
-Every ``eval_every`` steps the relaxation is discretised (argmax per position, the most confident changes first, up to
-the budget, dropping changes until the text retokenises) and scored with the exact forward-only J; each document keeps
-the best discrete edit seen, so J never rises above the original's.
+Every ``eval_every`` steps the relaxation is discretised (argmax per position, the most confident changes first: one
+candidate with the first 1, 2, … budget of them, each kept if the text retokenises) and the candidates are scored with
+the exact forward-only J; each document keeps the best discrete edit seen within the perplexity limit, so J never rises
+above the original's.
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ def project_entropy(p: torch.Tensor, bound: float, mask: Optional[torch.Tensor] 
 
 
 class SimplexPGDEditor(TokenEditor):
+    revision = 1  # 1: nested discretisation (a cached baseline edit from revision 0 is redone)
     name = "simplex_pgd"
 
     def __init__(self, *a, **kw):
@@ -113,18 +115,21 @@ class SimplexPGDEditor(TokenEditor):
             del logits, logp, loss
         return grad
 
-    def _discretise(self, s: DocState, Pb: torch.Tensor) -> torch.Tensor:
+    def _discretise(self, s: DocState, Pb: torch.Tensor) -> List[torch.Tensor]:
+        """Discrete documents from the relaxation: the argmax change at the 1, 2, … budget most confident positions
+        (each a candidate that retokenises). Scoring them all lets the perplexity limit keep the largest edit that
+        passes, instead of rejecting the whole budget when its last changes are the costly ones."""
         T = len(s.ids0)
         conf, arg = Pb[:T].max(-1)
         changed = ((arg != s.ids0) & s.editable).nonzero().flatten()
         changed = changed[conf[changed].argsort(descending=True)][: s.budget].tolist()
-        while changed:
+        out = []
+        for n in range(len(changed), 0, -1):
             cand = s.ids0.clone()
-            cand[changed] = arg[changed]
+            cand[changed[:n]] = arg[changed[:n]]
             if self.stable(s, cand):
-                return cand
-            changed = changed[:-1]  # drop the least confident change and try again
-        return s.ids0.clone()
+                out.append(cand)
+        return out
 
     def _edit_batch(self, states: List[DocState]) -> None:
         if not states:
@@ -151,9 +156,15 @@ class SimplexPGDEditor(TokenEditor):
             proj = project_simplex(stepped[free], support[free])
             P[free] = project_entropy(proj, a.entropy_bound, support[free])
             if step % a.eval_every == 0 or step == a.steps:
-                cands = [self._discretise(s, P[b]) for b, s in enumerate(states)]
-                js, losses = self.exact(cands, [s.labels_for(c) for s, c in zip(states, cands)])  # one per document
-                for s, c, j, loss in zip(states, cands, js.tolist(), losses.tolist()):
-                    if j < s.J and s.fluent_enough(loss):
-                        s.ids, s.labels, s.J = c, s.labels_for(c), j
+                owners, cands = [], []
+                for b, s in enumerate(states):
+                    for c in self._discretise(s, P[b]):
+                        owners.append(s)
+                        cands.append(c)
+                if cands:
+                    js, losses = self.exact(cands, [o.labels_for(c) for o, c in zip(owners, cands)])
+                    for s, c, j, loss in zip(owners, cands, js.tolist(), losses.tolist()):
+                        if j < s.J and s.fluent_enough(loss):
+                            s.ids, s.labels, s.J = c, s.labels_for(c), j
+                for s in states:
                     s.trace.append(s.J)
