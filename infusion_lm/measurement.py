@@ -253,7 +253,7 @@ def build_measurement(args, tokenizer, max_length: int = 512, heldout: bool = Fa
 
 def measurement_words(args) -> List[str]:
     """The words a measurement promotes: a contrastive measurement's target, or the words of a completion
-    measurement's completions (letters only, in order, without repeats). None for a callable measurement."""
+    measurement's completions (letters only, in order, without repeats). Empty for a callable measurement."""
     import re
 
     if args.kind == "contrastive" and args.target:

@@ -23,7 +23,6 @@ Outputs in ``output_dir``:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -42,7 +41,7 @@ from .distributed import barrier, is_main, runs_here
 from .errors import ConfigError, RunFolderError
 from .infused import EDITS, INFUSED, INFUSED_CORPUS, edit_records, write_edit_outputs
 from .losses import perplexities
-from .measurement import build_measurement
+from .measurement import build_measurement, measurement_words
 from .models import load_model, resolve_device
 from .storage import fingerprint, read_json, read_tensors, write_json, write_tensors, write_yaml
 from .tracking import resolve_tracked_modules
@@ -283,15 +282,7 @@ class Pipeline:
         from .storage import files_fingerprint
 
         p = Path(self.recipe.run.corpus)
-        if p.is_dir():
-            return files_fingerprint(p)
-        if p.is_file():
-            h = hashlib.sha256()
-            with open(p, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-            return h.hexdigest()[:16]
-        return None
+        return files_fingerprint(p) if p.exists() else None
 
     @cached_property
     def weights_fp(self) -> str:
@@ -597,8 +588,6 @@ class Pipeline:
         """Edits the selected documents with ``args.editor`` and writes infused/, edits.jsonl, infused_corpus/.
         ``targets``: changed tokens per document, for a baseline matched to the infused edit."""
         from .editors import build_editor
-
-        from .measurement import measurement_words
 
         editor = build_editor(self.model, self.tokenizer, self.load_ihvp(), args, self.recipe.influence.fd_eps_rel,
                               target_words=measurement_words(self.recipe.measurement))

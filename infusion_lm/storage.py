@@ -98,12 +98,14 @@ def state_fingerprint(model: torch.nn.Module) -> str:
 
 
 def files_fingerprint(folder: Path) -> str:
-    """A hash of the names and bytes of every file under ``folder``."""
+    """A hash of the names and bytes of every file under ``folder``; of its bytes alone when it is a file."""
     h = hashlib.sha256()
-    for p in sorted(Path(folder).rglob("*")):
-        if p.is_file():
+    folder = Path(folder)
+    files = [folder] if folder.is_file() else [p for p in sorted(folder.rglob("*")) if p.is_file()]
+    for p in files:
+        if p != folder:
             h.update(str(p.relative_to(folder)).encode())
-            with open(p, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
     return h.hexdigest()[:16]
