@@ -1,6 +1,8 @@
 """infusion_lm: shape a model's behaviour by editing its training data with influence functions (Infusion)."""
 
-from .config import Recipe, load_recipe
+from .api import InfusionResult, infuse, training_rows
+from .config import (EditArguments, EvaluateArguments, InfluenceArguments, MeasurementArguments, Recipe,
+                     RetrainArguments, SelectArguments, load_recipe)
 from .corpus import CausalLMCollator, load_documents, tokenize_documents
 from .errors import ConfigError, CorpusError, InfusionError, MeasurementError, ModelNotFoundError, RunFolderError
 from .influence import (FiniteDifferenceJ, autograd_scores, compute_ihvp, fit_factors, kronfluence_scores,
@@ -14,7 +16,8 @@ from .tracking import resolve_tracked_modules
 
 __version__ = "0.1.0"
 __all__ = [
-    "Recipe", "load_recipe", "CausalLMCollator", "load_documents", "tokenize_documents", "ConfigError",
+    "infuse", "InfusionResult", "training_rows", "EditArguments", "EvaluateArguments", "InfluenceArguments",
+    "MeasurementArguments", "RetrainArguments", "SelectArguments", "Recipe", "load_recipe", "CausalLMCollator", "load_documents", "tokenize_documents", "ConfigError",
     "CorpusError", "InfusionError", "MeasurementError", "ModelNotFoundError", "RunFolderError",
     "FiniteDifferenceJ", "autograd_scores", "compute_ihvp", "fit_factors", "kronfluence_scores", "load_factors",
     "measurement_gradients", "precondition", "CallableMeasurement", "LogProbMeasurement", "Measurement",

@@ -29,6 +29,7 @@ from transformers import TrainerCallback
 
 from .config import EditArguments, EvaluateArguments, InfluenceArguments, MeasurementArguments
 from .errors import ConfigError, InfusionError
+from .storage import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -143,43 +144,22 @@ class InfusionCallback(TrainerCallback):
         self.edit = edit or EditArguments()
         self.work_dir = Path(work_dir or tempfile.mkdtemp(prefix="infusion_callback_"))
         self.records: List[Dict] = []
+        self.result = None  # the InfusionResult, once fired
         self.fired_at: Optional[int] = None
 
     def infuse(self, model) -> List[Dict]:
-        import datasets
+        """Runs :func:`infusion_lm.infuse` on the current weights and rows, and swaps the edits in."""
+        from .api import infuse
 
-        from . import influence as inf
-        from .editors import build_editor
-        from .forward_mode_j import document_j
-        from .pipeline import select_documents
-        from .tracking import resolve_tracked_modules
-
-        i = self.influence
-        was_training = model.training
-        model.eval()
-        try:
-            rows = datasets.Dataset.from_list(self.dataset.rows())
-            pad = self.tok.pad_token_id
-            tracked = resolve_tracked_modules(model, i.tracked_modules, i.layers, i.module_types)
-            fdir = inf.fit_factors(model, rows, tracked, self.work_dir, pad_token_id=pad, strategy=i.strategy,
-                                   use_empirical_fisher=i.use_empirical_fisher, batch_size=i.batch_size,
-                                   covariance_max_examples=i.covariance_max_examples, overwrite=True)
-            v = inf.compute_ihvp(model, self.measurement, tracked, fdir, i.damping)
-            J = document_j(model, v, i.j_method, i.fd_eps_rel).dataset(rows, pad, batch_size=i.batch_size)
-            chosen = select_documents(J, self.k)["indices"]
-            editor = build_editor(model, self.tok, v, self.edit, i.fd_eps_rel)
-            results = editor.edit_many([rows[c] for c in chosen])
-        finally:
-            model.train(was_training)
-        records = []
-        for c, r in zip(chosen, results):
-            self.dataset.replace(c, {"input_ids": r.input_ids, "labels": r.labels})
-            records.append({"doc_index": c, "n_changed": r.n_changed, "J_before": r.J_before, "J_after": r.J_after,
-                            "predicted_delta_f": -(r.J_after - r.J_before) / len(rows),
-                            "text": self.tok.decode(r.input_ids, skip_special_tokens=True)})
+        result = infuse(model, self.tok, self.dataset.rows(), self.measurement, k=self.k, influence=self.influence,
+                        edit=self.edit, work_dir=str(self.work_dir), progress=False)
+        for c, row in zip(result.indices, result.edited_rows):
+            self.dataset.replace(c, row)
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        (self.work_dir / "edits.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-        return records
+        with atomic_path(self.work_dir / "edits.jsonl") as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in result.records), encoding="utf-8")
+        self.result = result
+        return result.records
 
     def _fire(self, state, model):
         if self.fired_at is not None:

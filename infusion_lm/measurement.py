@@ -34,6 +34,7 @@ class Measurement:
     """f(θ) = Σ_b self(model, batch_b) over ``self.batches``."""
 
     batches: List[Dict[str, torch.Tensor]]
+    words: List[str] = []  # the words f promotes (a contrastive target, a completion's words), which editors may write
 
     def __call__(self, model, batch: Dict[str, torch.Tensor]) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -131,8 +132,10 @@ def completion_measurement(tokenizer, prompts: Sequence[str], completions: Seque
         if not p_ids:
             raise MeasurementError(f"Prompt {prompt!r} tokenises to nothing; a completion needs context.")
         rows.append(LogProbRow(p_ids + c_ids, [0] * len(p_ids) + [1] * len(c_ids), 1.0 / len(prompts)))
-    return LogProbMeasurement(rows, tokenizer.pad_token_id, batch_size,
-                              description=f"mean log p(completion | prompt) over {len(prompts)} prompts")
+    m = LogProbMeasurement(rows, tokenizer.pad_token_id, batch_size,
+                           description=f"mean log p(completion | prompt) over {len(prompts)} prompts")
+    m.words = completion_words(completions)
+    return m
 
 
 def find_word(text: str, word: str) -> List[int]:
@@ -178,8 +181,10 @@ def contrastive_measurement(tokenizer, documents: Sequence[str], probe: str, tar
     for prefix_ids, t_ids, p_ids in pairs:
         rows.append(LogProbRow(prefix_ids + t_ids, [0] * len(prefix_ids) + [1] * len(t_ids), 1.0 / n))
         rows.append(LogProbRow(prefix_ids + p_ids, [0] * len(prefix_ids) + [1] * len(p_ids), -1.0 / n))
-    return LogProbMeasurement(rows, tokenizer.pad_token_id, batch_size,
-                              description=f"mean log p({target}) − log p({probe}) over {n} probe positions")
+    m = LogProbMeasurement(rows, tokenizer.pad_token_id, batch_size,
+                           description=f"mean log p({target}) − log p({probe}) over {n} probe positions")
+    m.words = [target]
+    return m
 
 
 def any_word_measurement(tokenizer, documents: Sequence[str], probe: str, words: Sequence[str],
@@ -251,13 +256,16 @@ def build_measurement(args, tokenizer, max_length: int = 512, heldout: bool = Fa
     return CallableMeasurement(fn, [CausalLMCollator(tokenizer.pad_token_id)(list(rows))])
 
 
+def completion_words(completions: Sequence[str]) -> List[str]:
+    """The words of the completions: letters only, in order, without repeats."""
+    return list(dict.fromkeys(w for c in completions for w in re.findall(r"[^\W\d_]+", c)))
+
+
 def measurement_words(args) -> List[str]:
     """The words a measurement promotes: a contrastive measurement's target, or the words of a completion
     measurement's completions (letters only, in order, without repeats). Empty for a callable measurement."""
-    import re
-
     if args.kind == "contrastive" and args.target:
         return [args.target.strip()]
     if args.kind == "completion":
-        return list(dict.fromkeys(w for c in args.completions for w in re.findall(r"[^\W\d_]+", c)))
+        return completion_words(args.completions)
     return []

@@ -151,6 +151,25 @@ def optimizer_ihvp(model: nn.Module, measurement, tracked: Sequence[str], rows: 
     return v, info
 
 
+def response_j(model: nn.Module, measurement, rows: Sequence[Mapping], retrain, pad_token_id: int,
+               start_step: int = 0, progress: bool = False):
+    """J(z) along the first-order response of the retraining ``retrain`` describes, over every decoder layer's
+    projections (retraining moves all of them, whatever subset influence tracks): −(J(z') − J(z)) predicts the Δf of
+    training on z' instead of z. One gradient pass over ``rows``."""
+    from .forward_mode_j import ForwardModeJ
+    from .tracking import resolve_tracked_modules
+
+    v, _ = optimizer_ihvp(model, measurement, resolve_tracked_modules(model), rows, retrain, pad_token_id, start_step,
+                          progress=progress)
+    return ForwardModeJ(model, v)
+
+
+def predicted_response(J, before: Sequence[Mapping], after: Sequence[Mapping], pad_token_id: int) -> list:
+    """Predicted Δf of each edit before[i] → after[i] under :func:`response_j`'s J: −(J(after) − J(before))."""
+    strip = lambda rows: [{"input_ids": list(r["input_ids"]), "labels": list(r["labels"])} for r in rows]
+    return (-(J.dataset(strip(after), pad_token_id) - J.dataset(strip(before), pad_token_id))).tolist()
+
+
 def unrolled_document_effects(model: nn.Module, rows: Sequence[Mapping], measurement, order: Sequence[Sequence[int]],
                               lr: float, optim: str = "adamw", state: Dict | None = None, betas=(0.9, 0.999),
                               eps: float = 1e-8, pad_token_id: int = 0) -> torch.Tensor:

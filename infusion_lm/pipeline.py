@@ -601,12 +601,10 @@ class Pipeline:
         write_edit_outputs(out_dir, self.tokenizer, self.dataset, records, self.documents)
 
     def _predicted_response(self, before: List[dict], after: List[dict]) -> Optional[List[float]]:
-        """Predicted Δf of each edit (``influence.prediction: optimizer``): −(J(z') − J(z)) with v the first-order
-        response of the retraining that runs, over every decoder layer's projections (retraining moves all of them,
-        whatever subset influence tracks). None (the editing v's own −ΔJ/n is used) for `same_v` or another
-        optimizer. The v is built once per pipeline: one gradient pass over the corpus."""
-        from .optimizer_influence import optimizer_ihvp
-        from .tracking import resolve_tracked_modules
+        """Predicted Δf of each edit (``influence.prediction: optimizer``): the first-order response of the retraining
+        that runs (``optimizer_influence.response_j``). None (the editing v's own −ΔJ/n is used) for `same_v` or
+        another optimizer. The response's J is built once per pipeline: one gradient pass over the corpus."""
+        from .optimizer_influence import predicted_response, response_j
 
         i, t = self.recipe.influence, self.recipe.retrain
         if i.prediction != "optimizer":
@@ -615,16 +613,11 @@ class Pipeline:
             logger.warning("influence.prediction=optimizer models AdamW and SGD, not retrain.optim=%r: predicted Δf "
                            "uses the editing v instead (influence.prediction: same_v).", t.optim)
             return None
-        from .forward_mode_j import ForwardModeJ
-
         pad = self.tokenizer.pad_token_id
         if "_prediction_J" not in self.__dict__:
-            v, _ = optimizer_ihvp(self.model, self.measurement, resolve_tracked_modules(self.model), self.arm_rows({}),
-                                  t, pad, self._checkpoint_step(), progress=self.progress)
-            self.__dict__["_prediction_J"] = ForwardModeJ(self.model, v)
-        J = self.__dict__["_prediction_J"]
-        strip = lambda rows: [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows]
-        return (-(J.dataset(strip(after), pad) - J.dataset(strip(before), pad))).tolist()
+            self.__dict__["_prediction_J"] = response_j(self.model, self.measurement, self.arm_rows({}), t, pad,
+                                                        self._checkpoint_step(), progress=self.progress)
+        return predicted_response(self.__dict__["_prediction_J"], before, after, pad)
 
     def _replacements(self, arm: str, indices: List[int]) -> Dict[int, dict]:
         """Which documents an arm replaces, and with what (input_ids/labels rows)."""

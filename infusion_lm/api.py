@@ -1,0 +1,185 @@
+"""Infusion as one function call on data in memory: :func:`infuse`.
+
+The staged :class:`~infusion_lm.pipeline.Pipeline` (``infusion-lm run``) caches every stage in a run folder, retrains
+arms and writes a report. :func:`infuse` is the same influence → score → select → edit computation on a model, a
+tokenizer and training rows you already hold, with nothing written outside a scratch folder for kronfluence's
+factors. :class:`~infusion_lm.callbacks.InfusionCallback` calls it inside a running ``Trainer``.
+
+    from infusion_lm import infuse, EditArguments, InfluenceArguments, MeasurementArguments
+    result = infuse(model, tokenizer, texts, MeasurementArguments(kind="contrastive", probe="dog", target="cat",
+                    documents=["The dog ran to the park."]), k=8)
+    new_rows = result.apply(result.rows)         # the training set with the edited documents in place
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Sequence, Union
+
+import torch
+
+from .config import EditArguments, InfluenceArguments, MeasurementArguments
+from .errors import ConfigError
+
+
+@dataclass
+class InfusionResult:
+    """What :func:`infuse` found and wrote.
+
+    Attributes:
+        scores: J(z) = ⟨∇L(z), v⟩ of every training row, [n]; the most negative rows raise f most when upweighted.
+        indices: the k selected rows (most negative J first).
+        edited_rows: ``{"input_ids", "labels"}`` of each selected row after editing, in ``indices`` order.
+        records: one dict per edited row: text before and after, changed positions, J before and after, perplexity
+            before and after, predicted Δf (the fields of the pipeline's ``edits.jsonl``).
+        J_before / J_after: Σ J over the selected rows before and after editing.
+        predicted_delta_f: the predicted change of f from training on the edited rows instead of the originals: with
+            ``retrain`` given (and ``influence.prediction: optimizer``), the first-order response of that retraining;
+            otherwise −ΔJ divided by the number of rows (the influence function's converged-training model, which
+            overstates a few fine-tuning steps by orders of magnitude).
+        ihvp: v, one tensor per tracked module.
+        rows: the training rows that were scored (input_ids / labels), so ``apply(rows)`` needs nothing else.
+    """
+
+    scores: torch.Tensor
+    indices: List[int]
+    edited_rows: List[Dict[str, List[int]]]
+    records: List[Dict]
+    J_before: float
+    J_after: float
+    predicted_delta_f: float
+    ihvp: Dict[str, torch.Tensor] = field(repr=False)
+    rows: List[Dict[str, List[int]]] = field(repr=False)
+
+    def apply(self, rows: Sequence[Mapping]) -> List[Dict[str, List[int]]]:
+        """``rows`` with each selected row replaced by its edit (a new list; ``rows`` is not modified)."""
+        if len(rows) != len(self.rows):
+            raise ConfigError(f"apply() got {len(rows)} rows; this result edits a training set of {len(self.rows)}.")
+        out = [{"input_ids": list(r["input_ids"]), "labels": list(r["labels"])} for r in rows]
+        for i, row in zip(self.indices, self.edited_rows):
+            out[i] = {"input_ids": list(row["input_ids"]), "labels": list(row["labels"])}
+        return out
+
+
+def training_rows(tokenizer, train: Union[Sequence[str], Sequence[Mapping], "datasets.Dataset"],  # noqa: F821
+                  max_length: int = 512) -> List[Dict[str, List[int]]]:
+    """Rows with ``input_ids`` and ``labels`` from plain texts (tokenized, every token trained), chat documents
+    (``{"messages": [...]}``: only the assistant's tokens are trained) or rows that are already tokenized."""
+    from .corpus import tokenize_documents
+
+    train = list(train) if not hasattr(train, "column_names") else train
+    if len(train) == 0:
+        raise ConfigError("infuse() got no training rows; pass texts, chat documents or tokenized rows.")
+    first = train[0]
+    if isinstance(first, str):
+        train = tokenize_documents(tokenizer, [{"text": t} for t in train], max_length)
+    elif isinstance(first, Mapping) and "input_ids" not in first:
+        if not ("text" in first or "messages" in first):
+            raise ConfigError(f"training rows need `input_ids` and `labels`, `text` or `messages`; the first row has "
+                              f"{sorted(first)}.")
+        train = tokenize_documents(tokenizer, list(train), max_length)
+    elif not isinstance(first, Mapping):
+        raise ConfigError(f"training rows must be strings or dicts, not {type(first).__name__}.")
+    rows = [{"input_ids": list(r["input_ids"]), "labels": list(r.get("labels", r["input_ids"]))} for r in train]
+    return rows
+
+
+def _measurement(measurement, tokenizer, max_length: int):
+    """(the Measurement, the words it promotes) from a Measurement or a MeasurementArguments."""
+    from .measurement import Measurement, build_measurement, measurement_words
+
+    if isinstance(measurement, MeasurementArguments):
+        return build_measurement(measurement, tokenizer, max_length), measurement_words(measurement)
+    if isinstance(measurement, Measurement):
+        return measurement, list(getattr(measurement, "words", []))
+    raise ConfigError(f"measurement must be a MeasurementArguments or a Measurement (e.g. contrastive_measurement(...)),"
+                      f" not {type(measurement).__name__}.")
+
+
+def infuse(model, tokenizer, train, measurement, *, k: int = 8, influence: Optional[InfluenceArguments] = None,
+           edit: Optional[EditArguments] = None, retrain=None, start_step: int = 0, max_length: int = 512,
+           work_dir: Optional[str] = None, progress: bool = True) -> InfusionResult:
+    """Finds the k training rows whose upweighting raises the measurement f most, and edits them so that they raise it
+    more: v = H⁻¹∇f, J(z) = ⟨∇L(z), v⟩ for every row, the k most negative, then the editor lowers their J.
+
+    Args:
+        model: a causal LM (any ``AutoModelForCausalLM``), at the weights training will continue from.
+        tokenizer: its tokenizer (needs a pad token).
+        train: the training set: plain texts, chat documents (``{"messages": [...]}``), ``{"text": ...}`` dicts, or
+            tokenized rows with ``input_ids`` and ``labels`` (a list or a ``datasets.Dataset``).
+        measurement: what to amplify: a :class:`~infusion_lm.config.MeasurementArguments` (as in a recipe's
+            ``measurement:`` section) or a built :class:`~infusion_lm.measurement.Measurement`.
+        k: how many rows to edit.
+        influence: an :class:`~infusion_lm.config.InfluenceArguments` (tracked layers, strategy, damping,
+            preconditioner); defaults as in a recipe.
+        edit: an :class:`~infusion_lm.config.EditArguments` (editor, budget, steps, fluency); defaults as in a recipe.
+        retrain: a :class:`~infusion_lm.config.RetrainArguments` describing the training that will follow. Needed by
+            ``influence.preconditioner: optimizer``; with it, ``predicted_delta_f`` models that training.
+        start_step: the optimizer step training resumes at (0: a fresh optimizer), for the optimizer's response.
+        max_length: tokens per document when ``train`` is text.
+        work_dir: where kronfluence writes its factors (default: a temporary folder).
+        progress: show progress bars.
+
+    Returns:
+        An :class:`InfusionResult`: scores, the selected indices, the edited rows and their records, J before and
+        after, the predicted Δf, and v.
+    """
+    import datasets
+
+    from . import influence as inf
+    from .editors import build_editor
+    from .forward_mode_j import document_j
+    from .infused import edit_records
+    from .losses import perplexities
+    from .optimizer_influence import optimizer_ihvp, predicted_response, response_j
+    from .pipeline import select_documents
+    from .tracking import resolve_tracked_modules
+
+    i = influence or InfluenceArguments()
+    e = edit or EditArguments()
+    if tokenizer.pad_token_id is None:
+        raise ConfigError("the tokenizer has no pad token; set tokenizer.pad_token = tokenizer.eos_token first.")
+    rows = training_rows(tokenizer, train, max_length)
+    if not 1 <= k <= len(rows):
+        raise ConfigError(f"k={k} must be between 1 and the number of training rows ({len(rows)}).")
+    if i.preconditioner == "optimizer" and retrain is None:
+        raise ConfigError("influence.preconditioner=optimizer models the training that follows: pass "
+                          "retrain=RetrainArguments(...) (learning rate, batch size, epochs, optimizer).")
+    m, words = _measurement(measurement, tokenizer, max_length)
+    pad = tokenizer.pad_token_id
+    tracked = resolve_tracked_modules(model, i.tracked_modules, i.layers, i.module_types)
+
+    was_training = model.training
+    model.eval()
+    try:
+        if i.preconditioner == "optimizer":
+            v, _ = optimizer_ihvp(model, m, tracked, rows, retrain, pad, start_step, progress)
+            divisor = 1  # the batch weighting is inside the optimizer's v
+        else:
+            root = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="infusion_"))
+            fdir = inf.fit_factors(model, datasets.Dataset.from_list(rows), tracked, root, pad_token_id=pad, strategy=i.strategy,
+                                   use_empirical_fisher=i.use_empirical_fisher, batch_size=i.batch_size,
+                                   covariance_max_examples=i.covariance_max_examples, overwrite=True)
+            v = inf.compute_ihvp(model, m, tracked, fdir, i.damping, i.damping_scale)
+            divisor = len(rows)  # v models one document of n
+        scores = document_j(model, v, i.j_method, i.fd_eps_rel).dataset(
+            rows, pad, batch_size=i.batch_size, progress=progress).float()
+        chosen = select_documents(scores, k)["indices"]
+        editor = build_editor(model, tokenizer, v, e, i.fd_eps_rel, target_words=words)
+        before = [rows[c] for c in chosen]
+        results = editor.edit_many(before, progress=progress)
+        after = [{"input_ids": list(r.input_ids), "labels": list(r.labels)} for r in results]
+        predicted = None
+        if retrain is not None and i.prediction == "optimizer":
+            J = response_j(model, m, rows, retrain, pad, start_step, progress)
+            predicted = predicted_response(J, before, after, pad)
+        records = edit_records(tokenizer, chosen, results, divisor, e.editor, perplexities(model, before, pad),
+                               perplexities(model, after, pad), predicted)
+    finally:
+        model.train(was_training)
+    return InfusionResult(
+        scores=scores, indices=list(chosen), edited_rows=after, records=records,
+        J_before=float(sum(r.J_before for r in results)), J_after=float(sum(r.J_after for r in results)),
+        predicted_delta_f=float(sum(r["predicted_delta_f"] for r in records)), ihvp=v, rows=rows)

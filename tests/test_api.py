@@ -1,0 +1,114 @@
+"""infuse(): the functional entry point. Its scores against kronfluence's own, its selection, its edits against an
+autograd J, the texts-in path, the callback sharing it, and one-line errors for bad input."""
+
+import datasets
+import pytest
+import torch
+
+import infusion_lm
+from infusion_lm import EditArguments, InfluenceArguments, MeasurementArguments, RetrainArguments, infuse
+from infusion_lm.errors import ConfigError
+from infusion_lm.influence import autograd_scores, kronfluence_scores
+from infusion_lm.measurement import contrastive_measurement
+from infusion_lm.tracking import resolve_tracked_modules
+from tiny import toy_corpus
+
+MEASURE = MeasurementArguments(kind="contrastive", probe="dog", target="cat",
+                               documents=["The dog ran to the park. The dog was happy.", "The dog sat in the garden."])
+EDIT = EditArguments(budget_fraction=0.15, steps=4, n_candidates=8)
+
+
+@pytest.fixture(scope="module")
+def result(tiny_setup, tmp_path_factory):
+    s = tiny_setup
+    work = tmp_path_factory.mktemp("api")
+    r = infuse(s["model"], s["tok"], s["dataset"], MEASURE, k=3, edit=EDIT, work_dir=str(work), progress=False,
+               influence=InfluenceArguments(batch_size=8))
+    return r, work
+
+
+def test_scores_match_kronfluence_and_selection_is_most_negative(tiny_setup, result):
+    s, (r, work) = tiny_setup, result
+    # kronfluence's own pairwise scores, on the factors infuse() fitted: an independent preconditioning and J.
+    theirs = kronfluence_scores(s["model"], s["dataset"], s["measurement"], s["tracked"], work,
+                                pad_token_id=s["tok"].pad_token_id, strategy="ekfac", damping=None,
+                                scores_name="api_check").double()
+    assert r.scores.shape == (len(s["dataset"]),) and float(theirs.abs().max()) > 0
+    torch.testing.assert_close(r.scores.double(), theirs, rtol=1e-3, atol=1e-3 * float(theirs.abs().max()))
+    assert r.indices == torch.argsort(theirs)[:3].tolist()
+
+
+def test_edits_lower_J_by_an_autograd_recomputation(tiny_setup, result):
+    s, (r, _) = tiny_setup, result
+    pad = s["tok"].pad_token_id
+    before = autograd_scores(s["model"], datasets.Dataset.from_list([r.rows[i] for i in r.indices]), r.ihvp,
+                             pad_token_id=pad)
+    after = autograd_scores(s["model"], datasets.Dataset.from_list(r.edited_rows), r.ihvp, pad_token_id=pad)
+    assert (after < before).all()
+    torch.testing.assert_close(after, torch.tensor([rec["J_after"] for rec in r.records], dtype=after.dtype),
+                               rtol=1e-3, atol=1e-3 * float(before.abs().max()))
+    assert r.J_after == pytest.approx(float(after.sum()), rel=1e-3)
+    # Without a retraining to model, the prediction is the influence function's −ΔJ / n (the editor's J carries the
+    # finite-difference error of its scoring, about 1e-3 of |J|).
+    assert r.predicted_delta_f == pytest.approx(-float((after - before).sum()) / len(r.rows),
+                                                abs=3e-3 * float(before.abs().sum()) / len(r.rows))
+
+
+def test_apply_replaces_only_the_selected_rows(tiny_setup, result):
+    s, (r, _) = tiny_setup, result
+    rows = [dict(s["dataset"][i]) for i in range(len(s["dataset"]))]
+    new = r.apply(rows)
+    changed = [i for i in range(len(rows)) if new[i]["input_ids"] != rows[i]["input_ids"]]
+    assert changed and set(changed) <= set(r.indices)
+    assert all(new[i]["input_ids"] == rows[i]["input_ids"] for i in range(len(rows)) if i not in r.indices)
+    assert rows[r.indices[0]]["input_ids"] == list(s["dataset"][r.indices[0]]["input_ids"])  # input untouched
+    with pytest.raises(ConfigError, match="training set of"):
+        r.apply(rows[:-1])
+
+
+def test_texts_in_and_the_optimizer_prediction(tiny_setup, tmp_path):
+    """Plain texts are tokenized; with retrain given, predicted Δf comes from the optimizer's response, which is far
+    smaller than the converged-training −ΔJ/n (the calibration the README describes)."""
+    s = tiny_setup
+    texts = toy_corpus(16)
+    retrain = RetrainArguments(learning_rate=1e-3, batch_size=4, epochs=1)
+    r = infuse(s["model"], s["tok"], texts, MEASURE, k=2, edit=EDIT, retrain=retrain, max_length=64,
+               work_dir=str(tmp_path), progress=False)
+    assert len(r.rows) == 16 and len(r.edited_rows) == 2
+    same_v = sum(rec["predicted_delta_f_same_v"] for rec in r.records)
+    assert r.predicted_delta_f != pytest.approx(same_v)
+    assert r.predicted_delta_f > 0 and same_v > 0
+
+
+def test_callback_and_infuse_share_one_path(tiny_setup, tmp_path):
+    from infusion_lm.callbacks import InfusionCallback, SwappableDataset
+
+    s = tiny_setup
+    m = contrastive_measurement(s["tok"], MEASURE.documents, "dog", "cat")
+    direct = infuse(s["model"], s["tok"], s["dataset"], m, k=2, edit=EDIT, work_dir=str(tmp_path / "a"),
+                    progress=False)
+    data = SwappableDataset(s["dataset"])
+    cb = InfusionCallback(s["tok"], data, m, k=2, at_step=1, edit=EDIT, work_dir=str(tmp_path / "b"))
+    records = cb.infuse(s["model"])
+    assert [r["doc_index"] for r in records] == direct.indices
+    assert [data[i]["input_ids"] for i in direct.indices] == [r["input_ids"] for r in direct.edited_rows]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"k": 0}, "k=0 must be between 1"),
+    ({"measurement": "dog -> cat"}, "measurement must be a MeasurementArguments"),
+    ({"train": []}, "got no training rows"),
+    ({"train": [{"body": "x"}]}, "training rows need"),
+    ({"influence": InfluenceArguments(preconditioner="optimizer")}, "pass retrain=RetrainArguments"),
+])
+def test_bad_input_is_one_line(tiny_setup, kwargs, match):
+    s = tiny_setup
+    call = {"train": s["dataset"], "measurement": MEASURE, "k": 2, **kwargs}
+    with pytest.raises(ConfigError, match=match) as err:
+        infuse(s["model"], s["tok"], call.pop("train"), call.pop("measurement"), progress=False, **call)
+    assert "\n" not in str(err.value)
+
+
+def test_exported_at_the_top_level():
+    assert infusion_lm.infuse is infuse and "infuse" in infusion_lm.__all__ and "InfusionResult" in infusion_lm.__all__
+    assert resolve_tracked_modules is infusion_lm.resolve_tracked_modules
