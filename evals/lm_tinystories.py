@@ -128,9 +128,9 @@ def summarise(per_pair: dict, arms, primary: str = "heldout_corpus") -> dict:
 
 
 def merge_runs(earlier: dict, per_pair: dict, arms) -> tuple:
-    """Pairs of an earlier run of this eval, with this run's arms added. Arms of two runs compare only against one
-    control: every pair's control f (every evaluation set, mean over the seeds) must agree, which holds when both ran
-    on one work_dir with the same seeds (control is trained once per seed and shared)."""
+    """Pairs of an earlier run of this eval with this run's arms added, and this run's other pairs. Arms of two runs
+    compare only against one control: every pair's control f (every evaluation set, mean over the seeds) must agree,
+    which holds when both ran on one work_dir with the same seeds (control is trained once per seed and shared)."""
     if earlier.get("seeds") is not None and sorted(earlier["seeds"]) != sorted(next(iter(per_pair.values()))["seeds"]):
         raise SystemExit(f"--merge: seeds differ ({earlier['seeds']}); rerun with the same --seeds")
     merged = {}
@@ -146,6 +146,7 @@ def merge_runs(earlier: dict, per_pair: dict, arms) -> tuple:
         merged[key] = {**old, "arms": {**old["arms"], **{a: v for a, v in new["arms"].items() if a not in old["arms"]}}}
     if not set(per_pair) & set(merged):
         raise SystemExit("--merge: no pair in common")
+    merged.update({key: res for key, res in per_pair.items() if key not in merged})  # pairs only this run has
     return merged, list(dict.fromkeys(["control", *earlier["arms"], *arms]))
 
 
