@@ -10,7 +10,8 @@ from .influence import (FiniteDifferenceJ, autograd_scores, compute_ihvp, fit_fa
 from .measurement import (CallableMeasurement, LogProbMeasurement, Measurement, build_measurement,
                           completion_measurement, contrastive_measurement)
 from .models import DEFAULT_MODEL, load_model, resolve_model_source
-from .pipeline import Pipeline, build_pipeline, select_documents
+from .modalities import build_pipeline
+from .pipeline import Pipeline, select_documents
 from .task import CausalLMTask
 from .tracking import resolve_tracked_modules
 

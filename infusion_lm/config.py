@@ -96,8 +96,10 @@ class RunArguments:
             raise ConfigError(f"max_documents must be >= 1 (got {self.max_documents}); unset it to use every document.")
         if self.long_documents not in {"truncate", "fail"}:
             raise ConfigError(f"long_documents {self.long_documents!r} is not one of truncate, fail.")
-        if self.modality not in {"text", "image"}:
-            raise ConfigError(f"modality {self.modality!r} is not one of text, image.")
+        from .modalities import MODALITIES
+
+        if self.modality not in MODALITIES:
+            raise ConfigError(f"modality {self.modality!r} is not one of {', '.join(sorted(MODALITIES))}.")
         if self.validation_size is not None and self.validation_size < 1:
             raise ConfigError(f"validation_size must be >= 1 (got {self.validation_size}).")
         if self.max_length < 2:

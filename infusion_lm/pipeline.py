@@ -798,15 +798,6 @@ class Pipeline:
         return "\n".join(lines)
 
 
-def build_pipeline(recipe: Recipe, progress: bool = True, force: bool = False) -> Pipeline:
-    """The pipeline for the recipe's modality: text (this module) or image (infusion_lm.vision)."""
-    if recipe.run.modality == "image":
-        from .vision.pipeline import ImagePipeline
-
-        return ImagePipeline(recipe, progress=progress, force=force)
-    return Pipeline(recipe, progress=progress, force=force)
-
-
 def select_documents(scores: torch.Tensor, k: int) -> dict:
     """The k documents with the most negative J(z): upweighting them already raises f."""
     if k > scores.numel():

@@ -14,7 +14,7 @@ import torch
 
 from infusion_lm.config import load_recipe
 from infusion_lm.errors import ConfigError, MeasurementError
-from infusion_lm.pipeline import build_pipeline
+from infusion_lm.modalities import build_pipeline
 
 
 def digits_recipe(tmp_path, **over):

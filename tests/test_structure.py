@@ -1,0 +1,89 @@
+"""The package's shape: no import cycles (lazy imports inside functions included, since they only hide a cycle), and
+modalities reached through the registry."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parents[1] / "infusion_lm"
+
+
+def import_graph(pkg: Path = PKG) -> dict:
+    """module -> the package modules it imports anywhere in its body."""
+    mods = {}
+    for f in pkg.rglob("*.py"):
+        parts = f.relative_to(pkg.parent).with_suffix("").parts
+        mods[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = f
+    graph = {m: set() for m in mods}
+    for m, f in mods.items():
+        base = m.split(".") if f.name == "__init__.py" else m.split(".")[:-1]
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                target = ".".join(base[: len(base) - node.level + 1] + [node.module] if node.module else
+                                  base[: len(base) - node.level + 1]) if node.level else node.module
+                subs = [f"{target}.{a.name}" for a in node.names if f"{target}.{a.name}" in mods]
+                found = subs if (subs or node.module is None) else [target]
+            elif isinstance(node, ast.Import):
+                found = [a.name for a in node.names]
+            else:
+                continue
+            graph[m] |= {t for t in found if t in mods and t != m}
+    return graph
+
+
+def cycles(graph: dict) -> list:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on, out = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v), on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_cycles():
+    assert cycles(import_graph()) == []
+
+
+def test_the_cycle_finder_finds_one(tmp_path):
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("def f():\n    from .b import g\n")
+    (pkg / "b.py").write_text("from . import a\n")
+    (pkg / "c.py").write_text("from .a import f\n")
+    assert cycles(import_graph(pkg)) == [["pkg.a", "pkg.b"]]
+
+
+def test_modalities_come_from_the_registry():
+    from infusion_lm.config import load_recipe
+    from infusion_lm.errors import ConfigError
+    from infusion_lm.modalities import MODALITIES, pipeline_class
+    from infusion_lm.pipeline import Pipeline
+    from infusion_lm.vision.pipeline import ImagePipeline
+
+    assert pipeline_class("text") is Pipeline and pipeline_class("image") is ImagePipeline
+    assert set(MODALITIES) == {"text", "image"}
+    with pytest.raises(ConfigError, match="not one of image, text"):
+        load_recipe(raw={"modality": "audio", "model": "x", "corpus": "y"})
