@@ -169,3 +169,28 @@ def test_forward_mode_J_equals_autograd_and_leaves_the_model_alone(tiny_setup, t
     assert next(half.parameters()).dtype == torch.bfloat16  # the caller's model is left alone
     ref = inf.autograd_scores(half.float(), rows, v, pad_token_id=s["tok"].pad_token_id)
     assert float((hb - ref).abs().max() / ref.abs().max()) <= 1e-4
+
+
+@pytest.mark.parametrize("damping_scale", [1.0, 10.0])
+def test_score_stage_is_J_of_the_saved_ihvp(tmp_path, tiny_model_dir, tok, damping_scale):
+    """measure → score is one computation: whichever way the score stage computes J (kronfluence's own scores at
+    damping_scale 1, J along ihvp.safetensors otherwise), scores.safetensors is <∇L(z), v> for the v that measure
+    saved, by autograd."""
+    from transformers import AutoModelForCausalLM
+
+    from infusion_lm.cli import main
+    from infusion_lm.corpus import tokenize_documents
+    from infusion_lm.storage import read_tensors
+    from test_cli import _recipe, _write_corpus
+    from tiny import toy_corpus
+
+    corpus = _write_corpus(tmp_path / "c.jsonl", toy_corpus(12))
+    recipe = _recipe(tmp_path, tiny_model_dir, corpus, influence={"damping_scale": damping_scale})
+    assert main(["score", str(recipe), "--quiet"]) == 0
+    run = tmp_path / "run"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    rows = list(tokenize_documents(tok, [{"text": t} for t in toy_corpus(12)], 48))
+    ref = inf.autograd_scores(model, rows, read_tensors(run / "ihvp.safetensors"), pad_token_id=tok.pad_token_id)
+    scores = read_tensors(run / "scores.safetensors")["scores"].double()
+    assert float(ref.abs().max()) > 0
+    torch.testing.assert_close(scores, ref, rtol=1e-3, atol=2e-3 * float(ref.abs().max()))
