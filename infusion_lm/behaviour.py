@@ -17,8 +17,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from .errors import MeasurementError
-from .measurement import (_collate_rows, _prompt_ids, _word_ids, LogProbRow, build_measurement, find_word,
-                          probe_occurrences, row_logprobs)
+from .measurement import (LogProbRow, build_measurement, collate_logprob_rows, find_word, probe_occurrences,
+                          prompt_token_ids, row_logprobs, word_token_ids)
 
 
 def _logprob_rows(model, rows: Sequence[LogProbRow], pad_id: int, batch_size: int = 16):
@@ -27,7 +27,7 @@ def _logprob_rows(model, rows: Sequence[LogProbRow], pad_id: int, batch_size: in
     lps, firsts = [], []
     for i in range(0, len(rows), batch_size):
         chunk = list(rows[i: i + batch_size])
-        batch = {k: v.to(device) for k, v in _collate_rows(chunk, pad_id).items()}
+        batch = {k: v.to(device) for k, v in collate_logprob_rows(chunk, pad_id).items()}
         with torch.no_grad():
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
             logp = torch.log_softmax(logits[:, :-1], -1)
@@ -75,7 +75,8 @@ def contrastive_observations(model, tokenizer, documents: Sequence[str], probe: 
     if max_prefix_tokens is not None:
         occ = [(prefix[-max_prefix_tokens:], lead) for prefix, lead in occ]
     next_logp = _prefix_logprobs(model, [prefix for prefix, _ in occ], tokenizer.pad_token_id)
-    word_ids = {(w, lead): _word_ids(tokenizer, lead + w, "candidate") for w in words for lead in {l for _, l in occ}}
+    leads = {l for _, l in occ}
+    word_ids = {(w, lead): word_token_ids(tokenizer, lead + w, "candidate") for w in words for lead in leads}
     multi, where = [], {}
     for j, (prefix, lead) in enumerate(occ):
         for w in words:
@@ -124,8 +125,8 @@ def completion_observations(model, tokenizer, prompts: Sequence[str], completion
     device = next(model.parameters()).device
     rows, prompt_ids = [], []
     for p, c in zip(prompts, completions):
-        ids = _prompt_ids(tokenizer, p, chat_template)
-        c_ids = _word_ids(tokenizer, c, "completion")
+        ids = prompt_token_ids(tokenizer, p, chat_template)
+        c_ids = word_token_ids(tokenizer, c, "completion")
         rows.append(LogProbRow(ids + c_ids, [0] * len(ids) + [1] * len(c_ids), 1.0))
         prompt_ids.append(ids)
     lps, _ = _logprob_rows(model, rows, tokenizer.pad_token_id)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, jvp
 
-from .influence import FiniteDifferenceJ, _acc, fp32_view, from_layout, module_params
+from .influence import FiniteDifferenceJ, accumulation_dtype, fp32_view, from_layout, module_params
 from .losses import per_document_loss_from_logits
 
 
@@ -51,7 +51,7 @@ class ForwardModeJ:
         self.tangents: Dict[str, torch.Tensor] = {}
         for name, mat in v.items():
             w, b = module_params(self.model, name)
-            dw, db = from_layout(mat.to(device=w.device, dtype=_acc(w.dtype)), w, b)
+            dw, db = from_layout(mat.to(device=w.device, dtype=accumulation_dtype(w.dtype)), w, b)
             self.primals[f"{name}.weight"], self.tangents[f"{name}.weight"] = w.detach(), dw.to(w.dtype)
             if b is not None:
                 self.primals[f"{name}.bias"], self.tangents[f"{name}.bias"] = b.detach(), db.to(b.dtype)

@@ -24,7 +24,7 @@ from .corpus import IGNORE_INDEX, CausalLMCollator
 from .distributed import is_main
 from .errors import RunFolderError
 from .losses import per_document_loss, per_document_loss_from_logits, upcast
-from .measurement import Measurement, _to
+from .measurement import Measurement, to_device
 from .task import CausalLMTask
 
 logger = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ FACTORS_ANALYSIS = "factors"
 # Layout helpers: a tracked module's parameters <-> one matrix in kronfluence's layout.
 
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype: at least fp32, fp64 kept."""
     return torch.promote_types(dtype, torch.float32)
 
@@ -235,18 +235,18 @@ def measurement_gradients(model: nn.Module, measurement: Measurement, tracked: S
         p.requires_grad_(True)
     try:
         device = leaves[0].device
-        grads = [torch.zeros_like(p, dtype=_acc(p.dtype)) for p in leaves]
+        grads = [torch.zeros_like(p, dtype=accumulation_dtype(p.dtype)) for p in leaves]
         for batch in measurement.batches:
-            value = measurement(model, _to(batch, device))
+            value = measurement(model, to_device(batch, device))
             for g, d in zip(grads, torch.autograd.grad(value, leaves)):
                 g.add_(d.to(g.dtype))
     finally:
         for p, f in flags.items():
             p.requires_grad_(f)
-    return _grads_by_module(params, grads)
+    return grads_by_module(params, grads)
 
 
-def _grads_by_module(params: Mapping[str, tuple], grads: Sequence[torch.Tensor]) -> Dict[str, torch.Tensor]:
+def grads_by_module(params: Mapping[str, tuple], grads: Sequence[torch.Tensor]) -> Dict[str, torch.Tensor]:
     """Regroups a flat list of (weight[, bias]) gradients into one kronfluence-layout matrix per module."""
     out, it = {}, iter(grads)
     for name, (_, b) in params.items():
@@ -334,9 +334,9 @@ def autograd_scores(model: nn.Module, dataset, v: Mapping[str, torch.Tensor], *,
     out = []
     try:
         for i in range(len(dataset)):
-            batch = _to(collate([dataset[i]]), device)
+            batch = to_device(collate([dataset[i]]), device)
             loss = per_document_loss(model, batch).sum()
-            grads = _grads_by_module(params, torch.autograd.grad(loss, leaves))
+            grads = grads_by_module(params, torch.autograd.grad(loss, leaves))
             out.append(sum(float((g.double() * v[n].to(device).double()).sum()) for n, g in grads.items()))
     finally:
         for p, f in zip(leaves, flags):
@@ -365,7 +365,7 @@ def perturbed_params(model: nn.Module, v: Mapping[str, torch.Tensor], step: floa
     out = {}
     for name, mat in v.items():
         w, b = module_params(model, name)
-        acc = _acc(w.dtype)
+        acc = accumulation_dtype(w.dtype)
         dw, db = from_layout(mat.to(device=w.device, dtype=acc), w, b)
         out[f"{name}.weight"] = (w.to(acc) + step * dw).to(w.dtype)
         if b is not None:
@@ -466,7 +466,7 @@ class FiniteDifferenceJ:
             deltas = {}
             for name, mat in v.items():
                 w, b = module_params(model, name)
-                dw, db = from_layout(mat.to(device=w.device, dtype=_acc(w.dtype)), w, b)
+                dw, db = from_layout(mat.to(device=w.device, dtype=accumulation_dtype(w.dtype)), w, b)
                 deltas[model.get_submodule(name)] = (dw, db)
             self._branch = (found[0], found[1], deltas)
 
@@ -549,5 +549,5 @@ class FiniteDifferenceJ:
 
         device = next(self.model.parameters()).device
         loader = DataLoader(dataset, batch_size=batch_size, collate_fn=CausalLMCollator(pad_token_id))
-        out = [self(_to(b, device)).double().cpu() for b in tqdm(loader, desc="J(z)", disable=not progress)]
+        out = [self(to_device(b, device)).double().cpu() for b in tqdm(loader, desc="J(z)", disable=not progress)]
         return torch.cat(out)

@@ -42,10 +42,11 @@ class Measurement:
     def value(self, model) -> float:
         device = next(model.parameters()).device
         with torch.no_grad():
-            return float(sum(self(model, _to(b, device)).item() for b in self.batches))
+            return float(sum(self(model, to_device(b, device)).item() for b in self.batches))
 
 
-def _to(batch: Dict[str, Any], device) -> Dict[str, Any]:
+def to_device(batch: Dict[str, Any], device) -> Dict[str, Any]:
+    """The batch with its tensors moved to ``device``."""
     return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
@@ -56,7 +57,8 @@ class LogProbRow:
     weight: float
 
 
-def _collate_rows(rows: Sequence[LogProbRow], pad_id: int) -> Dict[str, torch.Tensor]:
+def collate_logprob_rows(rows: Sequence[LogProbRow], pad_id: int) -> Dict[str, torch.Tensor]:
+    """Right-padded input_ids, attention_mask, the completion mask and the row weights of a measurement batch."""
     width = max(len(r.input_ids) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -87,7 +89,7 @@ class LogProbMeasurement(Measurement):
             raise MeasurementError("The measurement has no rows.")
         self.rows = list(rows)
         self.description = description
-        self.batches = [_collate_rows(self.rows[i: i + batch_size], pad_token_id)
+        self.batches = [collate_logprob_rows(self.rows[i: i + batch_size], pad_token_id)
                         for i in range(0, len(self.rows), batch_size)]
 
     def __call__(self, model, batch):
@@ -95,7 +97,8 @@ class LogProbMeasurement(Measurement):
         return (lp * batch["weights"].to(lp.dtype)).sum()
 
 
-def _word_ids(tokenizer, word: str, role: str) -> List[int]:
+def word_token_ids(tokenizer, word: str, role: str) -> List[int]:
+    """The tokens of ``word`` (no special tokens); ``role`` names it in the error for an empty word."""
     if not word or not word.strip():
         raise MeasurementError(f"The {role} word is empty; set measurement.{role} to a word such as 'cat'.")
     ids = tokenizer(word, add_special_tokens=False)["input_ids"]
@@ -106,7 +109,8 @@ def _word_ids(tokenizer, word: str, role: str) -> List[int]:
     return ids
 
 
-def _prompt_ids(tokenizer, prompt: str, chat_template: bool) -> List[int]:
+def prompt_token_ids(tokenizer, prompt: str, chat_template: bool) -> List[int]:
+    """The tokens of a prompt, wrapped in the chat template as a user turn (with the generation prompt) if asked."""
     if chat_template:
         if not getattr(tokenizer, "chat_template", None):
             raise MeasurementError("measurement.chat_template is true but the tokenizer has no chat template.")
@@ -127,8 +131,8 @@ def completion_measurement(tokenizer, prompts: Sequence[str], completions: Seque
         raise MeasurementError(f"{len(completions)} completions for {len(prompts)} prompts; give 1 or one per prompt.")
     rows = []
     for prompt, completion in zip(prompts, completions):
-        p_ids = _prompt_ids(tokenizer, prompt, chat_template)
-        c_ids = _word_ids(tokenizer, completion, "completion")
+        p_ids = prompt_token_ids(tokenizer, prompt, chat_template)
+        c_ids = word_token_ids(tokenizer, completion, "completion")
         if not p_ids:
             raise MeasurementError(f"Prompt {prompt!r} tokenises to nothing; a completion needs context.")
         rows.append(LogProbRow(p_ids + c_ids, [0] * len(p_ids) + [1] * len(c_ids), 1.0 / len(prompts)))
@@ -171,10 +175,12 @@ def contrastive_measurement(tokenizer, documents: Sequence[str], probe: str, tar
     """f = mean over probe occurrences of log p(target | prefix) − log p(probe | prefix) (paper eq. 9)."""
     probe, target = probe.strip(), target.strip()
     for form in (probe, " " + probe):
-        p_ids, t_ids = _word_ids(tokenizer, form, "probe"), _word_ids(tokenizer, form.replace(probe, target), "target")
+        p_ids = word_token_ids(tokenizer, form, "probe")
+        t_ids = word_token_ids(tokenizer, form.replace(probe, target), "target")
         if p_ids == t_ids:
             raise MeasurementError(f"probe {probe!r} and target {target!r} tokenise identically; pick distinct words.")
-    pairs = [(prefix_ids, _word_ids(tokenizer, lead + target, "target"), _word_ids(tokenizer, lead + probe, "probe"))
+    pairs = [(prefix_ids, word_token_ids(tokenizer, lead + target, "target"),
+              word_token_ids(tokenizer, lead + probe, "probe"))
              for prefix_ids, lead in probe_occurrences(tokenizer, documents, probe)]
     n = len(pairs)
     rows = []
@@ -199,9 +205,9 @@ def any_word_measurement(tokenizer, documents: Sequence[str], probe: str, words:
     n, rows = len(occ), []
     for prefix_ids, lead in occ:
         for w in words:
-            ids = _word_ids(tokenizer, lead + w, "word")
+            ids = word_token_ids(tokenizer, lead + w, "word")
             rows.append(LogProbRow(prefix_ids + ids, [0] * len(prefix_ids) + [1] * len(ids), 1.0 / (n * len(words))))
-        p_ids = _word_ids(tokenizer, lead + probe, "probe")
+        p_ids = word_token_ids(tokenizer, lead + probe, "probe")
         rows.append(LogProbRow(prefix_ids + p_ids, [0] * len(prefix_ids) + [1] * len(p_ids), -1.0 / n))
     return LogProbMeasurement(rows, tokenizer.pad_token_id, batch_size,
                               description=f"mean over {len(words)} words of log p(word) − log p({probe}) over {n} "

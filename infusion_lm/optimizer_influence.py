@@ -28,7 +28,7 @@ from torch import nn
 
 from .corpus import CausalLMCollator
 from .errors import ConfigError
-from .influence import _grads_by_module, measurement_gradients, module_params
+from .influence import grads_by_module, measurement_gradients, module_params
 from .losses import per_document_loss, per_document_loss_from_logits
 
 
@@ -113,7 +113,7 @@ def gradient_statistics(model: nn.Module, rows: Sequence[Mapping], tracked: Sequ
             p.requires_grad_(f)
         model.train(was_training)
     mean_sq = [s / n_batches for s in sq]
-    return _grads_by_module(params, mean_sq), clips / n_batches, tokens / n_batches
+    return grads_by_module(params, mean_sq), clips / n_batches, tokens / n_batches
 
 
 def optimizer_ihvp(model: nn.Module, measurement, tracked: Sequence[str], rows: Sequence[Mapping], retrain,

@@ -16,7 +16,8 @@ from typing import Dict, List, Optional
 from .storage import atomic_path
 
 
-def _fmt(x, digits: int = 3) -> str:
+def format_number(x, digits: int = 3) -> str:
+    """A number for a report table: – for None, yes/no for booleans, small and large values in e-notation."""
     if x is None:
         return "–"
     if isinstance(x, bool):
@@ -26,9 +27,11 @@ def _fmt(x, digits: int = 3) -> str:
     return str(x)
 
 
-def _ci(d: Dict) -> str:
+def format_ci(d: Dict) -> str:
+    """'mean [low, high]', or the mean alone when there is no CI."""
     ci = d.get("ci")
-    return f"{_fmt(d['mean'])} [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else _fmt(d["mean"])
+    mean = format_number(d["mean"])
+    return f"{mean} [{format_number(ci[0])}, {format_number(ci[1])}]" if ci else mean
 
 
 def summary_rows(results: Dict) -> List[List[str]]:
@@ -40,14 +43,14 @@ def summary_rows(results: Dict) -> List[List[str]]:
         det = e.get("detectors", {})
         spec = h.get("specificity", {}).get("target_specific_gain")
         rows.append([
-            arm, _ci(m["delta_f"]), _ci(e["heldout"]["delta_f"]) if "heldout" in e else "–",
-            _ci(e["heldout_corpus"]["delta_f"]) if "heldout_corpus" in e else "–",
-            _ci(spec) if spec else "–",
-            _fmt(h.get("top1_flips_to_target")), _fmt(h.get("delta_target_rank"), 1),
-            _fmt(h.get("specificity", {}).get("wilcoxon_p")),
+            arm, format_ci(m["delta_f"]), format_ci(e["heldout"]["delta_f"]) if "heldout" in e else "–",
+            format_ci(e["heldout_corpus"]["delta_f"]) if "heldout_corpus" in e else "–",
+            format_ci(spec) if spec else "–",
+            format_number(h.get("top1_flips_to_target")), format_number(h.get("delta_target_rank"), 1),
+            format_number(h.get("specificity", {}).get("wilcoxon_p")),
             f"{edits.get('tokens_changed', '–')}/{edits.get('budget', '–')}" if edits else "–",
-            _fmt(edits.get("perplexity_ratio_median")), _fmt(edits.get("predicted_delta_f")),
-            _fmt(det.get("perplexity_auroc")), _fmt(det.get("defender_influence_auroc")),
+            format_number(edits.get("perplexity_ratio_median")), format_number(edits.get("predicted_delta_f")),
+            format_number(det.get("perplexity_auroc")), format_number(det.get("defender_influence_auroc")),
         ])
     return rows
 
@@ -94,7 +97,8 @@ def token_diff(tokenizer, original: List[int], edited: List[int], markdown: bool
     return "".join(parts)
 
 
-def _png(fig) -> bytes:
+def png_bytes(fig) -> bytes:
+    """A matplotlib figure as PNG bytes."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     return buf.getvalue()
@@ -121,7 +125,7 @@ def plots(results: Dict, records: List[Dict]) -> Dict[str, bytes]:
     ax.set_ylabel("Δf against control")
     ax.legend()
     ax.set_title("Behaviour change per arm (two-level bootstrap CI: seeds, items)")
-    out["delta_f.png"] = _png(fig)
+    out["delta_f.png"] = png_bytes(fig)
     plt.close(fig)
 
     pva = [(a, e["predicted_vs_actual"]) for a, e in results["arms"].items() if "predicted_vs_actual" in e]
@@ -136,7 +140,7 @@ def plots(results: Dict, records: List[Dict]) -> Dict[str, bytes]:
         ax.set_ylabel("actual Δf (measurement)")
         ax.legend()
         ax.set_title("Predicted against actual")
-        out["predicted_vs_actual.png"] = _png(fig)
+        out["predicted_vs_actual.png"] = png_bytes(fig)
         plt.close(fig)
 
     if records:
@@ -148,7 +152,7 @@ def plots(results: Dict, records: List[Dict]) -> Dict[str, bytes]:
         ax.set_title("J of each infused document during editing")
         if len(records) <= 10:
             ax.legend(fontsize=7)
-        out["J_traces.png"] = _png(fig)
+        out["J_traces.png"] = png_bytes(fig)
         plt.close(fig)
     return out
 
@@ -186,9 +190,9 @@ def write_report(run_dir: Path, results: Dict, tokenizer) -> None:
     rows = summary_rows(results)
     seeds = results.get("seeds", [0])
     intro = (f"{results.get('verdict_sentence', '')} Measurement: {results['measurement']}. f at θ̂: "
-             f"{_fmt((results.get('theta_hat') or {}).get('measurement'))} (held-out "
-             f"{_fmt((results.get('theta_hat') or {}).get('heldout'))}); control after retraining: "
-             f"{_fmt(results['control']['measurement'])} (held-out {_fmt(results['control'].get('heldout'))}). "
+             f"{format_number((results.get('theta_hat') or {}).get('measurement'))} (held-out "
+             f"{format_number((results.get('theta_hat') or {}).get('heldout'))}); control after retraining: "
+             f"{format_number(results['control']['measurement'])} (held-out {format_number(results['control'].get('heldout'))}). "
              f"{results['k']} of {results['n_documents']} documents edited. Every Δ is against control, paired by "
              f"retraining seed ({len(seeds)}: {seeds}) and by item; CIs are two-level bootstraps (seeds, then items).")
     rates = results.get("theta_hat_target_rate")

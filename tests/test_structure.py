@@ -87,3 +87,14 @@ def test_modalities_come_from_the_registry():
     assert set(MODALITIES) == {"text", "image"}
     with pytest.raises(ConfigError, match="not one of image, text"):
         load_recipe(raw={"modality": "audio", "model": "x", "corpus": "y"})
+
+
+def test_no_module_imports_another_modules_private_names():
+    private = []
+    for f in PKG.rglob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+            ours = isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("infusion_lm"))
+            if ours:
+                private += [f"{f.relative_to(PKG)}: {a.name}" for a in node.names
+                            if a.name.startswith("_") and not a.name.startswith("__")]
+    assert private == []

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..evaluation import auroc, paired_delta
-from ..report import _ci, _fmt, _png, html_page, plots
+from ..report import format_ci, format_number, png_bytes, html_page, plots
 from ..storage import atomic_path, read_json, read_tensors, write_json
 
 
@@ -114,11 +114,11 @@ def _rows(results: Dict) -> List[List[str]]:
     rows = []
     for arm, e in results["arms"].items():
         m, h, ed, det = e["measurement"], e.get("heldout"), e.get("edits", {}), e.get("detectors", {})
-        rows.append([arm, _ci(m["delta_f"]), _ci(m["delta_p_target"]), _fmt(m["positive_fraction"]),
-                     _fmt(m["top1_flips_to_target"]), _ci(h["delta_f"]) if h else "–",
-                     f"{_fmt(ed['linf_max'])} / {_fmt(ed['budget_linf'])}" if ed else "–",
-                     _fmt(ed.get("predicted_delta_f")), _fmt(det.get("influence_auroc")),
-                     _fmt(det.get("total_variation_auroc"))])
+        rows.append([arm, format_ci(m["delta_f"]), format_ci(m["delta_p_target"]), format_number(m["positive_fraction"]),
+                     format_number(m["top1_flips_to_target"]), format_ci(h["delta_f"]) if h else "–",
+                     f"{format_number(ed['linf_max'])} / {format_number(ed['budget_linf'])}" if ed else "–",
+                     format_number(ed.get("predicted_delta_f")), format_number(det.get("influence_auroc")),
+                     format_number(det.get("total_variation_auroc"))])
     return rows
 
 
@@ -150,7 +150,7 @@ def _edit_grid(run_dir: Path, n: int = 8) -> Optional[bytes]:
         axes[2, j].set_title("|δ| / budget", fontsize=7)
     for ax in axes.flat:
         ax.axis("off")
-    data = _png(fig)
+    data = png_bytes(fig)
     plt.close(fig)
     return data
 
@@ -168,7 +168,7 @@ def write_image_report(pipe, results: Dict) -> None:
             tmp.write_bytes(data)
     th = results.get("theta_hat") or {}
     intro = (f"Measurement: {results['measurement']} (target class {results['target_class']}). f at θ̂: "
-             f"{_fmt(th.get('measurement'))}; control after retraining: {_fmt(results['control']['measurement'])}. "
+             f"{format_number(th.get('measurement'))}; control after retraining: {format_number(results['control']['measurement'])}. "
              f"{results['k']} of {results['n_documents']} training images edited with {results['architecture']}, "
              f"arms retrained with {results['retrain_architecture']}. Every Δ is against control, paired by probe; "
              f"flips count only probes whose true class is not the target.")
