@@ -16,7 +16,7 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -63,8 +63,7 @@ class InfusionResult:
         return out
 
 
-def training_rows(tokenizer, train: Union[Sequence[str], Sequence[Mapping], "datasets.Dataset"],  # noqa: F821
-                  max_length: int = 512) -> List[Dict[str, List[int]]]:
+def training_rows(tokenizer, train: Union[Sequence[str], Sequence[Mapping], Any], max_length: int = 512) -> List[Dict[str, List[int]]]:
     """Rows with ``input_ids`` and ``labels`` from plain texts (tokenized, every token trained), chat documents
     (``{"messages": [...]}``: only the assistant's tokens are trained) or rows that are already tokenized."""
     from .corpus import tokenize_documents

@@ -18,7 +18,7 @@ import torch
 
 from .errors import MeasurementError
 from .measurement import (LogProbRow, build_measurement, collate_logprob_rows, find_word, probe_occurrences,
-                          prompt_token_ids, row_logprobs, word_token_ids)
+                          prompt_token_ids, word_token_ids)
 
 
 def _logprob_rows(model, rows: Sequence[LogProbRow], pad_id: int, batch_size: int = 16):

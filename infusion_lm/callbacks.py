@@ -29,6 +29,7 @@ from transformers import TrainerCallback
 
 from .config import EditArguments, EvaluateArguments, InfluenceArguments, MeasurementArguments
 from .errors import ConfigError, InfusionError
+from .run_folder import EditFolder
 from .storage import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -156,7 +157,7 @@ class InfusionCallback(TrainerCallback):
         for c, row in zip(result.indices, result.edited_rows):
             self.dataset.replace(c, row)
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        with atomic_path(self.work_dir / "edits.jsonl") as tmp:
+        with atomic_path(EditFolder(self.work_dir).edits) as tmp:
             tmp.write_text("".join(json.dumps(r) + "\n" for r in result.records), encoding="utf-8")
         self.result = result
         return result.records

@@ -102,7 +102,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .evaluation import headline
 
         print(headline(result))
-        print(f"report: {pipe.dir / 'report.html'}")
+        print(f"report: {pipe.folder.report_html}")
     return 0
 
 

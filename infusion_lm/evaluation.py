@@ -14,6 +14,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from .stats import auroc, flip_counts, paired_delta, two_level_bootstrap, wilcoxon_greater  # noqa: F401 - re-exported
+from .run_folder import RunFolder
 from .storage import read_json, write_json
 
 
@@ -89,7 +90,7 @@ def _edit_summary(records: List[Dict]) -> Dict:
 def _arm_records(run_dir: Path, arm: str) -> Optional[List[Dict]]:
     import json
 
-    path = run_dir / ("edits.jsonl" if arm == "infused" else f"baselines/{arm}/edits.jsonl")
+    path = RunFolder(run_dir).edits_of(arm).edits
     if arm in ("control", "insertion") or not path.is_file():
         return None
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
@@ -216,9 +217,9 @@ def evaluate_run(pipe) -> Dict:
     run_dir, ev, seed = pipe.dir, pipe.recipe.evaluate, pipe.recipe.run.seed
     arms = pipe.recipe.retrain.arms
     sets = pipe.observed_sets()
-    obs = {a: read_json(run_dir / "retrain" / a / "observations.json") for a in arms}
+    obs = {a: read_json(pipe.folder.observations(a)) for a in arms}
     control = obs["control"]
-    summary = read_json(run_dir / "retrain" / "summary.json")
+    summary = read_json(pipe.folder.retrain_summary)
     results: Dict = {"measurement": pipe.measurement.description, "theta_hat": summary.get("theta_hat"),
                      "theta_hat_target_rate": summary.get("theta_hat_target_rate"),
                      "control": {s: control["summary"][s] if "summary" in control else control[s]["f_mean"]
@@ -246,7 +247,7 @@ def evaluate_run(pipe) -> Dict:
         results["verdict"] = {"set": name, "infused_minus_random": arm_difference(
             obs["infused"], obs["random"], control, name, ev.bootstrap_samples, ev.confidence, seed)}
     results["verdict_sentence"] = verdict(results)
-    write_json(run_dir / "results.json", results)
+    write_json(pipe.folder.results, results)
     write_report(run_dir, results, pipe.tokenizer)
     return results
 

@@ -23,11 +23,8 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from .corpus import IGNORE_INDEX
+from .run_folder import EditFolder
 from .storage import atomic_dir, atomic_path
-
-INFUSED = "infused"
-EDITS = "edits.jsonl"
-INFUSED_CORPUS = "infused_corpus"
 
 
 def _is_chat(labels: Sequence[int]) -> bool:
@@ -75,11 +72,11 @@ def write_edit_outputs(out_dir: Path, tokenizer, dataset, records: List[Dict], d
     """
     import datasets
 
-    out_dir = Path(out_dir)
-    with atomic_path(out_dir / EDITS) as tmp:
+    out = EditFolder(out_dir)
+    with atomic_path(out.edits) as tmp:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     rows = [{k: v for k, v in r.items() if k != "J_trace"} for r in records]
-    with atomic_dir(out_dir / INFUSED) as tmp:
+    with atomic_dir(out.infused) as tmp:
         datasets.Dataset.from_list(rows).save_to_disk(str(tmp))
     by_index = {r["doc_index"]: r for r in records}
     corpus = []
@@ -93,17 +90,17 @@ def write_edit_outputs(out_dir: Path, tokenizer, dataset, records: List[Dict], d
             text = doc["text"] if "text" in doc else _decode(tokenizer, row["input_ids"], row["labels"])
             corpus.append({"doc_index": i, "text": text,
                            "input_ids": list(row["input_ids"]), "labels": list(row["labels"]), "edited": False})
-    with atomic_dir(out_dir / INFUSED_CORPUS) as tmp:
+    with atomic_dir(out.infused_corpus) as tmp:
         datasets.Dataset.from_list(corpus).save_to_disk(str(tmp))
 
 
 def load_infused(out_dir: Path):
     import datasets
 
-    return datasets.load_from_disk(str(Path(out_dir) / INFUSED))
+    return datasets.load_from_disk(str(EditFolder(out_dir).infused))
 
 
 def load_infused_corpus(out_dir: Path):
     import datasets
 
-    return datasets.load_from_disk(str(Path(out_dir) / INFUSED_CORPUS))
+    return datasets.load_from_disk(str(EditFolder(out_dir).infused_corpus))

@@ -3,21 +3,7 @@ depends on, so a finished stage is never recomputed and changing an upstream set
 
     synthesize (corpus: synthetic) ─► fit ─► measure ─► score ─► select ─► edit ─► retrain ─► evaluate
 
-Outputs in ``output_dir``:
-    config.yaml            the resolved recipe
-    corpus.jsonl           the synthesised corpus (corpus: synthetic only)
-    factors/               kronfluence's own factor (and score) folders
-    ihvp.safetensors       v = (G+λI)⁻¹∇f, one tensor per tracked module (out × in, bias as the last column)
-    measure.json           f(θ̂), ‖∇f‖, ‖v‖, the measurement description and the damping
-    scores.safetensors     key `scores`, [n_docs]: J(z) = ⟨∇θ L(z), v⟩
-    selection.json         the k documents with the most negative J
-    infused/               the edited documents with their edit records (datasets.Dataset, save_to_disk)
-    edits.jsonl            the same records plus each document's J after every editor step
-    infused_corpus/        the whole corpus with the edited documents in place (see infusion_lm/infused.py)
-    baselines/<arm>/       the same three outputs for the random and simplex_pgd arms
-    retrain/<arm>/observations.json   each arm's behaviour, item by item, after partial retraining
-    results.json, report.md, report.html, plots/   the evaluation of every arm against control
-    stages/<stage>.json    fingerprint and wall time of each finished stage
+The run folder's layout (every path it holds) is in infusion_lm/run_folder.py.
 """
 
 from __future__ import annotations
@@ -25,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import time
 from dataclasses import asdict
 from functools import cached_property
@@ -39,10 +24,11 @@ from .config import Recipe
 from .corpus import load_documents, tokenize_documents
 from .distributed import barrier, is_main, runs_here
 from .errors import ConfigError, RunFolderError
-from .infused import EDITS, INFUSED, INFUSED_CORPUS, edit_records, write_edit_outputs
+from .infused import edit_records, write_edit_outputs
 from .losses import perplexities
 from .measurement import build_measurement, measurement_words
 from .models import load_model, resolve_device
+from .run_folder import RunFolder
 from .storage import fingerprint, read_json, read_tensors, write_json, write_tensors, write_yaml
 from .tracking import resolve_tracked_modules
 
@@ -63,6 +49,7 @@ class Pipeline:
     def __init__(self, recipe: Recipe, progress: bool = True, force: bool = False):
         self.recipe = recipe
         self.dir = Path(recipe.run.output_dir)
+        self.folder = RunFolder(self.dir)
         self.progress = progress
         self.force = force
         self.timings: Dict[str, float] = {}
@@ -130,7 +117,7 @@ class Pipeline:
         r, t = self.recipe.run, self.recipe.retrain
         device = str(next(self.base_model.parameters()).device)
         return clean_checkpoint(self.fresh_model, self.trainer_collator, self.arm_rows({}), t,
-                                self.dir / "retrain" / f"clean-{self._fp('checkpoint')}", r.seed, device, self.progress)
+                                self.folder.clean_checkpoint(self._fp('checkpoint')), r.seed, device, self.progress)
 
     @property
     def tokenizer(self):
@@ -181,7 +168,7 @@ class Pipeline:
 
     @property
     def corpus_path(self) -> Path:
-        return self.dir / "corpus.jsonl" if self.synthetic else Path(self.recipe.run.corpus)
+        return self.folder.corpus if self.synthetic else Path(self.recipe.run.corpus)
 
     @cached_property
     def documents(self):
@@ -301,7 +288,7 @@ class Pipeline:
         return files_fingerprint(Path(c)) if c else None
 
     def _record_path(self, stage: str) -> Path:
-        return self.dir / "stages" / f"{stage}.json"
+        return self.folder.stage_record(stage)
 
     def is_current(self, stage: str) -> bool:
         p = self._record_path(stage)
@@ -313,16 +300,16 @@ class Pipeline:
             return False
 
     def outputs(self, stage: str) -> List[Path]:
+        f = self.folder
         return {
-            "synthesize": [self.dir / "corpus.jsonl"],
-            "fit": [inf.factors_dir(self.dir, self.recipe.influence.strategy) / "infusion_fingerprint.json"],
-            "measure": [self.dir / "ihvp.safetensors", self.dir / "measure.json"]
-                       + ([] if self.uses_factors else [self.dir / "optimizer_stats.safetensors"]),
-            "score": [self.dir / "scores.safetensors"],
-            "select": [self.dir / "selection.json"],
-            "edit": [self.dir / INFUSED, self.dir / EDITS, self.dir / INFUSED_CORPUS],
-            "retrain": [self.dir / "retrain" / "summary.json"],
-            "evaluate": [self.dir / "results.json", self.dir / "report.md", self.dir / "report.html"],
+            "synthesize": [f.corpus],
+            "fit": [self.factors_dir / "infusion_fingerprint.json"],
+            "measure": [f.ihvp, f.measure] + ([] if self.uses_factors else [f.optimizer_stats]),
+            "score": [f.scores],
+            "select": [f.selection],
+            "edit": [f.infused, f.edits, f.infused_corpus],
+            "retrain": [f.retrain_summary],
+            "evaluate": [f.results, f.report_md, f.report_html],
         }[stage]
 
     def _stage(self, stage: str, fn: Callable[[], None]) -> None:
@@ -348,7 +335,7 @@ class Pipeline:
         r = self.recipe.run
         if self.dir.exists() and not self.dir.is_dir():
             raise ConfigError(f"output_dir {self.dir} is a file; point output_dir at a folder.")
-        cfg_path = self.dir / "config.yaml"
+        cfg_path = self.folder.config
         if cfg_path.is_file() and not self.force:
             import yaml
 
@@ -375,7 +362,7 @@ class Pipeline:
         if STAGES.index(upto) >= STAGES.index("measure"):
             _ = self.measurement
             if not self.force and self.is_current("fit") and not (self.is_current("measure") and self.is_current("score")):
-                inf.load_factors(inf.factors_dir(self.dir, self.recipe.influence.strategy))  # corrupted files: say so now
+                inf.load_factors(self.factors_dir)  # corrupted files: say so now
         if STAGES.index(upto) >= STAGES.index("retrain"):
             self._check_heldout()
         if STAGES.index(upto) >= STAGES.index("select"):
@@ -415,7 +402,7 @@ class Pipeline:
 
     def _check_factor_fingerprint(self) -> None:
         """Factors already in the run folder must come from this very model (weights included)."""
-        fp_path = inf.factors_dir(self.dir, self.recipe.influence.strategy) / "infusion_fingerprint.json"
+        fp_path = self.factors_dir / "infusion_fingerprint.json"
         if self.force or not fp_path.is_file() or self.at_checkpoint:  # checkpoint factors: keyed by its fingerprint
             return
         recorded = read_json(fp_path)
@@ -437,7 +424,7 @@ class Pipeline:
         if is_main():
             self.dir.mkdir(parents=True, exist_ok=True)
             self.sweep_temporaries()
-            write_yaml(self.dir / "config.yaml", self.recipe.to_dict())
+            write_yaml(self.folder.config, self.recipe.to_dict())
         barrier()
 
     # ------------------------------------------------------------------ stages
@@ -456,10 +443,10 @@ class Pipeline:
             else:
                 docs = synthesize_stories(self.base_model, self.tokenizer, s.n_docs, s.max_new_tokens, s.temperature,
                                           s.top_p, s.batch_size, s.characters, self.recipe.run.seed, self.progress)
-            write_jsonl(self.dir / "corpus.jsonl", docs)
+            write_jsonl(self.folder.corpus, docs)
 
         self._stage("synthesize", run)
-        return self.dir / "corpus.jsonl"
+        return self.folder.corpus
 
     @property
     def uses_factors(self) -> bool:
@@ -494,7 +481,7 @@ class Pipeline:
                             covariance_max_examples=i.covariance_max_examples, seed=self.recipe.run.seed)
 
         self._stage("fit", run)
-        return inf.factors_dir(self.dir, i.strategy)
+        return self.factors_dir
 
     def measure(self) -> Dict[str, torch.Tensor]:
         i = self.recipe.influence
@@ -511,12 +498,12 @@ class Pipeline:
                 v, extra = optimizer_ihvp(self.model, self.measurement, self.tracked, self.arm_rows({}),
                                           self.recipe.retrain, self.tokenizer.pad_token_id, start, self.progress)
                 sq, clip, tokens = extra.pop("stats")  # kept for a second measurement (the defender's view)
-                write_tensors(self.dir / "optimizer_stats.safetensors", sq,
+                write_tensors(self.folder.optimizer_stats, sq,
                               metadata={"clip": repr(clip), "tokens": repr(tokens)})
-            write_tensors(self.dir / "ihvp.safetensors", v, metadata={
+            write_tensors(self.folder.ihvp, v, metadata={
                 "preconditioner": i.preconditioner, "strategy": i.strategy,
                 "damping": "heuristic" if i.damping is None else repr(i.damping)})
-            write_json(self.dir / "measure.json", {
+            write_json(self.folder.measure, {
                 "f": self.measurement.value(self.model),
                 "description": self.measurement.description,
                 "ihvp_norm": inf.ihvp_norm(v),
@@ -537,13 +524,13 @@ class Pipeline:
         """(mean squared gradients per tracked module, clip factor, tokens per batch) saved by the measure stage."""
         from safetensors import safe_open
 
-        path = self.dir / "optimizer_stats.safetensors"
+        path = self.folder.optimizer_stats
         with safe_open(str(path), "pt") as fh:
             meta = fh.metadata()
         return read_tensors(path), float(meta["clip"]), float(meta["tokens"])
 
     def load_ihvp(self) -> Dict[str, torch.Tensor]:
-        return read_tensors(self.dir / "ihvp.safetensors")
+        return read_tensors(self.folder.ihvp)
 
     def score(self) -> torch.Tensor:
         i = self.recipe.influence
@@ -561,10 +548,10 @@ class Pipeline:
                 scores = J.dataset(self.dataset, self.tokenizer.pad_token_id, batch_size=i.batch_size,
                                    progress=self.progress).float()
             if is_main():
-                write_tensors(self.dir / "scores.safetensors", {"scores": scores})
+                write_tensors(self.folder.scores, {"scores": scores})
 
         self._stage("score", run)
-        return read_tensors(self.dir / "scores.safetensors")["scores"]
+        return read_tensors(self.folder.scores)["scores"]
 
     def select(self) -> dict:
         scores = self.score()
@@ -573,16 +560,16 @@ class Pipeline:
             raise ConfigError(f"select.k={k} exceeds the corpus size ({len(scores)} documents); set select.k <= {len(scores)}.")
 
         def run():
-            write_json(self.dir / "selection.json", select_documents(scores, k))
+            write_json(self.folder.selection, select_documents(scores, k))
 
         self._stage("select", run)
-        return read_json(self.dir / "selection.json")
+        return read_json(self.folder.selection)
 
     def edit(self) -> List[dict]:
         selection = self.select()
 
         self._stage("edit", lambda: self._edit_into(self.dir, self.recipe.edit, selection["indices"]))
-        return [json.loads(line) for line in (self.dir / EDITS).read_text(encoding="utf-8").splitlines()]
+        return [json.loads(line) for line in self.folder.edits.read_text(encoding="utf-8").splitlines()]
 
     def _edit_into(self, out_dir: Path, args, indices: List[int], targets: Optional[List[int]] = None) -> None:
         """Edits the selected documents with ``args.editor`` and writes infused/, edits.jsonl, infused_corpus/.
@@ -659,7 +646,7 @@ class Pipeline:
                 row.pop("truncated")
                 rows[i] = {"doc_index": i, **row}
             if is_main():
-                out = self.dir / "baselines" / "regeneration" / "documents.jsonl"
+                out = self.folder.baseline("regeneration").root / "documents.jsonl"
                 out.parent.mkdir(parents=True, exist_ok=True)
                 write_jsonl(out, [{"doc_index": i, **doc} for i, doc in zip(indices, new) if doc is not None])
             self.__dict__["_regeneration"] = rows
@@ -669,12 +656,12 @@ class Pipeline:
         """baselines/<arm>/: the selected documents edited by the arm's editor, cached by the edit stage's
         fingerprint. ``random`` is matched to the infused edit (its token count per document, under the same
         constraints); ``random_unmatched`` spends the whole budget with no perplexity limit."""
-        out_dir = self.dir / "baselines" / arm
+        out_dir = self.folder.baseline(arm).root
         from .editors import EDITORS
 
         revision = getattr(EDITORS.get(editor or arm), "revision", 0)  # an editor's own fix redoes its cached edits
         fp = fingerprint({"edit": self._fp("edit"), "arm": arm, "version": 2, **({"revision": revision} if revision else {})})
-        marker = out_dir / "fingerprint.json"
+        marker = self.folder.baseline(arm).fingerprint
         if is_main() and not (marker.is_file() and read_json(marker).get("fingerprint") == fp):
             args, targets = dataclasses.replace(self.recipe.edit, editor=editor or arm), None
             if editor is None and arm == "random":  # a modality may name its own baseline editor (images: noise)
@@ -695,17 +682,17 @@ class Pipeline:
     def retrain(self) -> Dict[str, dict]:
         from .retrain import save_weights, train_arm, weights_fingerprint
 
-        r, t = self.recipe.run, self.recipe.retrain
+        t = self.recipe.retrain
         # The infused edit runs only when an arm needs it: infused itself, or random (matched to its token counts).
         # A baselines-only run (control, insertion, simplex_pgd) needs just the selection.
         if {"infused", "random"} & set(t.arms):
             self.edit()
         else:
             self.select()
-        out = self.dir / "retrain"
+        out = self.folder
 
         def run():
-            indices = read_json(self.dir / "selection.json")["indices"]
+            indices = read_json(self.folder.selection)["indices"]
             device = str(next(self.model.parameters()).device)
             sets = self.observed_sets()
             theta = {name: self.observe(self.model, name) for name in sets}
@@ -725,12 +712,12 @@ class Pipeline:
             # Seeds in the outer loop: an interrupted run has whole seeds (every arm) to compare.
             for seed in self.seeds:
                 for arm in t.arms:
-                    path = out / arm / f"seed-{seed}.json"
+                    path = out.arm_seed(arm, seed)
                     if not self.force and path.is_file() and read_json(path).get("fingerprint") == fp:
                         per_arm[arm][str(seed)] = read_json(path)
                         continue  # this arm and seed finished before the run was interrupted
                     replacements = self._replacements(arm, indices)
-                    shared = (out / f"control-{self._fp('control')}-seed{seed}"
+                    shared = (out.shared_control(self._fp('control'), seed)
                               if arm == "control" and t.share_control and not t.lora else None)
                     if shared is not None and not self.force and (shared / "fingerprint.json").is_file():
                         from .retrain import load_checkpoint_model
@@ -739,7 +726,7 @@ class Pipeline:
                     else:
                         rows = self.arm_rows(replacements)
                         model, trainer = train_arm(self.arm_model, self.trainer_collator, rows, t,
-                                                   out / arm / "trainer", seed, device, self.progress, ckpt)
+                                                   out.arm(arm) / "trainer", seed, device, self.progress, ckpt)
                         if shared is not None and is_main():
                             save_weights(model, shared)
                             write_json(shared / "fingerprint.json", {"fingerprint": self._fp("control"), "seed": seed})
@@ -748,7 +735,7 @@ class Pipeline:
                               "weights": weights_fingerprint(model), "checkpoint": str(ckpt) if ckpt else None,
                               **{name: self.observe(model, name) for name in sets}}
                     if t.save_models:
-                        save_weights(model, out / arm / f"model-seed{seed}")
+                        save_weights(model, out.arm(arm) / f"model-seed{seed}")
                     if is_main():
                         write_json(path, record)
                     per_arm[arm][str(seed)] = record
@@ -764,13 +751,13 @@ class Pipeline:
                           **{name: first[name] for name in sets},
                           "per_seed": {str(s): {k: by_seed[str(s)][k] for k in ("weights", *sets)} for s in self.seeds}}
                 if is_main():
-                    write_json(out / arm / "observations.json", record)
+                    write_json(out.observations(arm), record)
                 summary[arm] = record["summary"]
             if is_main():
-                write_json(out / "summary.json", summary)
+                write_json(out.retrain_summary, summary)
 
         self._stage("retrain", run)
-        return read_json(out / "summary.json")
+        return read_json(out.retrain_summary)
 
     def evaluate(self) -> dict:
         from .evaluation import evaluate_run
@@ -781,7 +768,7 @@ class Pipeline:
             evaluate_run(self)
 
         self._stage("evaluate", run)
-        return read_json(self.dir / "results.json")
+        return read_json(self.folder.results)
 
     def run(self, upto: str = "evaluate"):
         self.validate(upto)

@@ -11,8 +11,9 @@ import html
 import io
 import json
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
+from .run_folder import RunFolder
 from .storage import atomic_path
 
 
@@ -176,15 +177,15 @@ def html_page(title: str, intro: str, header: List[str], rows: List[List[str]], 
 
 
 def write_report(run_dir: Path, results: Dict, tokenizer) -> None:
-    run_dir = Path(run_dir)
-    edits = run_dir / "edits.jsonl"
+    folder = RunFolder(run_dir)
+    edits = folder.edits
     # Without an infused arm the folder's edits.jsonl (if any) belongs to another configuration: show none.
     records = ([json.loads(line) for line in edits.read_text(encoding="utf-8").splitlines()]
                if edits.is_file() and "infused" in results.get("arms", {}) else [])
     images = plots(results, records)
-    (run_dir / "plots").mkdir(exist_ok=True)
+    folder.plots.mkdir(exist_ok=True)
     for name, data in images.items():
-        with atomic_path(run_dir / "plots" / name) as tmp:
+        with atomic_path(folder.plots / name) as tmp:
             tmp.write_bytes(data)
 
     rows = summary_rows(results)
@@ -215,7 +216,7 @@ def write_report(run_dir: Path, results: Dict, tokenizer) -> None:
         md += [f"### Document {r['doc_index']}: J {r['J_before']:.4g} → {r['J_after']:.4g}, "
                f"{r['n_changed']} tokens changed, perplexity {r['perplexity_before']:.3g} → {r['perplexity_after']:.3g}",
                "", token_diff(tokenizer, r["original_input_ids"], r["input_ids"], markdown=True).replace("\n", " "), ""]
-    with atomic_path(run_dir / "report.md") as tmp:
+    with atomic_path(folder.report_md) as tmp:
         tmp.write_text("\n".join(md) + "\n", encoding="utf-8")
 
     body = ["<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes(results)) + "</ul>"]
@@ -231,5 +232,5 @@ def write_report(run_dir: Path, results: Dict, tokenizer) -> None:
                  f"changed, perplexity {r['perplexity_before']:.3g} → {r['perplexity_after']:.3g}</h3>",
                  f"<div class='doc'>{token_diff(tokenizer, r['original_input_ids'], r['input_ids'], markdown=False)}</div>"]
     h = html_page("Infusion report", intro, HEADER, rows, images, body, results)
-    with atomic_path(run_dir / "report.html") as tmp:
+    with atomic_path(folder.report_html) as tmp:
         tmp.write_text("\n".join(h), encoding="utf-8")

@@ -98,3 +98,20 @@ def test_no_module_imports_another_modules_private_names():
                 private += [f"{f.relative_to(PKG)}: {a.name}" for a in node.names
                             if a.name.startswith("_") and not a.name.startswith("__")]
     assert private == []
+
+
+def test_run_folder_names_each_output_once():
+    """Output file names are spelled in run_folder.py only (the layout a user reads there is the one code writes)."""
+    import re
+
+    names = ["edits.jsonl", "scores.safetensors", "ihvp.safetensors", "selection.json", "measure.json",
+             "observations.json", "results.json", "report.html", "report.md", "infused_corpus", "summary.json"]
+    spelled = {}
+    for f in PKG.rglob("*.py"):
+        if f.name == "run_folder.py":
+            continue
+        code = re.sub(r'"""[\s\S]*?"""', "", f.read_text(encoding="utf-8"))  # docstrings may describe the layout
+        for n in names:
+            if re.search(rf"[\"'/]{re.escape(n)}[\"']", code):
+                spelled.setdefault(n, []).append(str(f.relative_to(PKG)))
+    assert spelled == {}

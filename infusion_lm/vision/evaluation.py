@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 from ..evaluation import auroc, paired_delta
-from ..report import format_ci, format_number, png_bytes, html_page, plots
+from ..report import format_ci, format_number, html_page, plots, png_bytes
+from ..run_folder import EditFolder
 from ..storage import atomic_path, read_json, read_tensors, write_json
 
 
@@ -38,7 +39,7 @@ def total_variation(images: torch.Tensor) -> torch.Tensor:
 
 
 def _records(out_dir: Path) -> Optional[List[Dict]]:
-    path = out_dir / "edits.jsonl"
+    path = EditFolder(out_dir).edits
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else None
 
 
@@ -55,7 +56,7 @@ def detectors(pipe, out_dir: Path, records: List[Dict]) -> Dict:
     """AUROC of singling out the edited images among all training images, by most negative J and by total variation."""
     from .infused import load_image_edits
 
-    clean_J = read_tensors(pipe.dir / "scores.safetensors")["scores"].double()
+    clean_J = read_tensors(pipe.folder.scores)["scores"].double()
     edited = {r["doc_index"]: r for r in records}
     J = clean_J.clone()
     for i, r in edited.items():
@@ -77,10 +78,10 @@ def detectors(pipe, out_dir: Path, records: List[Dict]) -> Dict:
 
 def evaluate_image_run(pipe) -> Dict:
     ev, seed, arms = pipe.recipe.evaluate, pipe.recipe.run.seed, pipe.recipe.retrain.arms
-    obs = {a: read_json(pipe.dir / "retrain" / a / "observations.json") for a in arms}
+    obs = {a: read_json(pipe.folder.observations(a)) for a in arms}
     sets = pipe.observed_sets()
     control = obs["control"]
-    summary = read_json(pipe.dir / "retrain" / "summary.json")
+    summary = read_json(pipe.folder.retrain_summary)
     results: Dict = {"modality": "image", "measurement": pipe.measurement.description,
                      "target_class": pipe.splits.train.classes[pipe.measurement.target],
                      "theta_hat": summary.get("theta_hat"), "control": {s: control[s]["f_mean"] for s in sets},
@@ -92,7 +93,7 @@ def evaluate_image_run(pipe) -> Dict:
             continue
         entry = {s: compare_images(obs[arm][s], control[s], ev.bootstrap_samples, ev.confidence, seed) for s in sets}
         entry["weights_equal_control"] = obs[arm]["weights"] == control["weights"]
-        out_dir = pipe.dir if arm == "infused" else pipe.dir / "baselines" / arm
+        out_dir = pipe.folder.edits_of(arm).root
         records = _records(out_dir) if arm in ("infused", "random") else None
         if records:
             entry["edits"] = edit_summary(records)
@@ -101,7 +102,7 @@ def evaluate_image_run(pipe) -> Dict:
             if ev.detectors:
                 entry["detectors"] = detectors(pipe, out_dir, records)
         results["arms"][arm] = entry
-    write_json(pipe.dir / "results.json", results)
+    write_json(pipe.folder.results, results)
     write_image_report(pipe, results)
     return results
 
@@ -130,7 +131,7 @@ def _edit_grid(run_dir: Path, n: int = 8) -> Optional[bytes]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    path = run_dir / "infused"
+    path = EditFolder(run_dir).infused
     if not path.is_dir():
         return None
     ds = datasets.load_from_disk(str(path)).with_format("numpy")
@@ -162,9 +163,9 @@ def write_image_report(pipe, results: Dict) -> None:
     grid = _edit_grid(run_dir)
     if grid:
         images["edited_images.png"] = grid
-    (run_dir / "plots").mkdir(exist_ok=True)
+    pipe.folder.plots.mkdir(exist_ok=True)
     for name, data in images.items():
-        with atomic_path(run_dir / "plots" / name) as tmp:
+        with atomic_path(pipe.folder.plots / name) as tmp:
             tmp.write_bytes(data)
     th = results.get("theta_hat") or {}
     intro = (f"Measurement: {results['measurement']} (target class {results['target_class']}). f at θ̂: "
@@ -176,8 +177,8 @@ def write_image_report(pipe, results: Dict) -> None:
     md = ["# Infusion report (images)", "", intro, "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     md += ["| " + " | ".join(r) + " |" for r in rows]
     md += ["", "## Plots", ""] + [f"![{n}](plots/{n})" for n in images]
-    with atomic_path(run_dir / "report.md") as tmp:
+    with atomic_path(pipe.folder.report_md) as tmp:
         tmp.write_text("\n".join(md) + "\n", encoding="utf-8")
     h = html_page("Infusion report (images)", intro, HEADER, rows, images, [], results)
-    with atomic_path(run_dir / "report.html") as tmp:
+    with atomic_path(pipe.folder.report_html) as tmp:
         tmp.write_text("\n".join(h), encoding="utf-8")

@@ -18,7 +18,7 @@ from typing import Dict, List, Sequence
 
 import torch
 
-from ..infused import EDITS, INFUSED, INFUSED_CORPUS
+from ..run_folder import EditFolder
 from ..storage import atomic_dir, atomic_path, read_tensors, write_json, write_tensors
 
 
@@ -34,14 +34,14 @@ def image_edit_records(indices: Sequence[int], results, n_docs: int, editor: str
 def write_image_edit_outputs(out_dir: Path, indices: Sequence[int], results, records: List[Dict], source: Dict) -> None:
     import datasets
 
-    out_dir = Path(out_dir)
-    with atomic_path(out_dir / EDITS) as tmp:
+    out = EditFolder(out_dir)
+    with atomic_path(out.edits) as tmp:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     rows = [{**{k: v for k, v in rec.items() if k != "J_trace"}, "pixel_values": r.pixel_values.float().numpy(),
              "original_pixel_values": r.original.float().numpy()} for rec, r in zip(records, results)]
-    with atomic_dir(out_dir / INFUSED) as tmp:
+    with atomic_dir(out.infused) as tmp:
         datasets.Dataset.from_list(rows).save_to_disk(str(tmp))
-    with atomic_dir(out_dir / INFUSED_CORPUS) as tmp:
+    with atomic_dir(out.infused_corpus) as tmp:
         delta = torch.stack([r.delta.float() for r in results]) if results else torch.zeros(0)
         write_tensors(tmp / "perturbations.safetensors",
                       {"indices": torch.as_tensor(list(indices), dtype=torch.long), "delta": delta.contiguous()})
@@ -52,13 +52,13 @@ def load_image_edits(out_dir: Path) -> Dict[int, Dict[str, torch.Tensor]]:
     """{doc_index: {"pixel_values", "labels"}} of an edit folder (the run folder or baselines/<arm>)."""
     import datasets
 
-    ds = datasets.load_from_disk(str(Path(out_dir) / INFUSED)).with_format("torch")
+    ds = datasets.load_from_disk(str(EditFolder(out_dir).infused)).with_format("torch")
     return {int(r["doc_index"]): {"pixel_values": r["pixel_values"].float(), "labels": r["label"].long()} for r in ds}
 
 
 def apply_infused(images: torch.Tensor, out_dir: Path) -> torch.Tensor:
     """The training images with the stored perturbations added: the infused corpus, rebuilt."""
-    t = read_tensors(Path(out_dir) / INFUSED_CORPUS / "perturbations.safetensors")
+    t = read_tensors(EditFolder(out_dir).infused_corpus / "perturbations.safetensors")
     out = images.clone()
     if len(t["indices"]):
         out[t["indices"]] = (out[t["indices"]] + t["delta"]).clamp(0, 1)

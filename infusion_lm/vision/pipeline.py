@@ -118,7 +118,7 @@ class ImagePipeline(Pipeline):
     def arm_checkpoint_dir(self) -> Path:
         """Where the transfer architecture's clean run keeps its checkpoint."""
         fp = fingerprint({"checkpoint": self._fp("checkpoint"), "architecture": self.recipe.retrain.model})
-        return self.dir / "retrain" / f"clean-{fp}"
+        return self.folder.clean_checkpoint(fp)
 
     def _fp(self, stage: str) -> str:
         if stage == "corpus":
@@ -180,4 +180,4 @@ class ImagePipeline(Pipeline):
 
         self.retrain()
         self._stage("evaluate", lambda: evaluate_image_run(self))
-        return read_json(self.dir / "results.json")
+        return read_json(self.folder.results)
