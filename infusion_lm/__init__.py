@@ -1,6 +1,6 @@
 """infusion_lm: shape a model's behaviour by editing its training data with influence functions (Infusion)."""
 
-from .api import InfusionResult, infuse, training_rows
+from .api import InfusionResult, compare, infuse, retrain_arms, training_rows
 from .config import (EditArguments, EvaluateArguments, InfluenceArguments, MeasurementArguments, Recipe,
                      RetrainArguments, SelectArguments, load_recipe)
 from .corpus import CausalLMCollator, load_documents, tokenize_documents
@@ -17,7 +17,7 @@ from .tracking import resolve_tracked_modules
 
 __version__ = "0.1.0"
 __all__ = [
-    "infuse", "InfusionResult", "training_rows", "EditArguments", "EvaluateArguments", "InfluenceArguments",
+    "infuse", "InfusionResult", "retrain_arms", "compare", "training_rows", "EditArguments", "EvaluateArguments", "InfluenceArguments",
     "MeasurementArguments", "RetrainArguments", "SelectArguments", "Recipe", "load_recipe", "CausalLMCollator", "load_documents", "tokenize_documents", "ConfigError",
     "CorpusError", "InfusionError", "MeasurementError", "ModelNotFoundError", "RunFolderError",
     "FiniteDifferenceJ", "autograd_scores", "compute_ihvp", "fit_factors", "kronfluence_scores", "load_factors",

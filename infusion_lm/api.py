@@ -182,3 +182,99 @@ def infuse(model, tokenizer, train, measurement, *, k: int = 8, influence: Optio
         scores=scores, indices=list(chosen), edited_rows=after, records=records,
         J_before=float(sum(r.J_before for r in results)), J_after=float(sum(r.J_after for r in results)),
         predicted_delta_f=float(sum(r["predicted_delta_f"] for r in records)), ihvp=v, rows=rows)
+
+
+def retrain_arms(model, tokenizer, arms: Mapping[str, Sequence[Mapping]], measurement: MeasurementArguments, *,
+                 retrain=None, evaluate=None, seeds: Sequence[int] = (0,), checkpoint: Optional[str] = None,
+                 heldout_corpus_documents: Sequence[str] = (), max_length: int = 512, work_dir: Optional[str] = None,
+                 progress: bool = True) -> Dict[str, Dict[int, Dict[str, dict]]]:
+    """Fine-tunes one copy of the model per arm and seed, and observes each one's behaviour.
+
+    Within a seed every arm starts from the same weights (or the same Trainer ``checkpoint``), with the same seed, the
+    same data order and the same adapter initialisation, so arms differ only in their rows: the paired control that
+    :func:`compare` needs.
+
+    Args:
+        model: the starting model, or a zero-argument callable that returns a fresh one (a model is deep-copied per
+            arm and seed; it is not modified).
+        tokenizer: its tokenizer.
+        arms: ``{name: rows}``, each a training set of ``{"input_ids", "labels"}`` rows of the same length, e.g.
+            ``{"control": rows, "infused": result.apply(rows)}``.
+        measurement: the behaviour to observe (a :class:`~infusion_lm.config.MeasurementArguments`); its held-out
+            items, if any, are observed too.
+        retrain: a :class:`~infusion_lm.config.RetrainArguments` (learning rate, global batch, epochs, LoRA...).
+        evaluate: an :class:`~infusion_lm.config.EvaluateArguments` (candidate words, samples for completions).
+        seeds: retraining seeds; every arm is trained once per seed.
+        checkpoint: a Trainer checkpoint folder to resume every arm from (optimizer, scheduler and RNG included).
+        heldout_corpus_documents: real documents outside the training set whose probe positions are observed too
+            (contrastive measurements).
+        max_length: tokens per measurement document.
+        work_dir: where the Trainer writes (default: a temporary folder).
+        progress: show the Trainer's progress bars.
+
+    Returns:
+        ``{arm: {seed: {set: observations}}}`` with sets ``measurement``, ``heldout`` and ``heldout_corpus`` as
+        available; each observation holds the per-item f (and, for contrastive measurements, every candidate word's
+        log-probability).
+    """
+    import copy
+
+    from .behaviour import observe
+    from .config import EvaluateArguments, RetrainArguments
+    from .retrain import train_arm
+
+    t = retrain or RetrainArguments()
+    ev = evaluate or EvaluateArguments(n_samples=0)
+    if "control" not in arms:
+        raise ConfigError("retrain_arms needs a 'control' arm (the unedited rows) to compare the others with.")
+    sizes = {name: len(rows) for name, rows in arms.items()}
+    if len(set(sizes.values())) != 1:
+        raise ConfigError(f"every arm must have as many rows as control (same data order); got {sizes}.")
+    fresh = model if callable(model) and not isinstance(model, torch.nn.Module) else (lambda: copy.deepcopy(model))
+    first = fresh()
+    device = str(next(first.parameters()).device)
+    del first
+    sets = ["measurement"] + (["heldout"] if measurement.heldout_documents or measurement.heldout_prompts else [])
+    sets += ["heldout_corpus"] if heldout_corpus_documents else []
+    root = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="infusion_retrain_"))
+    out: Dict[str, Dict[int, Dict[str, dict]]] = {name: {} for name in arms}
+    for seed in seeds:
+        for name, rows in arms.items():
+            trained, _ = train_arm(fresh, tokenizer, [{"input_ids": list(r["input_ids"]), "labels": list(r["labels"])}
+                                                      for r in rows], t, root / name / f"seed-{seed}", seed, device,
+                                   progress, Path(checkpoint) if checkpoint else None)
+            out[name][seed] = {s: observe(trained, tokenizer, measurement, ev, s, max_length=max_length, seed=seed,
+                                          heldout_corpus_documents=heldout_corpus_documents) for s in sets}
+            del trained
+    return out
+
+
+def compare(observations: Mapping[str, Mapping[int, Mapping[str, dict]]], control: str = "control",
+            samples: int = 1000, confidence: float = 0.95, seed: int = 0) -> Dict[str, Dict[str, dict]]:
+    """Every arm of :func:`retrain_arms`'s output against control, set by set, paired by seed and by item.
+
+    Args:
+        observations: ``{arm: {seed: {set: observations}}}`` as :func:`retrain_arms` returns it.
+        control: the arm the others are compared with.
+        samples, confidence, seed: the two-level bootstrap (seeds, then items) of every CI.
+
+    Returns:
+        ``{arm: {set: comparison}}`` with Δf (mean, CI, per seed) and, for contrastive measurements, the target's
+        probability, top-1 flips, the change in the target's rank and the target-specific gain (the target's Δ log p
+        minus the mean Δ log p of the other candidate words).
+    """
+    from .evaluation import compare as compare_one
+
+    if control not in observations:
+        raise ConfigError(f"no {control!r} arm among {sorted(observations)}.")
+    base = observations[control]
+    out = {}
+    for arm, by_seed in observations.items():
+        if arm == control:
+            continue
+        if sorted(by_seed) != sorted(base):
+            raise ConfigError(f"arm {arm!r} has seeds {sorted(by_seed)}, control {sorted(base)}: pair them.")
+        seeds = sorted(base)
+        out[arm] = {s: compare_one([by_seed[k][s] for k in seeds], [base[k][s] for k in seeds], samples, confidence,
+                                   seed) for s in base[seeds[0]]}
+    return out

@@ -112,3 +112,29 @@ def test_bad_input_is_one_line(tiny_setup, kwargs, match):
 def test_exported_at_the_top_level():
     assert infusion_lm.infuse is infuse and "infuse" in infusion_lm.__all__ and "InfusionResult" in infusion_lm.__all__
     assert resolve_tracked_modules is infusion_lm.resolve_tracked_modules
+
+
+def test_retrain_arms_pairs_arms_and_compare_reads_them(tiny_setup, result, tmp_path):
+    """Arms differ only in their rows: an arm with control's rows retrains to the very same behaviour (Δf exactly 0,
+    every seed), the infused rows do not, and another seed is another run."""
+    from infusion_lm import compare, retrain_arms
+
+    s, (r, _) = tiny_setup, result
+    rows = [dict(s["dataset"][i]) for i in range(len(s["dataset"]))]
+    measure = MeasurementArguments(kind="contrastive", probe="dog", target="cat", documents=MEASURE.documents,
+                                   heldout_documents=["The dog looked at the lake. The dog swam."])
+    retrain = RetrainArguments(learning_rate=1e-3, batch_size=8, epochs=1)
+    obs = retrain_arms(s["model"], s["tok"], {"control": rows, "same": rows, "infused": r.apply(rows)}, measure,
+                       retrain=retrain, seeds=(0, 1), work_dir=str(tmp_path), progress=False)
+    assert set(obs) == {"control", "same", "infused"} and set(obs["control"]) == {0, 1}
+    assert set(obs["control"][0]) == {"measurement", "heldout"}
+    assert obs["control"][0]["measurement"]["f"] != obs["control"][1]["measurement"]["f"]
+    cmp = compare(obs, samples=200)
+    assert set(cmp) == {"same", "infused"}
+    same = cmp["same"]["measurement"]["delta_f"]
+    assert same["mean"] == 0 and same["ci"] == [0, 0] and same["per_seed"] == [0, 0]
+    assert cmp["infused"]["measurement"]["delta_f"]["mean"] != 0 and cmp["infused"]["measurement"]["n_seeds"] == 2
+    with pytest.raises(ConfigError, match="needs a 'control' arm"):
+        retrain_arms(s["model"], s["tok"], {"infused": rows}, measure, retrain=retrain)
+    with pytest.raises(ConfigError, match="as many rows as control"):
+        retrain_arms(s["model"], s["tok"], {"control": rows, "short": rows[:-1]}, measure, retrain=retrain)
