@@ -146,7 +146,7 @@ def main():
     from infusion_lm import influence as inf
     from infusion_lm.measurement import contrastive_measurement
     from infusion_lm.models import load_model
-    from infusion_lm.tracking import resolve_tracked_modules
+    from infusion_lm.tracked_modules import resolve_tracked_modules
 
     torch.manual_seed(0)
     model, tok = load_model()

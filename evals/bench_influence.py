@@ -53,7 +53,7 @@ def documents(tok, n_docs: int, n_tokens: int):
 def setup(args):
     from infusion_lm.measurement import contrastive_measurement
     from infusion_lm.models import load_model
-    from infusion_lm.tracking import resolve_tracked_modules
+    from infusion_lm.tracked_modules import resolve_tracked_modules
 
     model, tok = load_model()
     ds, source = documents(tok, args.docs, args.tokens)

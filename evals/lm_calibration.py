@@ -61,8 +61,8 @@ def main():
     from infusion_lm.optimizer_influence import optimizer_ihvp
     from infusion_lm.pipeline import Pipeline
     from infusion_lm.retrain import train_arm
-    from infusion_lm.storage import read_json, write_json
-    from infusion_lm.tracking import resolve_tracked_modules
+    from infusion_lm.atomic_io import read_json, write_json
+    from infusion_lm.tracked_modules import resolve_tracked_modules
 
     ns = argparse.Namespace(docs=args.docs, tokens=args.tokens, out_dir=str(ROOT / "runs" / "lm_calibration"),
                             work_dir=args.work_dir, heldout_positions=60, layers=args.layers, preconditioner="factors",

@@ -13,7 +13,7 @@ from .models import DEFAULT_MODEL, load_model, resolve_model_source
 from .modalities import build_pipeline
 from .pipeline import Pipeline, select_documents
 from .task import CausalLMTask
-from .tracking import resolve_tracked_modules
+from .tracked_modules import resolve_tracked_modules
 
 __version__ = "0.1.0"
 __all__ = [

@@ -130,11 +130,11 @@ def infuse(model, tokenizer, train, measurement, *, k: int = 8, influence: Optio
     from . import influence as inf
     from .editors import build_editor
     from .forward_mode_j import document_j
-    from .infused import edit_records
+    from .edit_outputs import edit_records
     from .losses import perplexities
     from .optimizer_influence import optimizer_ihvp, predicted_response, response_j
     from .pipeline import select_documents
-    from .tracking import resolve_tracked_modules
+    from .tracked_modules import resolve_tracked_modules
 
     i = influence or InfluenceArguments()
     e = edit or EditArguments()
@@ -219,7 +219,7 @@ def retrain_arms(model, tokenizer, arms: Mapping[str, Sequence[Mapping]], measur
     """
     import copy
 
-    from .behaviour import observe
+    from .observations import observe
     from .config import EvaluateArguments, RetrainArguments
     from .retrain import train_arm
 

@@ -30,7 +30,7 @@ from transformers import TrainerCallback
 from .config import EditArguments, EvaluateArguments, InfluenceArguments, MeasurementArguments
 from .errors import ConfigError, InfusionError
 from .run_folder import EditFolder
-from .storage import atomic_path
+from .atomic_io import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class MeasurementCallback(TrainerCallback):
         return trainer
 
     def metrics(self, model) -> Dict[str, float]:
-        from .behaviour import observe, target_rates
+        from .observations import observe, target_rates
 
         out = {}
         for name, held in (("", False), ("_heldout", True)) if self.heldout else (("", False),):

@@ -78,7 +78,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if upto == "synthesize" and not pipe.synthetic:
             raise InfusionError("`synthesize` needs `corpus: synthetic` in the recipe (it writes output_dir/corpus.jsonl).")
         if args.dry_run:
-            from .plan import format_plan, plan
+            from .dry_run import format_plan, plan
 
             print(format_plan(plan(pipe)))
             return 0

@@ -15,7 +15,7 @@ import numpy as np
 
 from .stats import auroc, flip_counts, paired_delta, two_level_bootstrap, wilcoxon_greater  # noqa: F401 - re-exported
 from .run_folder import RunFolder
-from .storage import read_json, write_json
+from .atomic_io import read_json, write_json
 
 
 def _per_seed(obs: Dict, name: str) -> List[Dict]:

@@ -156,7 +156,7 @@ def fit_factors(
     ``task`` and ``collate_fn`` default to the causal-LM ones; the image adapter passes its own."""
     from kronfluence.arguments import FactorArguments
 
-    from .storage import write_json
+    from .atomic_io import write_json
 
     task = task or CausalLMTask(tracked, seed=seed)
     factor_args = FactorArguments(strategy=strategy, use_empirical_fisher=use_empirical_fisher,
@@ -181,7 +181,7 @@ def load_factors(directory: str | Path, model: Optional[nn.Module] = None, track
                                           load_lambda_matrices)
     from kronfluence.utils.save import load_json
 
-    from .storage import read_json
+    from .atomic_io import read_json
 
     directory = Path(directory)
     args_path = directory / "factor_arguments.json"

@@ -23,7 +23,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from .errors import ModelNotFoundError
-from .storage import atomic_dir
+from .atomic_io import atomic_dir
 
 logger = logging.getLogger(__name__)
 

@@ -157,7 +157,7 @@ def response_j(model: nn.Module, measurement, rows: Sequence[Mapping], retrain, 
     projections (retraining moves all of them, whatever subset influence tracks): −(J(z') − J(z)) predicts the Δf of
     training on z' instead of z. One gradient pass over ``rows``."""
     from .forward_mode_j import ForwardModeJ
-    from .tracking import resolve_tracked_modules
+    from .tracked_modules import resolve_tracked_modules
 
     v, _ = optimizer_ihvp(model, measurement, resolve_tracked_modules(model), rows, retrain, pad_token_id, start_step,
                           progress=progress)

@@ -24,13 +24,14 @@ from .config import Recipe
 from .corpus import load_documents, tokenize_documents
 from .distributed import barrier, is_main, runs_here
 from .errors import ConfigError, RunFolderError
-from .infused import edit_records, write_edit_outputs
+from .edit_outputs import edit_records, write_edit_outputs
 from .losses import perplexities
 from .measurement import build_measurement, measurement_words
 from .models import load_model, resolve_device
 from .run_folder import RunFolder
-from .storage import fingerprint, read_json, read_tensors, write_json, write_tensors, write_yaml
-from .tracking import resolve_tracked_modules
+from .atomic_io import read_json, read_tensors, write_json, write_tensors, write_yaml
+from .fingerprints import fingerprint
+from .tracked_modules import resolve_tracked_modules
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +137,7 @@ class Pipeline:
 
     def observe(self, model, name: str) -> dict:
         """What one model does on one evaluation set (measurement, heldout or heldout_corpus), item by item."""
-        from .behaviour import observe
+        from .observations import observe
 
         r = self.recipe.run
         return observe(model, self.tokenizer, self.recipe.measurement, self.recipe.evaluate, name,
@@ -266,7 +267,7 @@ class Pipeline:
     def corpus_content_fp(self) -> Optional[str]:
         """A hash of the corpus file's (or folder's) bytes: a copy, a move or a fresh download of the same data reuses
         the run folder, and an edited file never does. None for a hub dataset name."""
-        from .storage import files_fingerprint
+        from .fingerprints import files_fingerprint
 
         p = Path(self.recipe.run.corpus)
         return files_fingerprint(p) if p.exists() else None
@@ -275,14 +276,14 @@ class Pipeline:
     def weights_fp(self) -> str:
         """A hash of the recipe model's weights, so a model folder overwritten in place never reuses a stale
         clean checkpoint or control."""
-        from .storage import state_fingerprint
+        from .fingerprints import state_fingerprint
 
         return state_fingerprint(self.base_model)
 
     @cached_property
     def user_checkpoint_fp(self) -> Optional[str]:
         """A hash of the files of the user's own checkpoint (retrain.checkpoint), if any."""
-        from .storage import files_fingerprint
+        from .fingerprints import files_fingerprint
 
         c = self.recipe.retrain.checkpoint
         return files_fingerprint(Path(c)) if c else None
@@ -608,7 +609,7 @@ class Pipeline:
 
     def _replacements(self, arm: str, indices: List[int]) -> Dict[int, dict]:
         """Which documents an arm replaces, and with what (input_ids/labels rows)."""
-        from .infused import load_infused
+        from .edit_outputs import load_infused
         from .retrain import insertion_rows, insertion_texts
 
         if arm == "control":
@@ -697,7 +698,7 @@ class Pipeline:
             sets = self.observed_sets()
             theta = {name: self.observe(self.model, name) for name in sets}
             summary = {"theta_hat": {name: o["f_mean"] for name, o in theta.items()}}
-            from .behaviour import target_rates
+            from .observations import target_rates
 
             rates = {name: r for name, r in ((n, target_rates(o)) for n, o in theta.items()) if r}
             if rates:

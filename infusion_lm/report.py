@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Dict, List
 
 from .run_folder import RunFolder
-from .storage import atomic_path
+from .atomic_io import atomic_path
 
 
 def format_number(x, digits: int = 3) -> str:

@@ -24,7 +24,7 @@ def tiny_setup(tok):
     """A tiny Llama trained briefly on the toy corpus, its dataset, measurement and tracked modules."""
     from infusion_lm.corpus import tokenize_documents
     from infusion_lm.measurement import contrastive_measurement
-    from infusion_lm.tracking import resolve_tracked_modules
+    from infusion_lm.tracked_modules import resolve_tracked_modules
 
     torch.manual_seed(0)
     dataset = tokenize_documents(tok, [{"text": t} for t in toy_corpus(32)], 64)

@@ -10,7 +10,7 @@ from infusion_lm import EditArguments, InfluenceArguments, MeasurementArguments,
 from infusion_lm.errors import ConfigError
 from infusion_lm.influence import autograd_scores, kronfluence_scores
 from infusion_lm.measurement import contrastive_measurement
-from infusion_lm.tracking import resolve_tracked_modules
+from infusion_lm.tracked_modules import resolve_tracked_modules
 from tiny import toy_corpus
 
 MEASURE = MeasurementArguments(kind="contrastive", probe="dog", target="cat",

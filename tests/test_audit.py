@@ -11,7 +11,7 @@ import torch
 
 from infusion_lm import influence as inf
 from infusion_lm.cli import main
-from infusion_lm.storage import read_json
+from infusion_lm.atomic_io import read_json
 from test_cli import _recipe, _write_corpus
 from tiny import toy_corpus
 

@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from infusion_lm.cli import main
-from infusion_lm.storage import read_json, read_tensors
+from infusion_lm.atomic_io import read_json, read_tensors
 from tiny import toy_corpus
 
 

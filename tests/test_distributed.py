@@ -13,7 +13,7 @@ import torch
 
 from infusion_lm.cli import main
 from infusion_lm.influence import load_factors
-from infusion_lm.storage import read_json, read_tensors
+from infusion_lm.atomic_io import read_json, read_tensors
 from test_cli import _recipe, _write_corpus
 from tiny import toy_corpus
 

@@ -11,7 +11,7 @@ from infusion_lm.corpus import tokenize_documents
 from infusion_lm.editors import build_editor
 from infusion_lm.measurement import contrastive_measurement
 from infusion_lm.pipeline import select_documents
-from infusion_lm.tracking import resolve_tracked_modules
+from infusion_lm.tracked_modules import resolve_tracked_modules
 from test_sign import _train_on
 from tiny import tiny_model, toy_corpus, train_briefly
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from infusion_lm.cli import main
-from infusion_lm.storage import read_json
+from infusion_lm.atomic_io import read_json
 from test_cli import _recipe, _write_corpus
 from tiny import toy_corpus
 
@@ -54,7 +54,7 @@ def test_edit_stage_outputs_and_determinism(tmp_path, tiny_model_dir, tok):
     from transformers import AutoModelForCausalLM
 
     from infusion_lm import influence as inf
-    from infusion_lm.storage import read_tensors
+    from infusion_lm.atomic_io import read_tensors
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     v = read_tensors(run / "ihvp.safetensors")

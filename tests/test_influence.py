@@ -113,7 +113,7 @@ def test_lora_adapters_ihvp_and_J_match_kronfluence_and_autograd(tiny_setup, tmp
     own pairwise scores, and the forward-only J matches autograd."""
     from peft import LoraConfig, get_peft_model
 
-    from infusion_lm.tracking import resolve_tracked_modules
+    from infusion_lm.tracked_modules import resolve_tracked_modules
 
     s = tiny_setup
     torch.manual_seed(1)
@@ -180,7 +180,7 @@ def test_score_stage_is_J_of_the_saved_ihvp(tmp_path, tiny_model_dir, tok, dampi
 
     from infusion_lm.cli import main
     from infusion_lm.corpus import tokenize_documents
-    from infusion_lm.storage import read_tensors
+    from infusion_lm.atomic_io import read_tensors
     from test_cli import _recipe, _write_corpus
     from tiny import toy_corpus
 

@@ -10,13 +10,13 @@ import textwrap
 import torch
 import yaml
 
-from infusion_lm.storage import read_json, read_tensors
+from infusion_lm.atomic_io import read_json, read_tensors
 from tiny import toy_corpus
 
 KILL_DURING_SCORE = textwrap.dedent("""
     import os, signal, sys
     import infusion_lm.pipeline as p
-    from infusion_lm.storage import atomic_path
+    from infusion_lm.atomic_io import atomic_path
 
     def dying_write(path, tensors, metadata=None):
         with atomic_path(path) as tmp:      # a half-written temporary file, then SIGKILL before the rename

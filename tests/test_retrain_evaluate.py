@@ -5,7 +5,7 @@ import json
 import pytest
 
 from infusion_lm.cli import main
-from infusion_lm.storage import read_json
+from infusion_lm.atomic_io import read_json
 from test_cli import _recipe, _snapshot, _write_corpus
 from tiny import toy_corpus
 
@@ -165,7 +165,7 @@ def test_influence_at_the_clean_checkpoint(tmp_path, tiny_model_dir):
     # the checkpoint's step, recomputed here with per-document autograd; the editing v's −ΔJ/n is kept beside it.
     from infusion_lm import influence as inf
     from infusion_lm.optimizer_influence import optimizer_ihvp
-    from infusion_lm.tracking import resolve_tracked_modules
+    from infusion_lm.tracked_modules import resolve_tracked_modules
 
     records = [json.loads(line) for line in (run / "edits.jsonl").read_text().splitlines()]
     v, info = optimizer_ihvp(theta, pipe.measurement, resolve_tracked_modules(theta), pipe.arm_rows({}),

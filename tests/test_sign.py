@@ -9,7 +9,7 @@ from infusion_lm.corpus import CausalLMCollator, tokenize_documents
 from infusion_lm.losses import per_document_loss
 from infusion_lm.measurement import contrastive_measurement
 from infusion_lm.pipeline import select_documents
-from infusion_lm.tracking import resolve_tracked_modules
+from infusion_lm.tracked_modules import resolve_tracked_modules
 from tiny import tiny_model, toy_corpus, train_briefly
 
 

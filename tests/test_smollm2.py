@@ -89,7 +89,7 @@ def test_cli_score_on_smollm2(smollm2, tmp_path, capsys):
     }))
     assert main(["score", str(recipe), "--quiet"]) == 0
     run = tmp_path / "run"
-    from infusion_lm.storage import read_json, read_tensors
+    from infusion_lm.atomic_io import read_json, read_tensors
 
     scores = read_tensors(run / "scores.safetensors")["scores"]
     assert scores.shape == (16,) and torch.isfinite(scores).all() and scores.abs().max() > 0

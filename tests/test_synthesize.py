@@ -102,7 +102,7 @@ def test_regeneration_arm_replaces_the_selected_conversations(tmp_path, tiny_mod
     from infusion_lm.config import load_recipe
     from infusion_lm.errors import ConfigError
     from infusion_lm.pipeline import Pipeline
-    from infusion_lm.storage import read_json
+    from infusion_lm.atomic_io import read_json
 
     original = _chat_corpus(tmp_path / "chat.jsonl", 8)
     raw = {"model": str(tiny_model_dir), "corpus": str(tmp_path / "chat.jsonl"), "output_dir": str(tmp_path / "run"),

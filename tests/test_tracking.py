@@ -1,7 +1,7 @@
 import pytest
 
 from infusion_lm.errors import ConfigError
-from infusion_lm.tracking import resolve_tracked_modules
+from infusion_lm.tracked_modules import resolve_tracked_modules
 from tiny import tiny_model
 
 

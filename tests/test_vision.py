@@ -164,7 +164,7 @@ def test_infused_retrain_raises_p_target_over_control_and_beats_noise(digits_run
 def test_outputs_have_the_text_pipelines_names_and_the_corpus_is_rebuilt_exactly(digits_run):
     import datasets
 
-    from infusion_lm.vision.infused import apply_infused, load_image_edits
+    from infusion_lm.vision.edit_outputs import apply_infused, load_image_edits
 
     pipe, results = digits_run
     for name in ("infused", "edits.jsonl", "infused_corpus", "results.json", "report.md", "report.html",

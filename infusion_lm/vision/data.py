@@ -176,7 +176,7 @@ def _cache_dir() -> Path:
 def _cached_image_folder(path: Path) -> Tuple[ImageData, ImageData]:
     from safetensors.torch import load_file, save_file
 
-    from ..storage import atomic_path
+    from ..atomic_io import atomic_path
 
     st = path.stat()
     key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]

@@ -14,7 +14,7 @@ import torch
 from ..evaluation import auroc, paired_delta
 from ..report import format_ci, format_number, html_page, plots, png_bytes
 from ..run_folder import EditFolder
-from ..storage import atomic_path, read_json, read_tensors, write_json
+from ..atomic_io import atomic_path, read_json, read_tensors, write_json
 
 
 def compare_images(arm: Dict, control: Dict, samples: int, confidence: float, seed: int) -> Dict:
@@ -54,7 +54,7 @@ def edit_summary(records: List[Dict]) -> Dict:
 
 def detectors(pipe, out_dir: Path, records: List[Dict]) -> Dict:
     """AUROC of singling out the edited images among all training images, by most negative J and by total variation."""
-    from .infused import load_image_edits
+    from .edit_outputs import load_image_edits
 
     clean_J = read_tensors(pipe.folder.scores)["scores"].double()
     edited = {r["doc_index"]: r for r in records}

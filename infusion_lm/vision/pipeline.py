@@ -11,7 +11,8 @@ import torch
 
 from ..errors import ConfigError
 from ..pipeline import STAGES, Pipeline
-from ..storage import fingerprint, read_json
+from ..atomic_io import read_json
+from ..fingerprints import fingerprint
 
 
 class ImagePipeline(Pipeline):
@@ -146,7 +147,7 @@ class ImagePipeline(Pipeline):
 
     def _edit_into(self, out_dir: Path, args, indices: List[int], targets=None) -> None:
         from .editors import build_pixel_editor
-        from .infused import image_edit_records, write_image_edit_outputs
+        from .edit_outputs import image_edit_records, write_image_edit_outputs
 
         editor = build_pixel_editor(self.model, self.load_ihvp(), args, self.recipe.influence.fd_eps_rel)
         idx = torch.as_tensor(indices, dtype=torch.long)
@@ -158,7 +159,7 @@ class ImagePipeline(Pipeline):
         write_image_edit_outputs(out_dir, indices, results, records, source)
 
     def _replacements(self, arm: str, indices: List[int]) -> Dict[int, dict]:
-        from .infused import load_image_edits
+        from .edit_outputs import load_image_edits
 
         if arm == "control":
             return {}

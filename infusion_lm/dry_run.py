@@ -92,7 +92,7 @@ def plan(pipe) -> Dict:
         import torch
         from transformers import AutoModelForCausalLM
 
-        from .tracking import resolve_tracked_modules
+        from .tracked_modules import resolve_tracked_modules
 
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=r.trust_remote_code)

@@ -19,7 +19,7 @@ from typing import Dict, List, Sequence
 import torch
 
 from ..run_folder import EditFolder
-from ..storage import atomic_dir, atomic_path, read_tensors, write_json, write_tensors
+from ..atomic_io import atomic_dir, atomic_path, read_tensors, write_json, write_tensors
 
 
 def image_edit_records(indices: Sequence[int], results, n_docs: int, editor: str, linf: float) -> List[Dict]:

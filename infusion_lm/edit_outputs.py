@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Sequence
 
 from .corpus import IGNORE_INDEX
 from .run_folder import EditFolder
-from .storage import atomic_dir, atomic_path
+from .atomic_io import atomic_dir, atomic_path
 
 
 def _is_chat(labels: Sequence[int]) -> bool:
