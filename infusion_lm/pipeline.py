@@ -253,8 +253,11 @@ class Pipeline:
         if stage == "select":
             return fingerprint({"score": self._fp("score"), "k": self.recipe.select.k})
         if stage == "edit":
-            return fingerprint({"select": self._fp("select"), "edit": asdict(self.recipe.edit),
-                                "fd_eps_rel": i.fd_eps_rel, "prediction": i.prediction})
+            key = {"select": self._fp("select"), "edit": asdict(self.recipe.edit), "fd_eps_rel": i.fd_eps_rel,
+                   "prediction": i.prediction}
+            if i.prediction == "optimizer":  # predicted Δf models the retraining: its settings and starting step
+                key["retraining"] = self._fp("checkpoint")
+            return fingerprint(key)
         if stage == "retrain":
             return fingerprint({"edit": self._fp("edit"), "retrain": asdict(self.recipe.retrain),
                                 "measurement": asdict(self.recipe.measurement),
@@ -545,7 +548,9 @@ class Pipeline:
             else:  # kronfluence cannot express this v (a per-module scaled λ, or the optimizer's): J from ihvp.safetensors
                 from .forward_mode_j import document_j
 
-                J = document_j(self.model, self.load_ihvp(), i.j_method, i.fd_eps_rel)
+                # fd_eps_rel only matters to (and is only fingerprinted for) the finite difference
+                eps = {"eps_rel": i.fd_eps_rel} if i.j_method == "finite_difference" else {}
+                J = document_j(self.model, self.load_ihvp(), i.j_method, **eps)
                 scores = J.dataset(self.dataset, self.tokenizer.pad_token_id, batch_size=i.batch_size,
                                    progress=self.progress).float()
             if is_main():
