@@ -53,7 +53,7 @@ def recipe(args, arch: str, probe: int, target: str, arms, retrain_model=None, w
 
 def run(raw: dict):
     from infusion_lm.config import load_recipe
-    from infusion_lm.modalities import build_pipeline
+    from infusion_lm.pipeline import build_pipeline
 
     pipe = build_pipeline(load_recipe(raw=raw), progress=False)
     return pipe, pipe.run("evaluate")
@@ -190,13 +190,13 @@ def _share_checkpoint(args, pipe_a, raw_b) -> None:
     the ResNet-sourced runs already made (same seed, data, order and settings), so its checkpoint is copied instead of
     trained again."""
     from infusion_lm.config import load_recipe
-    from infusion_lm.modalities import build_pipeline
+    from infusion_lm.pipeline import build_pipeline
 
     pipe_b = build_pipeline(load_recipe(raw=raw_b), progress=False)
     src = pipe_a.clean_checkpoint()
     if src is None:
         return  # the arms start from the model itself: no checkpoint to share
-    dest = pipe_b.arm_checkpoint_dir() / src.name
+    dest = pipe_b.modality.arm_checkpoint_dir() / src.name
     if not (dest / "trainer_state.json").is_file():
         shutil.copytree(src, dest, dirs_exist_ok=True)
 

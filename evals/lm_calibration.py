@@ -88,14 +88,14 @@ def main():
     vs["identity"] = {k: g.float() for k, g in grads.items()}
     divisors["identity"] = n
     vs["optimizer"], opt_info = optimizer_ihvp(model, measurement, tracked, rows, pipe.recipe.retrain, pad,
-                                               pipe._checkpoint_step())
+                                               pipe.checkpoint_step())
     opt_info.pop("stats")
     divisors["optimizer"] = 1
     # The same first-order model with every decoder layer's projections perturbed: retraining moves all of them, so
     # a v over two layers sees only part of the change it predicts.
     all_layers = resolve_tracked_modules(model)
     vs["optimizer_all_layers"], _ = optimizer_ihvp(model, measurement, all_layers, rows, pipe.recipe.retrain, pad,
-                                                   pipe._checkpoint_step())
+                                                   pipe.checkpoint_step())
     divisors["optimizer_all_layers"] = 1
     # ... and with the (tied) input/output embeddings too: an edit that writes the target word moves its output row
     # directly. Diagonal, so the vocabulary-sized matrix costs one extra vector (kronfluence never tracks it).
@@ -103,7 +103,7 @@ def main():
     with_embeddings = all_layers + [n for n, m in model.named_modules()
                                     if m is emb or (m is model.get_output_embeddings() and m.weight is not emb.weight)]
     vs["optimizer_all_params"], _ = optimizer_ihvp(model, measurement, with_embeddings, rows, pipe.recipe.retrain, pad,
-                                                   pipe._checkpoint_step())
+                                                   pipe.checkpoint_step())
     divisors["optimizer_all_params"] = 1
     print(f"v for {len(vs)} strategies: {time.perf_counter() - t0:.0f} s", flush=True)
 

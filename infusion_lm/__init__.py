@@ -10,8 +10,7 @@ from .influence import (FiniteDifferenceJ, autograd_scores, compute_ihvp, fit_fa
 from .measurement import (CallableMeasurement, LogProbMeasurement, Measurement, build_measurement,
                           completion_measurement, contrastive_measurement)
 from .models import DEFAULT_MODEL, load_model, resolve_model_source
-from .modalities import build_pipeline
-from .pipeline import Pipeline, select_documents
+from .pipeline import Pipeline, build_pipeline, select_documents
 from .task import CausalLMTask
 from .tracked_modules import resolve_tracked_modules
 

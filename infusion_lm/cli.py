@@ -67,7 +67,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         from .config import load_recipe
         from .distributed import init_if_launched
-        from .modalities import build_pipeline
+        from .pipeline import build_pipeline
 
         init_if_launched()
 

@@ -30,7 +30,7 @@ def image_plan(pipe) -> Dict:
     from .pipeline import STAGES
 
     rec = pipe.recipe
-    n, (c, h, w) = len(pipe.dataset), tuple(pipe.splits.train.images.shape[1:])
+    n, (c, h, w) = len(pipe.dataset), tuple(pipe.modality.splits.train.images.shape[1:])
     k, e, t = rec.select.k, rec.edit, rec.retrain
     per_edit = {"sign_pgd": e.steps * 8 + 4, "noise": 4}  # per step: a JVP and a double backprop
     epochs_per_arm = t.epochs if (t.from_scratch or t.epochs == 1) else 1

@@ -153,7 +153,7 @@ class DefenderView:
                 from .optimizer_influence import optimizer_ihvp
 
                 v, _ = optimizer_ihvp(pipe.model, measurement, pipe.tracked, pipe.arm_rows({}), pipe.recipe.retrain,
-                                      self.pad, pipe._checkpoint_step(), stats=pipe.optimizer_stats())
+                                      self.pad, pipe.checkpoint_step(), stats=pipe.optimizer_stats())
             i = pipe.recipe.influence
             self.J = document_j(pipe.model, v, i.j_method, i.fd_eps_rel)
             self.words = words

@@ -1,4 +1,5 @@
-"""The registry of modalities: ``run.modality`` names the pipeline class that runs a recipe.
+"""The registry of modalities: ``run.modality`` names the :class:`~infusion_lm.modality.Modality` a pipeline is
+built with.
 
 Each entry is ``"module:Class"``, imported only when a recipe asks for it, so the core (stages, influence,
 retraining, statistics) never imports a modality and a new modality is one line here.
@@ -12,19 +13,14 @@ from typing import Dict
 from .errors import ConfigError
 
 MODALITIES: Dict[str, str] = {
-    "text": "infusion_lm.pipeline:Pipeline",
-    "image": "infusion_lm.vision.pipeline:ImagePipeline",
+    "text": "infusion_lm.text.modality:TextModality",
+    "image": "infusion_lm.vision.modality:ImageModality",
 }
 
 
-def pipeline_class(modality: str):
-    """The pipeline class registered for ``modality``."""
+def modality_class(modality: str):
+    """The Modality class registered for ``modality``."""
     if modality not in MODALITIES:
         raise ConfigError(f"run.modality {modality!r} is not one of {', '.join(sorted(MODALITIES))}.")
     module, name = MODALITIES[modality].split(":")
     return getattr(importlib.import_module(module), name)
-
-
-def build_pipeline(recipe, progress: bool = True, force: bool = False):
-    """The pipeline for the recipe's modality (``run.modality``: text or image)."""
-    return pipeline_class(recipe.run.modality)(recipe, progress=progress, force=force)

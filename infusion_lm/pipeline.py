@@ -20,18 +20,13 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from . import influence as inf
+from .atomic_io import read_json, read_tensors, write_json, write_tensors, write_yaml
 from .config import Recipe
-from .corpus import load_documents, tokenize_documents
 from .distributed import barrier, is_main, runs_here
 from .errors import ConfigError, RunFolderError
-from .edit_outputs import edit_records, write_edit_outputs
-from .losses import perplexities
-from .measurement import build_measurement, measurement_words
-from .models import load_model, resolve_device
-from .run_folder import RunFolder
-from .atomic_io import read_json, read_tensors, write_json, write_tensors, write_yaml
 from .fingerprints import fingerprint
-from .tracked_modules import resolve_tracked_modules
+from .run_folder import RunFolder
+from .stages import STAGES, reaches
 
 logger = logging.getLogger(__name__)
 
@@ -41,14 +36,19 @@ SIGN_CONVENTION = ("score(z) = J(z) = <grad_theta L(z), v> with v = (G + lambda 
 # evaluate.* settings that change what retraining observes (the rest only change the statistics)
 OBSERVATION_KEYS = ("candidates", "n_samples", "max_new_tokens", "temperature")
 
-STAGES = ["synthesize", "fit", "measure", "score", "select", "edit", "retrain", "evaluate"]
 
 
 class Pipeline:
-    """Runs the stages of one recipe in its run folder. Everything the CLI does is a method here."""
+    """Runs the stages of one recipe in its run folder. Everything the CLI does is a method here.
+
+    What depends on the kind of data (models, documents, measurements, editors, observation, the report) comes from
+    ``self.modality``, the :class:`~infusion_lm.modality.Modality` that ``run.modality`` names."""
 
     def __init__(self, recipe: Recipe, progress: bool = True, force: bool = False):
+        from .modalities import modality_class
+
         self.recipe = recipe
+        self.modality = modality_class(recipe.run.modality)(self)
         self.dir = Path(recipe.run.output_dir)
         self.folder = RunFolder(self.dir)
         self.progress = progress
@@ -56,24 +56,25 @@ class Pipeline:
         self.timings: Dict[str, float] = {}
         self.skipped: List[str] = []
 
-    # ------------------------------------------------------------------ lazily loaded inputs
+    # ------------------------------------------------------------------ models (the modality loads them)
 
     @cached_property
     def _model_and_tokenizer(self):
-        r = self.recipe.run
-        torch.manual_seed(r.seed)
-        return load_model(r.model, dtype=r.dtype, device=resolve_device(r.device), trust_remote_code=r.trust_remote_code)
+        return self.modality.load_model()
 
     def fresh_model(self):
         """A new copy of the recipe's model (retraining starts every arm from one)."""
-        r = self.recipe.run
-        device = str(next(self.base_model.parameters()).device)
-        return load_model(r.model, dtype=r.dtype, device=device, trust_remote_code=r.trust_remote_code)[0]
+        return self.modality.fresh_model()
 
     @property
     def base_model(self):
         """The recipe's model: it writes the synthetic corpus and starts the clean fine-tune."""
         return self._model_and_tokenizer[0]
+
+    @property
+    def tokenizer(self):
+        """The model's tokenizer (text), or None for a modality without one."""
+        return self._model_and_tokenizer[1]
 
     @property
     def at_checkpoint(self) -> bool:
@@ -97,14 +98,14 @@ class Pipeline:
         return self._checkpoint_model if self.at_checkpoint else self.base_model
 
     def arm_model(self):
-        """A fresh model of the architecture the arms retrain (the image adapter can retrain another: transfer)."""
-        return self.fresh_model()
+        """A fresh model of the architecture the arms retrain (a modality may retrain another one: transfer)."""
+        return self.modality.arm_model()
 
     def arm_checkpoint(self):
         """The clean checkpoint the arms resume from."""
-        return self.clean_checkpoint()
+        return self.modality.arm_checkpoint()
 
-    def _checkpoint_step(self) -> int:
+    def checkpoint_step(self) -> int:
         """The optimizer step of the clean checkpoint the arms resume from (0 when they start from the model)."""
         ckpt = self.clean_checkpoint()
         if ckpt is None:
@@ -120,84 +121,47 @@ class Pipeline:
         return clean_checkpoint(self.fresh_model, self.trainer_collator, self.arm_rows({}), t,
                                 self.folder.clean_checkpoint(self._fp('checkpoint')), r.seed, device, self.progress)
 
-    @property
-    def tokenizer(self):
-        return self._model_and_tokenizer[1]
-
-    # ------------------------------------------------------------------ modality hooks (the image adapter overrides)
-
-    @property
-    def trainer_collator(self):
-        """What the HF Trainer collates rows with: a tokenizer stands for the causal-LM collator."""
-        return self.tokenizer
-
-    def influence_kwargs(self, measurement=None) -> dict:
-        """Extra arguments for kronfluence (task, collate_fn); empty means the causal-LM defaults."""
-        return {"pad_token_id": self.tokenizer.pad_token_id}
-
-    def observe(self, model, name: str) -> dict:
-        """What one model does on one evaluation set (measurement, heldout or heldout_corpus), item by item."""
-        from .observations import observe
-
-        r = self.recipe.run
-        return observe(model, self.tokenizer, self.recipe.measurement, self.recipe.evaluate, name,
-                       max_length=r.max_length, seed=r.seed, heldout_corpus_documents=self.heldout_corpus_documents)
-
-    def observed_sets(self) -> List[str]:
-        return ["measurement", "heldout"] + (["heldout_corpus"] if self.recipe.measurement.heldout_corpus else [])
-
-    @cached_property
-    def heldout_corpus_documents(self) -> List[str]:
-        """measurement.heldout_corpus's documents, less any that are also training or measurement documents."""
-        m = self.recipe.measurement
-        if not m.heldout_corpus:
-            return []
-        train = {str(d.get("text", "")).strip() for d in self.documents if isinstance(d, dict)}
-        train |= {t.strip() for t in m.documents}  # v was built from these: never held out
-        docs = [d["text"] for d in load_documents(m.heldout_corpus, "text") if "text" in d]
-        return [d for d in docs if d.strip() not in train]
-
-    def arm_rows(self, replacements: Dict[int, dict]) -> List[dict]:
-        """The training rows of one arm: the clean corpus with some documents replaced."""
-        from .retrain import arm_rows
-
-        return arm_rows(self.dataset, replacements)
+    # ------------------------------------------------------------------ data and influence inputs (the modality's)
 
     @property
     def synthetic(self) -> bool:
-        return self.recipe.run.corpus == "synthetic"
-
-    @property
-    def corpus_path(self) -> Path:
-        return self.folder.corpus if self.synthetic else Path(self.recipe.run.corpus)
+        return self.modality.synthetic()
 
     @cached_property
     def documents(self):
-        r = self.recipe.run
-        if self.synthetic:
-            self.synthesize()
-            return load_documents(str(self.corpus_path), "text")
-        docs = load_documents(r.corpus, r.text_field, r.messages_field, r.separator)
-        return docs[: r.max_documents] if r.max_documents else docs
+        return self.modality.documents()
 
     @cached_property
     def dataset(self):
-        r = self.recipe.run
-        return tokenize_documents(self.tokenizer, self.documents, r.max_length, r.add_eos, r.long_documents)
+        return self.modality.dataset()
 
     @cached_property
     def tracked(self) -> List[str]:
-        i = self.recipe.influence
-        model = self.base_model
-        if self.lora_influence:  # θ̂ is a peft model: names from the same adapter layout, without training θ̂ first
-            from .retrain import trainable
-
-            model = trainable(self.fresh_model(), self.recipe.retrain)
-        return resolve_tracked_modules(model, i.tracked_modules, i.layers, i.module_types)
+        return self.modality.tracked()
 
     @cached_property
     def measurement(self):
-        return build_measurement(self.recipe.measurement, self.tokenizer, self.recipe.run.max_length)
+        return self.modality.measurement()
+
+    @property
+    def trainer_collator(self):
+        """What the HF Trainer collates rows with."""
+        return self.modality.trainer_collator()
+
+    def influence_kwargs(self, measurement=None) -> dict:
+        """Extra arguments for kronfluence (task, collate_fn, pad_token_id)."""
+        return self.modality.influence_kwargs(measurement)
+
+    def arm_rows(self, replacements: Dict[int, dict]) -> List[dict]:
+        """The training rows of one arm: the clean corpus with some documents replaced."""
+        return self.modality.arm_rows(replacements)
+
+    def observe(self, model, name: str) -> dict:
+        """What one model does on one evaluation set, item by item."""
+        return self.modality.observe(model, name)
+
+    def observed_sets(self) -> List[str]:
+        return self.modality.observed_sets()
 
     # ------------------------------------------------------------------ fingerprints
 
@@ -214,15 +178,7 @@ class Pipeline:
         if stage == "control":  # the control arm depends on its checkpoint and training settings only
             return fingerprint({"checkpoint": self._fp("checkpoint"), "arm_model": self.recipe.retrain.model})
         if stage == "corpus":
-            corpus = {"corpus": r.corpus, "text_field": r.text_field, "messages_field": r.messages_field,
-                      "separator": r.separator, "max_length": r.max_length, "add_eos": r.add_eos}
-            if r.max_documents:
-                corpus["max_documents"] = r.max_documents
-            if self.synthetic:
-                corpus["synthesize"] = self._fp("synthesize")
-            else:
-                corpus["content"] = self.corpus_content_fp
-            return fingerprint({"model": r.model, "dtype": r.dtype, "seed": r.seed, "corpus": corpus})
+            return fingerprint(self.modality.corpus_key())
         if stage == "synthesize":
             return fingerprint({"model": r.model, "seed": r.seed, "dtype": r.dtype, **asdict(self.recipe.synthesize)})
         if stage == "fit":
@@ -353,56 +309,22 @@ class Pipeline:
                                          f"not {getattr(r, key)!r}); choose another output_dir or pass --force.")
 
     def validate(self, upto: str = "evaluate") -> None:
-        """Checks everything that can be checked before writing: run folder identity, corpus, k, measurement."""
-        self.check_run_folder()
-        if not self.synthetic:
-            _ = self.documents
-        _ = self.base_model
-        if not self.synthetic:
-            _ = self.dataset  # tokenisation errors (long documents, nothing trained) before anything is written
-        if STAGES.index(upto) >= STAGES.index("fit"):
+        """Checks everything that can be checked before writing: run folder identity, the modality's data, model and
+        measurement, tracked modules, factors already on disk, and k against the corpus size."""
+        self.check_run_folder(("model", "corpus") + (("modality",) if self.modality.name != "text" else ()))
+        self.modality.validate(upto)
+        if reaches(upto, "fit"):
             _ = self.tracked
             self._check_factor_fingerprint()
-        if STAGES.index(upto) >= STAGES.index("measure"):
+        if reaches(upto, "measure"):
             _ = self.measurement
             if not self.force and self.is_current("fit") and not (self.is_current("measure") and self.is_current("score")):
                 inf.load_factors(self.factors_dir)  # corrupted files: say so now
-        if STAGES.index(upto) >= STAGES.index("retrain"):
-            self._check_heldout()
-        if STAGES.index(upto) >= STAGES.index("select"):
-            n = self.recipe.synthesize.n_docs if self.synthetic else len(self.documents)
+        if reaches(upto, "select"):
+            n = self.modality.corpus_size()
             if self.recipe.select.k > n:
                 raise ConfigError(f"select.k={self.recipe.select.k} exceeds the corpus size ({n} documents); "
                                   f"set select.k <= {n}.")
-
-    def _check_heldout(self) -> None:
-        """Evaluation needs a held-out measurement set that shares nothing with the one v was built from."""
-        from .errors import MeasurementError
-
-        m = self.recipe.measurement
-        if m.kind == "callable":
-            used, held = m.documents, m.heldout_documents
-        else:
-            used, held = (m.documents, m.heldout_documents) if m.kind == "contrastive" else (m.prompts, m.heldout_prompts)
-        if not held:
-            field_name = "heldout_prompts" if m.kind == "completion" else "heldout_documents"
-            raise MeasurementError(f"Evaluation needs a held-out measurement set: add measurement.{field_name} "
-                                   f"(prompts or documents not used to build v).")
-        overlap = sorted(set(s.strip() for s in used) & set(s.strip() for s in held))
-        if overlap:
-            raise ConfigError(f"{len(overlap)} held-out measurement item(s) also appear in the measurement set "
-                              f"(e.g. {overlap[0][:60]!r}); held-out items must be new.")
-        _ = build_measurement(m, self.tokenizer, self.recipe.run.max_length, heldout=True)
-        if m.heldout_corpus:
-            from .measurement import probe_occurrences
-
-            if m.kind != "contrastive":
-                raise ConfigError("measurement.heldout_corpus collects probe positions, so it needs kind: contrastive.")
-            docs = self.heldout_corpus_documents
-            if not docs:
-                raise MeasurementError(f"Every document of measurement.heldout_corpus {m.heldout_corpus} is also in the "
-                                       f"training corpus; point it at documents outside it.")
-            probe_occurrences(self.tokenizer, docs, m.probe)  # no probe occurrence: a clear error now
 
     def _check_factor_fingerprint(self) -> None:
         """Factors already in the run folder must come from this very model (weights included)."""
@@ -436,20 +358,7 @@ class Pipeline:
     def synthesize(self) -> Optional[Path]:
         if not self.synthetic:
             return None
-
-        def run():
-            from .synthesize import synthesize_chats, synthesize_stories, write_jsonl
-
-            s = self.recipe.synthesize
-            if s.mode == "chat":
-                docs = synthesize_chats(self.base_model, self.tokenizer, s.n_docs, s.max_new_tokens, s.temperature,
-                                        s.top_p, s.batch_size, self.recipe.run.seed, self.progress)
-            else:
-                docs = synthesize_stories(self.base_model, self.tokenizer, s.n_docs, s.max_new_tokens, s.temperature,
-                                          s.top_p, s.batch_size, s.characters, self.recipe.run.seed, self.progress)
-            write_jsonl(self.folder.corpus, docs)
-
-        self._stage("synthesize", run)
+        self._stage("synthesize", self.modality.synthesize)
         return self.folder.corpus
 
     @property
@@ -498,7 +407,7 @@ class Pipeline:
             else:
                 from .optimizer_influence import optimizer_ihvp
 
-                start = self._checkpoint_step()
+                start = self.checkpoint_step()
                 v, extra = optimizer_ihvp(self.model, self.measurement, self.tracked, self.arm_rows({}),
                                           self.recipe.retrain, self.tokenizer.pad_token_id, start, self.progress)
                 sq, clip, tokens = extra.pop("stats")  # kept for a second measurement (the defender's view)
@@ -578,94 +487,20 @@ class Pipeline:
         return [json.loads(line) for line in self.folder.edits.read_text(encoding="utf-8").splitlines()]
 
     def _edit_into(self, out_dir: Path, args, indices: List[int], targets: Optional[List[int]] = None) -> None:
-        """Edits the selected documents with ``args.editor`` and writes infused/, edits.jsonl, infused_corpus/.
-        ``targets``: changed tokens per document, for a baseline matched to the infused edit."""
-        from .editors import build_editor
-
-        editor = build_editor(self.model, self.tokenizer, self.load_ihvp(), args, self.recipe.influence.fd_eps_rel,
-                              target_words=measurement_words(self.recipe.measurement))
-        rows = [self.dataset[i] for i in indices]
-        results = editor.edit_many(rows, progress=self.progress, targets=targets)
-        pad = self.tokenizer.pad_token_id
-        after = [{"input_ids": r.input_ids, "labels": r.labels} for r in results]
-        records = edit_records(self.tokenizer, indices, results, self.prediction_divisor, args.editor,
-                               perplexities(self.model, rows, pad), perplexities(self.model, after, pad),
-                               self._predicted_response(rows, after))
-        write_edit_outputs(out_dir, self.tokenizer, self.dataset, records, self.documents)
-
-    def _predicted_response(self, before: List[dict], after: List[dict]) -> Optional[List[float]]:
-        """Predicted Δf of each edit (``influence.prediction: optimizer``): the first-order response of the retraining
-        that runs (``optimizer_influence.response_j``). None (the editing v's own −ΔJ/n is used) for `same_v` or
-        another optimizer. The response's J is built once per pipeline: one gradient pass over the corpus."""
-        from .optimizer_influence import predicted_response, response_j
-
-        i, t = self.recipe.influence, self.recipe.retrain
-        if i.prediction != "optimizer":
-            return None
-        if not (t.optim.startswith("adam") or t.optim.startswith("sgd")):
-            logger.warning("influence.prediction=optimizer models AdamW and SGD, not retrain.optim=%r: predicted Δf "
-                           "uses the editing v instead (influence.prediction: same_v).", t.optim)
-            return None
-        pad = self.tokenizer.pad_token_id
-        if "_prediction_J" not in self.__dict__:
-            self.__dict__["_prediction_J"] = response_j(self.model, self.measurement, self.arm_rows({}), t, pad,
-                                                        self._checkpoint_step(), progress=self.progress)
-        return predicted_response(self.__dict__["_prediction_J"], before, after, pad)
+        """Edits the selected documents with ``args.editor`` into an edit folder (the modality's editors and files).
+        ``targets``: changes per document, for a baseline matched to the infused edit."""
+        self.modality.edit_into(out_dir, args, indices, targets)
 
     def _replacements(self, arm: str, indices: List[int]) -> Dict[int, dict]:
-        """Which documents an arm replaces, and with what (input_ids/labels rows)."""
-        from .edit_outputs import load_infused
-        from .retrain import insertion_rows, insertion_texts
+        """Which documents an arm replaces, and with what rows."""
+        return self.modality.replacements(arm, indices)
 
-        if arm == "control":
-            return {}
-        if arm == "infused":
-            return {r["doc_index"]: r for r in load_infused(self.dir)}
-        if arm == "insertion":
-            r = self.recipe.run
-            return insertion_rows(self.tokenizer, insertion_texts(self.recipe, self.recipe.retrain), indices,
-                                  r.max_length, r.add_eos)
-        if arm == "regeneration":
-            return self._regenerated(indices)
-        out_dir = self._baseline_edits(arm, indices)
-        return {r["doc_index"]: r for r in load_infused(out_dir)}
-
-    def _regenerated(self, indices: List[int]) -> Dict[int, dict]:
-        """The regeneration arm: the selected conversations re-answered by the model at θ̂ (seeded, so every seed and
-        a resumed run get the same rows); written to baselines/regeneration/documents.jsonl for inspection."""
-        from .corpus import tokenize_document
-        from .synthesize import regenerate_answers, write_jsonl
-
-        docs = [self.documents[i] for i in indices]
-        if not all(isinstance(d, dict) and d.get("messages") for d in docs):
-            raise ConfigError("retrain.arms has 'regeneration', which re-answers chat conversations; the corpus has "
-                              "plain-text documents. Remove the arm or use a chat corpus (messages_field).")
-        if "_regeneration" not in self.__dict__:
-            r, s = self.recipe.run, self.recipe.synthesize
-            new = regenerate_answers(self.model, self.tokenizer, [d["messages"] for d in docs], s.max_new_tokens,
-                                     s.temperature, s.top_p, seed=r.seed)
-            rows = {}
-            for i, doc in zip(indices, new):
-                if doc is None:  # an empty answer would leave nothing to train on: the original stays
-                    continue
-                row = tokenize_document(self.tokenizer, doc, r.max_length, r.add_eos)
-                row.pop("truncated")
-                rows[i] = {"doc_index": i, **row}
-            if is_main():
-                out = self.folder.baseline("regeneration").root / "documents.jsonl"
-                out.parent.mkdir(parents=True, exist_ok=True)
-                write_jsonl(out, [{"doc_index": i, **doc} for i, doc in zip(indices, new) if doc is not None])
-            self.__dict__["_regeneration"] = rows
-        return self.__dict__["_regeneration"]
-
-    def _baseline_edits(self, arm: str, indices: List[int], editor: Optional[str] = None) -> Path:
+    def baseline_edits(self, arm: str, indices: List[int], editor: Optional[str] = None) -> Path:
         """baselines/<arm>/: the selected documents edited by the arm's editor, cached by the edit stage's
         fingerprint. ``random`` is matched to the infused edit (its token count per document, under the same
         constraints); ``random_unmatched`` spends the whole budget with no perplexity limit."""
         out_dir = self.folder.baseline(arm).root
-        from .editors import EDITORS
-
-        revision = getattr(EDITORS.get(editor or arm), "revision", 0)  # an editor's own fix redoes its cached edits
+        revision = self.modality.editor_revision(editor or arm)  # an editor's own fix redoes its cached edits
         fp = fingerprint({"edit": self._fp("edit"), "arm": arm, "version": 2, **({"revision": revision} if revision else {})})
         marker = self.folder.baseline(arm).fingerprint
         if is_main() and not (marker.is_file() and read_json(marker).get("fingerprint") == fp):
@@ -766,14 +601,8 @@ class Pipeline:
         return read_json(out.retrain_summary)
 
     def evaluate(self) -> dict:
-        from .evaluation import evaluate_run
-
         self.retrain()
-
-        def run():
-            evaluate_run(self)
-
-        self._stage("evaluate", run)
+        self._stage("evaluate", self.modality.evaluate)
         return read_json(self.folder.results)
 
     def run(self, upto: str = "evaluate"):
@@ -789,6 +618,11 @@ class Pipeline:
             elif s in self.skipped:
                 lines.append(f"{s:<12}{'cached':>10}")
         return "\n".join(lines)
+
+
+def build_pipeline(recipe: Recipe, progress: bool = True, force: bool = False) -> Pipeline:
+    """The pipeline of a recipe (its modality, ``run.modality``, comes from the registry in modalities.py)."""
+    return Pipeline(recipe, progress=progress, force=force)
 
 
 def select_documents(scores: torch.Tensor, k: int) -> dict:

@@ -169,7 +169,7 @@ def test_influence_at_the_clean_checkpoint(tmp_path, tiny_model_dir):
 
     records = [json.loads(line) for line in (run / "edits.jsonl").read_text().splitlines()]
     v, info = optimizer_ihvp(theta, pipe.measurement, resolve_tracked_modules(theta), pipe.arm_rows({}),
-                             pipe.recipe.retrain, pipe.tokenizer.pad_token_id, pipe._checkpoint_step())
+                             pipe.recipe.retrain, pipe.tokenizer.pad_token_id, pipe.checkpoint_step())
     assert info["start_step"] == 3
     pad = pipe.tokenizer.pad_token_id
     def J(rows):
@@ -279,4 +279,4 @@ def test_heldout_corpus_never_holds_training_or_measurement_documents(tmp_path, 
     other = toy_corpus(5, seed=9)
     held = _write_corpus(tmp_path / "held.jsonl", other + train[:2] + measure)
     recipe = _recipe(tmp_path, tiny_model_dir, corpus, measurement={"heldout_corpus": str(held)})
-    assert Pipeline(load_recipe(recipe)).heldout_corpus_documents == other
+    assert Pipeline(load_recipe(recipe)).modality.heldout_corpus_documents == other

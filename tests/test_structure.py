@@ -79,11 +79,11 @@ def test_the_cycle_finder_finds_one(tmp_path):
 def test_modalities_come_from_the_registry():
     from infusion_lm.config import load_recipe
     from infusion_lm.errors import ConfigError
-    from infusion_lm.modalities import MODALITIES, pipeline_class
-    from infusion_lm.pipeline import Pipeline
-    from infusion_lm.vision.pipeline import ImagePipeline
+    from infusion_lm.modalities import MODALITIES, modality_class
+    from infusion_lm.text.modality import TextModality
+    from infusion_lm.vision.modality import ImageModality
 
-    assert pipeline_class("text") is Pipeline and pipeline_class("image") is ImagePipeline
+    assert modality_class("text") is TextModality and modality_class("image") is ImageModality
     assert set(MODALITIES) == {"text", "image"}
     with pytest.raises(ConfigError, match="not one of image, text"):
         load_recipe(raw={"modality": "audio", "model": "x", "corpus": "y"})

@@ -14,7 +14,7 @@ import torch
 
 from infusion_lm.config import load_recipe
 from infusion_lm.errors import ConfigError, MeasurementError
-from infusion_lm.modalities import build_pipeline
+from infusion_lm.pipeline import build_pipeline
 
 
 def digits_recipe(tmp_path, **over):
@@ -54,7 +54,7 @@ def digits_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained_cnn(digits_run):
     pipe, _ = digits_run
-    return pipe.model, pipe.load_ihvp(), pipe.splits.train
+    return pipe.model, pipe.load_ihvp(), pipe.modality.splits.train
 
 
 def _reference_pixel_gradients(model, v, x, y):
@@ -85,7 +85,7 @@ def fp64_theta_hat(digits_run):
     pipe, _ = digits_run
     model = load_checkpoint_model(pipe.fresh_model().double(), pipe.clean_checkpoint()).double().eval()
     v = {k: t.double() for k, t in pipe.load_ihvp().items()}
-    return model, v, pipe.splits.train.images[:4].double(), pipe.splits.train.labels[:4]
+    return model, v, pipe.modality.splits.train.images[:4].double(), pipe.modality.splits.train.labels[:4]
 
 
 def test_exact_pixel_gradient_matches_per_image_double_backprop(fp64_theta_hat):
@@ -172,13 +172,13 @@ def test_outputs_have_the_text_pipelines_names_and_the_corpus_is_rebuilt_exactly
         assert (pipe.dir / name).exists(), name
     ds = datasets.load_from_disk(str(pipe.dir / "infused"))
     assert {"doc_index", "label", "pixel_values", "original_pixel_values", "linf", "J_before", "J_after"} <= set(ds.column_names)
-    rebuilt = apply_infused(pipe.splits.train.images, pipe.dir)
+    rebuilt = apply_infused(pipe.modality.splits.train.images, pipe.dir)
     edits = load_image_edits(pipe.dir)
     assert set(edits) == set(pipe.select()["indices"])
     for i, row in edits.items():
         assert torch.allclose(rebuilt[i], row["pixel_values"], atol=1e-6)
     untouched = [i for i in range(len(rebuilt)) if i not in edits]
-    assert torch.equal(rebuilt[untouched], pipe.splits.train.images[untouched])  # the original is never modified
+    assert torch.equal(rebuilt[untouched], pipe.modality.splits.train.images[untouched])  # the original is never modified
     md = (pipe.dir / "report.md").read_text()
     assert "| infused |" in md and "edited_images.png" in md
     assert "data:image/png;base64" in (pipe.dir / "report.html").read_text()

@@ -61,7 +61,7 @@ def detectors(pipe, out_dir: Path, records: List[Dict]) -> Dict:
     J = clean_J.clone()
     for i, r in edited.items():
         J[i] = r["J_after"]
-    images = pipe.splits.train.images
+    images = pipe.modality.splits.train.images
     tv_clean = total_variation(images)
     tv = tv_clean.clone()
     for i, row in load_image_edits(out_dir).items():
@@ -83,7 +83,7 @@ def evaluate_image_run(pipe) -> Dict:
     control = obs["control"]
     summary = read_json(pipe.folder.retrain_summary)
     results: Dict = {"modality": "image", "measurement": pipe.measurement.description,
-                     "target_class": pipe.splits.train.classes[pipe.measurement.target],
+                     "target_class": pipe.modality.splits.train.classes[pipe.measurement.target],
                      "theta_hat": summary.get("theta_hat"), "control": {s: control[s]["f_mean"] for s in sets},
                      "n_documents": len(pipe.dataset), "k": pipe.recipe.select.k,
                      "architecture": pipe.recipe.run.model,

@@ -1,0 +1,87 @@
+"""What a pipeline needs from a data modality (text, images, ...): the :class:`Modality` protocol.
+
+The :class:`~infusion_lm.pipeline.Pipeline` owns the stages, their caching and fingerprints, the run folder, the
+selection and the retraining loop; everything that depends on what a document *is* comes from its modality object,
+built by composition (``run.modality`` names it in :mod:`infusion_lm.modalities`). A modality is constructed with the
+pipeline it serves and reads the recipe, the run folder and the shared caches (``pipe.model``, ``pipe.dataset``...)
+through it. A new modality implements these methods and adds one line to the registry; no core file changes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Protocol, Sequence
+
+
+class Modality(Protocol):
+    name: str
+
+    # ---------------------------------------------------------------- models and data
+    def load_model(self) -> tuple:
+        """(model, processor) of the recipe: the processor is a tokenizer for text, None where there is none."""
+
+    def fresh_model(self) -> Any:
+        """A new copy of the recipe's model (every arm and the clean run start from one)."""
+
+    def arm_model(self) -> Any:
+        """A fresh model of the architecture the arms retrain (another one: transfer)."""
+
+    def arm_checkpoint(self) -> Optional[Path]:
+        """The clean checkpoint the arms resume from."""
+
+    def synthetic(self) -> bool:
+        """Whether the corpus is written by the synthesize stage."""
+
+    def synthesize(self) -> None:
+        """Writes the synthetic corpus (the synthesize stage's work)."""
+
+    def documents(self) -> Sequence:
+        """The corpus as loaded (documents, or the image split)."""
+
+    def dataset(self) -> Sequence:
+        """The training rows kronfluence and the editors read (tokenized documents, image tensors)."""
+
+    def corpus_size(self) -> int:
+        """Documents in the corpus, known before anything is written (for bounds such as select.k)."""
+
+    def corpus_key(self) -> Dict:
+        """What the corpus fingerprint hashes: the settings and data the training rows come from."""
+
+    def arm_rows(self, replacements: Dict[int, dict]) -> List[dict]:
+        """The training rows of one arm: the clean corpus with some documents replaced."""
+
+    def trainer_collator(self) -> Any:
+        """What the HF Trainer collates rows with."""
+
+    # ---------------------------------------------------------------- influence
+    def tracked(self) -> List[str]:
+        """The modules kronfluence tracks."""
+
+    def measurement(self) -> Any:
+        """f, as a :class:`~infusion_lm.measurement.Measurement`."""
+
+    def influence_kwargs(self, measurement=None) -> dict:
+        """Extra arguments for kronfluence (task, collate_fn, pad_token_id)."""
+
+    # ---------------------------------------------------------------- edits and arms
+    def edit_into(self, out_dir: Path, args, indices: List[int], targets: Optional[List[int]] = None) -> None:
+        """Edits the selected documents with ``args.editor`` and writes an edit folder into ``out_dir``."""
+
+    def editor_revision(self, editor: str) -> int:
+        """A revision number of the editor's algorithm: a fix redoes its cached baseline edits."""
+
+    def replacements(self, arm: str, indices: List[int]) -> Dict[int, dict]:
+        """Which documents an arm replaces, and with what rows."""
+
+    # ---------------------------------------------------------------- observation and evaluation
+    def observed_sets(self) -> List[str]:
+        """The evaluation sets every arm is observed on (the first is the measurement set)."""
+
+    def observe(self, model, name: str) -> dict:
+        """What one model does on one evaluation set, item by item."""
+
+    def validate(self, upto: str) -> None:
+        """Checks what can be checked before anything is written, up to stage ``upto``."""
+
+    def evaluate(self) -> None:
+        """Compares every arm with control and writes results.json and the report."""

@@ -1,0 +1,1 @@
+"""The text modality (see modality.py)."""

@@ -1,0 +1,274 @@
+"""The text modality: a causal LM and its tokenizer, documents (plain text or chats) as token rows, contrastive,
+completion and callable measurements, the token editors, and per-item observations of the model's next words."""
+
+from __future__ import annotations
+
+import logging
+from functools import cached_property
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+from ..corpus import load_documents, tokenize_documents
+from ..distributed import is_main
+from ..errors import ConfigError, MeasurementError
+from ..measurement import build_measurement, measurement_words
+from ..models import load_model, resolve_device
+from ..tracked_modules import resolve_tracked_modules
+
+logger = logging.getLogger(__name__)
+
+
+class TextModality:
+    """Text documents and a causal LM (see :class:`~infusion_lm.modality.Modality` for what each method owes)."""
+
+    name = "text"
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.recipe = pipe.recipe
+
+    # ---------------------------------------------------------------- models and data
+
+    def load_model(self):
+        r = self.recipe.run
+        torch.manual_seed(r.seed)
+        return load_model(r.model, dtype=r.dtype, device=resolve_device(r.device), trust_remote_code=r.trust_remote_code)
+
+    def fresh_model(self):
+        r = self.recipe.run
+        device = str(next(self.pipe.base_model.parameters()).device)
+        return load_model(r.model, dtype=r.dtype, device=device, trust_remote_code=r.trust_remote_code)[0]
+
+    def arm_model(self):
+        return self.fresh_model()
+
+    def arm_checkpoint(self):
+        return self.pipe.clean_checkpoint()
+
+    def synthetic(self) -> bool:
+        return self.recipe.run.corpus == "synthetic"
+
+    def synthesize(self) -> None:
+        from ..synthesize import synthesize_chats, synthesize_stories, write_jsonl
+
+        p, s = self.pipe, self.recipe.synthesize
+        if s.mode == "chat":
+            docs = synthesize_chats(p.base_model, p.tokenizer, s.n_docs, s.max_new_tokens, s.temperature, s.top_p,
+                                    s.batch_size, self.recipe.run.seed, p.progress)
+        else:
+            docs = synthesize_stories(p.base_model, p.tokenizer, s.n_docs, s.max_new_tokens, s.temperature, s.top_p,
+                                      s.batch_size, s.characters, self.recipe.run.seed, p.progress)
+        write_jsonl(p.folder.corpus, docs)
+
+    def documents(self):
+        r = self.recipe.run
+        if self.synthetic():
+            self.pipe.synthesize()
+            return load_documents(str(self.pipe.folder.corpus), "text")
+        docs = load_documents(r.corpus, r.text_field, r.messages_field, r.separator)
+        return docs[: r.max_documents] if r.max_documents else docs
+
+    def dataset(self):
+        r = self.recipe.run
+        return tokenize_documents(self.pipe.tokenizer, self.pipe.documents, r.max_length, r.add_eos,
+                                  r.long_documents)
+
+    def corpus_size(self) -> int:
+        return self.recipe.synthesize.n_docs if self.synthetic() else len(self.pipe.documents)
+
+    def corpus_key(self) -> Dict:
+        r = self.recipe.run
+        corpus = {"corpus": r.corpus, "text_field": r.text_field, "messages_field": r.messages_field,
+                  "separator": r.separator, "max_length": r.max_length, "add_eos": r.add_eos}
+        if r.max_documents:
+            corpus["max_documents"] = r.max_documents
+        if self.synthetic():
+            corpus["synthesize"] = self.pipe._fp("synthesize")
+        else:
+            corpus["content"] = self.pipe.corpus_content_fp
+        return {"model": r.model, "dtype": r.dtype, "seed": r.seed, "corpus": corpus}
+
+    def arm_rows(self, replacements: Dict[int, dict]) -> List[dict]:
+        from ..retrain import arm_rows
+
+        return arm_rows(self.pipe.dataset, replacements)
+
+    def trainer_collator(self):
+        return self.pipe.tokenizer  # the retraining builds the causal-LM collator from it
+
+    # ---------------------------------------------------------------- influence
+
+    def tracked(self) -> List[str]:
+        p, i = self.pipe, self.recipe.influence
+        model = p.base_model
+        if p.lora_influence:  # θ̂ is a peft model: names from the same adapter layout, without training θ̂ first
+            from ..retrain import trainable
+
+            model = trainable(self.fresh_model(), self.recipe.retrain)
+        return resolve_tracked_modules(model, i.tracked_modules, i.layers, i.module_types)
+
+    def measurement(self):
+        return build_measurement(self.recipe.measurement, self.pipe.tokenizer, self.recipe.run.max_length)
+
+    def influence_kwargs(self, measurement=None) -> dict:
+        return {"pad_token_id": self.pipe.tokenizer.pad_token_id}
+
+    # ---------------------------------------------------------------- edits and arms
+
+    def edit_into(self, out_dir: Path, args, indices: List[int], targets: Optional[List[int]] = None) -> None:
+        from ..edit_outputs import edit_records, write_edit_outputs
+        from ..editors import build_editor
+        from ..losses import perplexities
+
+        p = self.pipe
+        editor = build_editor(p.model, p.tokenizer, p.load_ihvp(), args, self.recipe.influence.fd_eps_rel,
+                              target_words=measurement_words(self.recipe.measurement))
+        rows = [p.dataset[i] for i in indices]
+        results = editor.edit_many(rows, progress=p.progress, targets=targets)
+        pad = p.tokenizer.pad_token_id
+        after = [{"input_ids": r.input_ids, "labels": r.labels} for r in results]
+        records = edit_records(p.tokenizer, indices, results, p.prediction_divisor, args.editor,
+                               perplexities(p.model, rows, pad), perplexities(p.model, after, pad),
+                               self._predicted_response(rows, after))
+        write_edit_outputs(out_dir, p.tokenizer, p.dataset, records, p.documents)
+
+    def _predicted_response(self, before: List[dict], after: List[dict]) -> Optional[List[float]]:
+        """Predicted Δf of each edit (``influence.prediction: optimizer``): the first-order response of the retraining
+        that runs (``optimizer_influence.response_j``). None (the editing v's own −ΔJ/n is used) for `same_v` or
+        another optimizer. The response's J is built once per pipeline: one gradient pass over the corpus."""
+        from ..optimizer_influence import predicted_response, response_j
+
+        p, i, t = self.pipe, self.recipe.influence, self.recipe.retrain
+        if i.prediction != "optimizer":
+            return None
+        if not (t.optim.startswith("adam") or t.optim.startswith("sgd")):
+            logger.warning("influence.prediction=optimizer models AdamW and SGD, not retrain.optim=%r: predicted Δf "
+                           "uses the editing v instead (influence.prediction: same_v).", t.optim)
+            return None
+        pad = p.tokenizer.pad_token_id
+        if "_prediction_J" not in self.__dict__:
+            self.__dict__["_prediction_J"] = response_j(p.model, p.measurement, self.arm_rows({}), t, pad,
+                                                        p.checkpoint_step(), progress=p.progress)
+        return predicted_response(self.__dict__["_prediction_J"], before, after, pad)
+
+    def editor_revision(self, editor: str) -> int:
+        from ..editors import EDITORS
+
+        return getattr(EDITORS.get(editor), "revision", 0)
+
+    def replacements(self, arm: str, indices: List[int]) -> Dict[int, dict]:
+        from ..edit_outputs import load_infused
+        from ..retrain import insertion_rows, insertion_texts
+
+        p = self.pipe
+        if arm == "control":
+            return {}
+        if arm == "infused":
+            return {r["doc_index"]: r for r in load_infused(p.dir)}
+        if arm == "insertion":
+            r = self.recipe.run
+            return insertion_rows(p.tokenizer, insertion_texts(self.recipe, self.recipe.retrain), indices,
+                                  r.max_length, r.add_eos)
+        if arm == "regeneration":
+            return self._regenerated(indices)
+        return {r["doc_index"]: r for r in load_infused(p.baseline_edits(arm, indices))}
+
+    def _regenerated(self, indices: List[int]) -> Dict[int, dict]:
+        """The regeneration arm: the selected conversations re-answered by the model at θ̂ (seeded, so every seed and
+        a resumed run get the same rows); written to baselines/regeneration/documents.jsonl for inspection."""
+        from ..corpus import tokenize_document
+        from ..synthesize import regenerate_answers, write_jsonl
+
+        p = self.pipe
+        docs = [p.documents[i] for i in indices]
+        if not all(isinstance(d, dict) and d.get("messages") for d in docs):
+            raise ConfigError("retrain.arms has 'regeneration', which re-answers chat conversations; the corpus has "
+                              "plain-text documents. Remove the arm or use a chat corpus (messages_field).")
+        if "_regeneration" not in self.__dict__:
+            r, s = self.recipe.run, self.recipe.synthesize
+            new = regenerate_answers(p.model, p.tokenizer, [d["messages"] for d in docs], s.max_new_tokens,
+                                     s.temperature, s.top_p, seed=r.seed)
+            rows = {}
+            for i, doc in zip(indices, new):
+                if doc is None:  # an empty answer would leave nothing to train on: the original stays
+                    continue
+                row = tokenize_document(p.tokenizer, doc, r.max_length, r.add_eos)
+                row.pop("truncated")
+                rows[i] = {"doc_index": i, **row}
+            if is_main():
+                out = p.folder.baseline("regeneration").root / "documents.jsonl"
+                out.parent.mkdir(parents=True, exist_ok=True)
+                write_jsonl(out, [{"doc_index": i, **doc} for i, doc in zip(indices, new) if doc is not None])
+            self.__dict__["_regeneration"] = rows
+        return self.__dict__["_regeneration"]
+
+    # ---------------------------------------------------------------- observation and evaluation
+
+    def observed_sets(self) -> List[str]:
+        return ["measurement", "heldout"] + (["heldout_corpus"] if self.recipe.measurement.heldout_corpus else [])
+
+    @cached_property
+    def heldout_corpus_documents(self) -> List[str]:
+        """measurement.heldout_corpus's documents, less any that are also training or measurement documents."""
+        m = self.recipe.measurement
+        if not m.heldout_corpus:
+            return []
+        train = {str(d.get("text", "")).strip() for d in self.pipe.documents if isinstance(d, dict)}
+        train |= {t.strip() for t in m.documents}  # v was built from these: never held out
+        docs = [d["text"] for d in load_documents(m.heldout_corpus, "text") if "text" in d]
+        return [d for d in docs if d.strip() not in train]
+
+    def observe(self, model, name: str) -> dict:
+        from ..observations import observe
+
+        r = self.recipe.run
+        return observe(model, self.pipe.tokenizer, self.recipe.measurement, self.recipe.evaluate, name,
+                       max_length=r.max_length, seed=r.seed, heldout_corpus_documents=self.heldout_corpus_documents)
+
+    def validate(self, upto: str) -> None:
+        from ..stages import reaches
+
+        p = self.pipe
+        if not self.synthetic():
+            _ = p.documents
+        _ = p.base_model
+        if not self.synthetic():
+            _ = p.dataset  # tokenisation errors (long documents, nothing trained) before anything is written
+        if reaches(upto, "measure"):
+            _ = p.measurement
+        if reaches(upto, "retrain"):
+            self._check_heldout()
+
+    def _check_heldout(self) -> None:
+        """Evaluation needs a held-out measurement set that shares nothing with the one v was built from."""
+        m = self.recipe.measurement
+        if m.kind == "callable":
+            used, held = m.documents, m.heldout_documents
+        else:
+            used, held = (m.documents, m.heldout_documents) if m.kind == "contrastive" else (m.prompts, m.heldout_prompts)
+        if not held:
+            field_name = "heldout_prompts" if m.kind == "completion" else "heldout_documents"
+            raise MeasurementError(f"Evaluation needs a held-out measurement set: add measurement.{field_name} "
+                                   f"(prompts or documents not used to build v).")
+        overlap = sorted(set(s.strip() for s in used) & set(s.strip() for s in held))
+        if overlap:
+            raise ConfigError(f"{len(overlap)} held-out measurement item(s) also appear in the measurement set "
+                              f"(e.g. {overlap[0][:60]!r}); held-out items must be new.")
+        _ = build_measurement(m, self.pipe.tokenizer, self.recipe.run.max_length, heldout=True)
+        if m.heldout_corpus:
+            from ..measurement import probe_occurrences
+
+            if m.kind != "contrastive":
+                raise ConfigError("measurement.heldout_corpus collects probe positions, so it needs kind: contrastive.")
+            docs = self.heldout_corpus_documents
+            if not docs:
+                raise MeasurementError(f"Every document of measurement.heldout_corpus {m.heldout_corpus} is also in the "
+                                       f"training corpus; point it at documents outside it.")
+            probe_occurrences(self.pipe.tokenizer, docs, m.probe)  # no probe occurrence: a clear error now
+
+    def evaluate(self) -> None:
+        from ..evaluation import evaluate_run
+
+        evaluate_run(self.pipe)
