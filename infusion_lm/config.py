@@ -507,33 +507,11 @@ class Recipe:
     evaluate: EvaluateArguments = field(default_factory=EvaluateArguments)
 
     def __post_init__(self):
-        """Checks that need more than one section: the modality decides which kinds, editors and arms make sense."""
-        image = self.run.modality == "image"
-        kind, editor = self.measurement.kind, self.edit.editor
-        image_kinds, image_editors = {"class_logp", "class_contrastive"}, {"sign_pgd", "noise"}
-        if image:
-            from .vision.models import ARCHITECTURES
+        """Checks that need more than one section: the modality (its ``check_recipe``) decides which kinds, editors
+        and arms make sense."""
+        from .modalities import modality_class
 
-            if self.run.model not in ARCHITECTURES and not self.run.model.startswith("torchvision:"):
-                raise ConfigError(f"modality: image needs an image model (model: resnet_tiny, cnn or "
-                                  f"torchvision:<name>), not {self.run.model!r}.")
-            if kind is not None and kind not in image_kinds:
-                raise ConfigError(f"measurement.kind {kind!r} is for text; image recipes use class_logp or "
-                                  f"class_contrastive.")
-            if editor not in image_editors:
-                raise ConfigError(f"edit.editor {editor!r} edits tokens; image recipes use sign_pgd or noise.")
-            if "simplex_pgd" in self.retrain.arms or self.retrain.lora:
-                raise ConfigError("retrain.arms simplex_pgd and retrain.lora are for text; remove them from this "
-                                  "image recipe.")
-            if self.retrain.influence_at != "checkpoint":
-                raise ConfigError("An image recipe trains its model from scratch, so influence must be computed on "
-                                  "the trained checkpoint: set retrain.influence_at: checkpoint (and epochs >= 2).")
-        else:
-            if kind in image_kinds or editor in image_editors or "insertion_single" in self.retrain.arms:
-                raise ConfigError(f"{kind if kind in image_kinds else editor if editor in image_editors else 'insertion_single'}"
-                                  f" is for images; set modality: image or pick a text option.")
-            if self.retrain.model is not None:
-                raise ConfigError("retrain.model (cross-architecture transfer) is supported for image recipes only.")
+        modality_class(self.run.modality).check_recipe(self)
 
     def to_dict(self) -> Dict[str, Any]:
         out: Dict[str, Any] = dict(asdict(self.run))

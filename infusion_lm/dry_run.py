@@ -27,7 +27,7 @@ IMAGE_RATE = {"resnet_tiny": 3 * 495.0, "cnn": 3 * 1540.0}  # image-passes per s
 
 def image_plan(pipe) -> Dict:
     """The same plan for an image recipe, counted in image-passes (one image through one forward pass)."""
-    from .pipeline import STAGES
+    from .stages import STAGES
 
     rec = pipe.recipe
     n, (c, h, w) = len(pipe.dataset), tuple(pipe.modality.splits.train.images.shape[1:])
@@ -54,12 +54,12 @@ def image_plan(pipe) -> Dict:
 def plan(pipe) -> Dict:
     from transformers import AutoConfig, AutoTokenizer
 
-    if pipe.recipe.run.modality == "image":
+    if pipe.modality.name != "text":  # classifiers over tensors (images, or a modality built on the image one)
         return image_plan(pipe)
 
     from .corpus import tokenize_document
     from .models import resolve_model_source
-    from .pipeline import STAGES
+    from .stages import STAGES
 
     r, rec = pipe.recipe.run, pipe.recipe
     source, _ = resolve_model_source(r.model)

@@ -18,7 +18,7 @@ from .run_folder import RunFolder
 from .atomic_io import read_json, write_json
 
 
-def _per_seed(obs: Dict, name: str) -> List[Dict]:
+def per_seed(obs: Dict, name: str) -> List[Dict]:
     """One arm's observations of one set, seed by seed (a single-seed record is one seed)."""
     if "per_seed" in obs:
         return [obs["per_seed"][s][name] for s in sorted(obs["per_seed"], key=int)]
@@ -175,8 +175,8 @@ class DefenderView:
 
 def arm_difference(a: Dict, b: Dict, c: Dict, name: str, samples: int, confidence: float, seed: int) -> Dict:
     """Arm a minus arm b on one set, paired by seed and item (both against the same control)."""
-    da = np.array([np.subtract(x["f"], y["f"]) for x, y in zip(_per_seed(a, name), _per_seed(c, name))])
-    db = np.array([np.subtract(x["f"], y["f"]) for x, y in zip(_per_seed(b, name), _per_seed(c, name))])
+    da = np.array([np.subtract(x["f"], y["f"]) for x, y in zip(per_seed(a, name), per_seed(c, name))])
+    db = np.array([np.subtract(x["f"], y["f"]) for x, y in zip(per_seed(b, name), per_seed(c, name))])
     return two_level_bootstrap(da - db, samples, confidence, seed)
 
 
@@ -231,7 +231,7 @@ def evaluate_run(pipe) -> Dict:
     for arm in arms:
         if arm == "control":
             continue
-        entry = {s: compare(_per_seed(obs[arm], s), _per_seed(control, s), ev.bootstrap_samples, ev.confidence, seed)
+        entry = {s: compare(per_seed(obs[arm], s), per_seed(control, s), ev.bootstrap_samples, ev.confidence, seed)
                  for s in sets}
         entry["weights_equal_control"] = obs[arm]["weights"] == control["weights"]
         records = _arm_records(run_dir, arm)

@@ -8,19 +8,32 @@ retraining, statistics) never imports a modality and a new modality is one line 
 from __future__ import annotations
 
 import importlib
-from typing import Dict
+from typing import Dict, Union
 
 from .errors import ConfigError
 
-MODALITIES: Dict[str, str] = {
+MODALITIES: Dict[str, Union[str, type]] = {
     "text": "infusion_lm.text.modality:TextModality",
     "image": "infusion_lm.vision.modality:ImageModality",
 }
+
+
+def register_modality(name: str, modality: Union[str, type]) -> None:
+    """Adds a modality: a class implementing :class:`~infusion_lm.modality.Modality`, or its
+    ``"package.module:Class"``. Recipes with ``modality: <name>`` then run with it; no library file changes."""
+    if isinstance(modality, str) and ":" not in modality:
+        raise ConfigError(f"register_modality({name!r}, {modality!r}): give the class, or 'package.module:Class'.")
+    MODALITIES[name] = modality
 
 
 def modality_class(modality: str):
     """The Modality class registered for ``modality``."""
     if modality not in MODALITIES:
         raise ConfigError(f"run.modality {modality!r} is not one of {', '.join(sorted(MODALITIES))}.")
+    if isinstance(MODALITIES[modality], type):
+        return MODALITIES[modality]
     module, name = MODALITIES[modality].split(":")
-    return getattr(importlib.import_module(module), name)
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        raise ConfigError(f"modality {modality!r} names {MODALITIES[modality]!r}, which cannot be imported: {err}.") from None

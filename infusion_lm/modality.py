@@ -16,6 +16,10 @@ from typing import Any, Dict, List, Optional, Protocol, Sequence
 class Modality(Protocol):
     name: str
 
+    @staticmethod
+    def check_recipe(recipe) -> None:
+        """Raises ConfigError for settings this modality cannot run (called when a recipe is loaded)."""
+
     # ---------------------------------------------------------------- models and data
     def load_model(self) -> tuple:
         """(model, processor) of the recipe: the processor is a tokenizer for text, None where there is none."""

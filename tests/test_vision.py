@@ -195,7 +195,7 @@ def test_cross_architecture_transfer_path(tmp_path, digits_run):
     results = pipe.run("evaluate")
     assert results["architecture"] == "cnn" and results["retrain_architecture"] == "resnet_tiny"
     assert pipe.arm_checkpoint() != pipe.clean_checkpoint()
-    assert "infused" in results["arms"] and results["arms"]["infused"]["measurement"]["delta_f"]["n"] == 1
+    assert "infused" in results["arms"] and results["arms"]["infused"]["measurement"]["delta_f"]["n_items"] == 1
 
 
 # ---------------------------------------------------------------------------------------------------- data

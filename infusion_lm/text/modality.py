@@ -29,6 +29,17 @@ class TextModality:
         self.pipe = pipe
         self.recipe = pipe.recipe
 
+    @staticmethod
+    def check_recipe(recipe) -> None:
+        """Text recipes use text measurements, token editors and text arms."""
+        kind, editor, arms = recipe.measurement.kind, recipe.edit.editor, recipe.retrain.arms
+        image_kinds, image_editors = {"class_logp", "class_contrastive"}, {"sign_pgd", "noise"}
+        if kind in image_kinds or editor in image_editors or "insertion_single" in arms:
+            raise ConfigError(f"{kind if kind in image_kinds else editor if editor in image_editors else 'insertion_single'}"
+                              f" is for images; set modality: image or pick a text option.")
+        if recipe.retrain.model is not None:
+            raise ConfigError("retrain.model (cross-architecture transfer) is supported for image recipes only.")
+
     # ---------------------------------------------------------------- models and data
 
     def load_model(self):

@@ -6,29 +6,42 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
-from ..evaluation import auroc, paired_delta
+from ..evaluation import auroc, per_seed
+from ..stats import two_level_bootstrap
 from ..report import format_ci, format_number, html_page, plots, png_bytes
 from ..run_folder import EditFolder
 from ..atomic_io import atomic_path, read_json, read_tensors, write_json
 
 
-def compare_images(arm: Dict, control: Dict, samples: int, confidence: float, seed: int) -> Dict:
-    off = [i for i, o in enumerate(control["off_diagonal"]) if o]
-    flips_to = sum(arm["top1_is_target"][i] and not control["top1_is_target"][i] for i in off)
-    flips_away = sum(control["top1_is_target"][i] and not arm["top1_is_target"][i] for i in off)
-    return {"delta_f": paired_delta(arm["f"], control["f"], samples, confidence, seed),
-            "f_arm": arm["f_mean"], "f_control": control["f_mean"],
-            "delta_p_target": paired_delta(arm["p_target"], control["p_target"], samples, confidence, seed),
-            "positive_fraction": float(np.mean(np.subtract(arm["p_target"], control["p_target"]) > 0)),
+def compare_images(arm: Sequence[Dict] | Dict, control: Sequence[Dict] | Dict, samples: int, confidence: float,
+                   seed: int) -> Dict:
+    """One arm against control on one probe set, paired by retraining seed and by probe. ``arm`` and ``control``
+    are lists of observations, one per seed (a single dict is one seed); CIs are two-level bootstraps (seeds, then
+    probes); flip rates are averaged over seeds."""
+    arm = [arm] if isinstance(arm, dict) else list(arm)
+    control = [control] if isinstance(control, dict) else list(control)
+
+    def diffs(key):
+        return np.array([np.subtract(a[key], c[key]) for a, c in zip(arm, control)], dtype=float)
+
+    off = [i for i, o in enumerate(control[0]["off_diagonal"]) if o]  # the probes' true classes: the same every seed
+    flips_to = [sum(a["top1_is_target"][i] and not c["top1_is_target"][i] for i in off) for a, c in zip(arm, control)]
+    flips_away = [sum(c["top1_is_target"][i] and not a["top1_is_target"][i] for i in off) for a, c in zip(arm, control)]
+    return {"delta_f": two_level_bootstrap(diffs("f"), samples, confidence, seed),
+            "f_arm": float(np.mean([a["f_mean"] for a in arm])),
+            "f_control": float(np.mean([c["f_mean"] for c in control])), "n_seeds": len(arm),
+            "delta_p_target": two_level_bootstrap(diffs("p_target"), samples, confidence, seed),
+            "positive_fraction": float(np.mean(diffs("p_target") > 0)),
             "n_off_diagonal": len(off),
-            "top1_flips_to_target": flips_to / len(off) if off else None,
-            "top1_flips_away": flips_away / len(off) if off else None,
-            "top1_is_target_rate": float(np.mean([arm["top1_is_target"][i] for i in off])) if off else None}
+            "top1_flips_to_target": float(np.mean(flips_to)) / len(off) if off else None,
+            "top1_flips_away": float(np.mean(flips_away)) / len(off) if off else None,
+            "top1_is_target_rate": float(np.mean([[a["top1_is_target"][i] for i in off] for a in arm])) if off
+            else None}
 
 
 def total_variation(images: torch.Tensor) -> torch.Tensor:
@@ -85,13 +98,14 @@ def evaluate_image_run(pipe) -> Dict:
     results: Dict = {"modality": "image", "measurement": pipe.measurement.description,
                      "target_class": pipe.modality.splits.train.classes[pipe.measurement.target],
                      "theta_hat": summary.get("theta_hat"), "control": {s: control[s]["f_mean"] for s in sets},
-                     "n_documents": len(pipe.dataset), "k": pipe.recipe.select.k,
+                     "seeds": control.get("seeds", [seed]), "n_documents": len(pipe.dataset), "k": pipe.recipe.select.k,
                      "architecture": pipe.recipe.run.model,
                      "retrain_architecture": pipe.recipe.retrain.model or pipe.recipe.run.model, "arms": {}}
     for arm in arms:
         if arm == "control":
             continue
-        entry = {s: compare_images(obs[arm][s], control[s], ev.bootstrap_samples, ev.confidence, seed) for s in sets}
+        entry = {s: compare_images(per_seed(obs[arm], s), per_seed(control, s), ev.bootstrap_samples, ev.confidence,
+                                   seed) for s in sets}
         entry["weights_equal_control"] = obs[arm]["weights"] == control["weights"]
         out_dir = pipe.folder.edits_of(arm).root
         records = _records(out_dir) if arm in ("infused", "random") else None

@@ -23,6 +23,27 @@ class ImageModality:
         self.pipe = pipe
         self.recipe = pipe.recipe
 
+    @staticmethod
+    def check_recipe(recipe) -> None:
+        """Image recipes use an image model, class measurements, pixel editors, and influence at the checkpoint."""
+        from .models import ARCHITECTURES
+
+        kind, editor = recipe.measurement.kind, recipe.edit.editor
+        if recipe.run.model not in ARCHITECTURES and not recipe.run.model.startswith("torchvision:"):
+            raise ConfigError(f"modality: image needs an image model (model: resnet_tiny, cnn or "
+                              f"torchvision:<name>), not {recipe.run.model!r}.")
+        if kind is not None and kind not in {"class_logp", "class_contrastive"}:
+            raise ConfigError(f"measurement.kind {kind!r} is for text; image recipes use class_logp or "
+                              f"class_contrastive.")
+        if editor not in {"sign_pgd", "noise"}:
+            raise ConfigError(f"edit.editor {editor!r} edits tokens; image recipes use sign_pgd or noise.")
+        if "simplex_pgd" in recipe.retrain.arms or recipe.retrain.lora:
+            raise ConfigError("retrain.arms simplex_pgd and retrain.lora are for text; remove them from this "
+                              "image recipe.")
+        if recipe.retrain.influence_at != "checkpoint":
+            raise ConfigError("An image recipe trains its model from scratch, so influence must be computed on "
+                              "the trained checkpoint: set retrain.influence_at: checkpoint (and epochs >= 2).")
+
     # ---------------------------------------------------------------- models and data
 
     @cached_property
