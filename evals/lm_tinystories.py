@@ -75,7 +75,7 @@ def pair_recipe(args, probe: str, target: str) -> dict:
                       "preconditioner": args.preconditioner, "damping_scale": args.damping_scale},
         "select": {"k": args.k},
         "edit": {"editor": "swap", "steps": args.steps, "n_candidates": 16, "rename": args.rename,
-                 "candidate_pool": getattr(args, "candidate_pool", 1),
+                 **({"candidate_pool": args.candidate_pool} if getattr(args, "candidate_pool", None) else {}),
                  **({"target_words": []} if args.target_words == "none" else {})},
         "retrain": {"arms": args.arms, "epochs": 2, "influence_at": "checkpoint", "learning_rate": args.lr,
                     "batch_size": 8, "seeds": args.seeds},
@@ -173,9 +173,9 @@ def main():
     p.add_argument("--target_words", default="auto", choices=["auto", "none"],
                    help="edit.target_words: auto lets every editor write the target word at any editable position "
                         "(beside the fluent top-k); none keeps to the fluent top-k")
-    p.add_argument("--candidate_pool", type=int, default=1,
+    p.add_argument("--candidate_pool", type=int, default=None,
                    help="edit.candidate_pool: draw this many × n_candidates swaps per step and keep the n_candidates "
-                        "with the best first-order ΔJ (1: no pre-ranking)")
+                        "with the best first-order ΔJ (unset: the library default, 8; 1: no pre-ranking)")
     p.add_argument("--rename", action="store_true", help="edit.rename: swap candidates that rename an entity throughout")
     p.add_argument("--work_dir", default=None,
                    help="run folder shared by the pairs (factors, clean checkpoint, control); default out_dir/work. "

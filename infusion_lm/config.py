@@ -308,9 +308,11 @@ class EditArguments:
     # swap
     topk: int = field(default=16, metadata=_help("swap: proposals kept per position, by predicted decrease in J."))
     n_candidates: int = field(default=16, metadata=_help("swap: candidate documents scored exactly per step."))
-    candidate_pool: int = field(default=1, metadata=_help(
+    candidate_pool: int = field(default=8, metadata=_help(
         "swap: draw candidate_pool × n_candidates candidates, rank them by the first-order ΔJ of their swaps, and "
-        "score only the n_candidates most promising exactly (probe sampling). 1: no pruning."))
+        "score only the n_candidates most promising exactly (probe sampling, as in nanoGCG). 8 tries 8× the "
+        "positions per step at the same exact-scoring cost; it doubled the held-out effect on TinyStories "
+        "(evals/lm_tinystories.py). 1: no pruning, candidates drawn uniformly."))
     swaps_per_candidate: int = field(default=1, metadata=_help("swap: token swaps in each candidate."))
     rename: bool = field(default=False, metadata=_help(
         "swap: beside each swap a→b, also propose the candidate that turns every later editable occurrence of a "
