@@ -127,7 +127,7 @@ def summarise(per_pair: dict, arms, primary: str = "heldout_corpus") -> dict:
     return out
 
 
-def merge_runs(earlier: dict, per_pair: dict, arms) -> tuple:
+def merge_runs(earlier: dict, per_pair: dict, arms, tolerance: float = 1e-6) -> tuple:
     """Pairs of an earlier run of this eval with this run's arms added, and this run's other pairs. Arms of two runs
     compare only against one control: every pair's control f (every evaluation set, mean over the seeds) must agree,
     which holds when both ran on one work_dir with the same seeds (control is trained once per seed and shared)."""
@@ -140,10 +140,12 @@ def merge_runs(earlier: dict, per_pair: dict, arms) -> tuple:
             continue
         new = per_pair[key]
         for name, f in old["control"].items():
-            if name in new["control"] and abs(f - new["control"][name]) > 1e-6:
+            if name in new["control"] and abs(f - new["control"][name]) > tolerance:
                 raise SystemExit(f"--merge: {key}: control f on {name} differs ({f} vs {new['control'][name]}); "
                                  "the runs did not share their control (same work_dir and seeds)")
-        merged[key] = {**old, "arms": {**old["arms"], **{a: v for a, v in new["arms"].items() if a not in old["arms"]}}}
+        # the pair's other fields (the infused − random verdict, control) come from the run that has the infused arm
+        primary, other = (new, old) if "infused" in new["arms"] else (old, new)
+        merged[key] = {**primary, "arms": {**other["arms"], **primary["arms"]}}
     if not set(per_pair) & set(merged):
         raise SystemExit("--merge: no pair in common")
     merged.update({key: res for key, res in per_pair.items() if key not in merged})  # pairs only this run has
@@ -190,6 +192,9 @@ def main():
                    help="an earlier result JSON of this eval on the same work_dir and seeds: its arms join this run's "
                         "per pair (e.g. baselines run later beside infused/random), after a check that both runs' "
                         "control f are the same")
+    p.add_argument("--merge_tolerance", type=float, default=1e-6,
+                   help="largest difference of control f between the merged runs (controls retrained on another "
+                        "machine differ by float rounding, about 3e-4 nats here)")
     p.add_argument("--summarise_only", action="store_true",
                    help="only aggregate the pairs already finished under out_dir/pairs (e.g. after an interrupted run)")
     args = p.parse_args()
@@ -240,7 +245,8 @@ def main():
     if not per_pair:
         raise SystemExit("no finished pairs")
     if args.merge:
-        per_pair, args.arms = merge_runs(json.loads(Path(args.merge).read_text()), per_pair, args.arms)
+        per_pair, args.arms = merge_runs(json.loads(Path(args.merge).read_text()), per_pair, args.arms,
+                                         args.merge_tolerance)
     summary = summarise(per_pair, args.arms)
     print()
     print(f"{'arm':<13}{'pairs':>6}{'Δf mean':>9}{'median':>9}{'> control':>11}{'CI > 0':>8}{'specific':>10}"
