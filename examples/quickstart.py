@@ -1,5 +1,6 @@
 """Infusion in three calls: edit the stories that teach SmolLM2 to say "cat" where a text says "dog", retrain on them
-beside an unedited control, and compare. Run: python examples/quickstart.py   (about 5 min on 2 CPU cores)"""
+beside an unedited control, and compare. Run: python examples/quickstart.py   (12 min on 2 CPU cores shared with
+two other jobs: held-out Δf +0.155 [+0.130, +0.178] over 2 seeds, predicted +0.147)"""
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -23,4 +24,5 @@ for rec in result.records:
 arms = {"control": result.rows, "infused": result.apply(result.rows)}
 observed = retrain_arms(model, tokenizer, arms, behaviour, retrain=training, seeds=(0, 1))
 for name, d in compare(observed)["infused"].items():
-    print(f"{name}: Δf {d['delta_f']['mean']:+.3f} CI {d['delta_f']['ci']} (predicted {result.predicted_delta_f:+.3f})")
+    lo, hi = d["delta_f"]["ci"]
+    print(f"{name}: Δf {d['delta_f']['mean']:+.3f} [{lo:+.3f}, {hi:+.3f}] (predicted {result.predicted_delta_f:+.3f})")
