@@ -55,12 +55,11 @@ class InfusionResult:
 
     def apply(self, rows: Sequence[Mapping]) -> List[Dict[str, List[int]]]:
         """``rows`` with each selected row replaced by its edit (a new list; ``rows`` is not modified)."""
+        from .retrain import arm_rows
+
         if len(rows) != len(self.rows):
             raise ConfigError(f"apply() got {len(rows)} rows; this result edits a training set of {len(self.rows)}.")
-        out = [{"input_ids": list(r["input_ids"]), "labels": list(r["labels"])} for r in rows]
-        for i, row in zip(self.indices, self.edited_rows):
-            out[i] = {"input_ids": list(row["input_ids"]), "labels": list(row["labels"])}
-        return out
+        return arm_rows(rows, dict(zip(self.indices, self.edited_rows)))
 
 
 def training_rows(tokenizer, train: Union[Sequence[str], Sequence[Mapping], Any], max_length: int = 512) -> List[Dict[str, List[int]]]:

@@ -25,6 +25,18 @@ def per_seed(obs: Dict, name: str) -> List[Dict]:
     return [obs[name]]
 
 
+def paired_seeds(arm: Sequence[Dict] | Dict, control: Sequence[Dict] | Dict):
+    """(arm, control) as lists of per-seed observations (a single dict is one seed), and ``diffs(key)``: the
+    [seeds, items] matrix of arm − control for one per-item field."""
+    arm = [arm] if isinstance(arm, dict) else list(arm)
+    control = [control] if isinstance(control, dict) else list(control)
+
+    def diffs(key):
+        return np.array([np.subtract(a[key], c[key]) for a, c in zip(arm, control)], dtype=float)
+
+    return arm, control, diffs
+
+
 def compare(arm: Sequence[Dict] | Dict, control: Sequence[Dict] | Dict, samples: int, confidence: float,
             seed: int) -> Dict:
     """One arm against control on one evaluation set, paired by seed and by item.
@@ -32,11 +44,7 @@ def compare(arm: Sequence[Dict] | Dict, control: Sequence[Dict] | Dict, samples:
     ``arm`` and ``control`` are lists of observations, one per retraining seed (the same seeds in the same order);
     a single dict is one seed. Δ = arm − control item by item within a seed; CIs are two-level bootstraps (seeds,
     then items)."""
-    arm = [arm] if isinstance(arm, dict) else list(arm)
-    control = [control] if isinstance(control, dict) else list(control)
-
-    def diffs(key):
-        return np.array([np.subtract(a[key], c[key]) for a, c in zip(arm, control)], dtype=float)
+    arm, control, diffs = paired_seeds(arm, control)
 
     def boot(d):
         return two_level_bootstrap(d, samples, confidence, seed)

@@ -11,7 +11,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from ..evaluation import auroc, per_seed
+from ..evaluation import auroc, paired_seeds, per_seed
 from ..stats import two_level_bootstrap
 from ..report import format_ci, format_number, html_page, plots, png_bytes
 from ..run_folder import EditFolder
@@ -23,11 +23,7 @@ def compare_images(arm: Sequence[Dict] | Dict, control: Sequence[Dict] | Dict, s
     """One arm against control on one probe set, paired by retraining seed and by probe. ``arm`` and ``control``
     are lists of observations, one per seed (a single dict is one seed); CIs are two-level bootstraps (seeds, then
     probes); flip rates are averaged over seeds."""
-    arm = [arm] if isinstance(arm, dict) else list(arm)
-    control = [control] if isinstance(control, dict) else list(control)
-
-    def diffs(key):
-        return np.array([np.subtract(a[key], c[key]) for a, c in zip(arm, control)], dtype=float)
+    arm, control, diffs = paired_seeds(arm, control)
 
     off = [i for i, o in enumerate(control[0]["off_diagonal"]) if o]  # the probes' true classes: the same every seed
     flips_to = [sum(a["top1_is_target"][i] and not c["top1_is_target"][i] for i in off) for a, c in zip(arm, control)]
