@@ -37,10 +37,6 @@ class TabularModality(ImageModality):
                               f"{recipe.run.corpus!r}.")
         if recipe.run.model != "mlp":
             raise ConfigError(f"modality: tabular trains model: mlp, not {recipe.run.model!r}.")
-        if recipe.measurement.kind not in {"class_logp", "class_contrastive"} or recipe.edit.editor not in {
-                "sign_pgd", "noise"}:
-            raise ConfigError("modality: tabular uses measurement.kind class_logp or class_contrastive and "
-                              "edit.editor sign_pgd or noise.")
         if recipe.retrain.influence_at != "checkpoint":
             raise ConfigError("modality: tabular trains from scratch: set retrain.influence_at: checkpoint.")
 

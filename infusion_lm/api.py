@@ -132,7 +132,8 @@ def infuse(model, tokenizer, train, measurement, *, k: int = 8, influence: Optio
     from .edit_outputs import edit_records
     from .losses import perplexities
     from .optimizer_influence import optimizer_ihvp, predicted_response, response_j
-    from .pipeline import select_documents
+    from .config import SelectArguments
+    from .pipeline import check_k, select_documents
     from .tracked_modules import resolve_tracked_modules
 
     i = influence or InfluenceArguments()
@@ -140,8 +141,7 @@ def infuse(model, tokenizer, train, measurement, *, k: int = 8, influence: Optio
     if tokenizer.pad_token_id is None:
         raise ConfigError("the tokenizer has no pad token; set tokenizer.pad_token = tokenizer.eos_token first.")
     rows = training_rows(tokenizer, train, max_length)
-    if not 1 <= k <= len(rows):
-        raise ConfigError(f"k={k} must be between 1 and the number of training rows ({len(rows)}).")
+    check_k(SelectArguments(k=k).k, len(rows))  # the bounds of select.k, checked where the recipe's are
     if i.preconditioner == "optimizer" and retrain is None:
         raise ConfigError("influence.preconditioner=optimizer models the training that follows: pass "
                           "retrain=RetrainArguments(...) (learning rate, batch size, epochs, optimizer).")

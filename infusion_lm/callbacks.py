@@ -27,7 +27,7 @@ from typing import Dict, List, Mapping, Optional
 import torch
 from transformers import TrainerCallback
 
-from .config import EditArguments, EvaluateArguments, InfluenceArguments, MeasurementArguments
+from .config import EditArguments, EvaluateArguments, InfluenceArguments, MeasurementArguments, SelectArguments
 from .errors import ConfigError, InfusionError
 from .run_folder import EditFolder
 from .atomic_io import atomic_path
@@ -134,8 +134,9 @@ class InfusionCallback(TrainerCallback):
                               "(wrap your tokenized corpus: SwappableDataset(rows)).")
         if (at_step is None) == (at_epoch is None):
             raise ConfigError("InfusionCallback needs exactly one of at_step or at_epoch.")
-        if not 1 <= k <= len(dataset):
-            raise ConfigError(f"InfusionCallback k={k} must be between 1 and the dataset size ({len(dataset)}).")
+        from .pipeline import check_k
+
+        check_k(SelectArguments(k=k).k, len(dataset))  # the bounds of select.k, checked where the recipe's are
         self.tok = tokenizer
         self.dataset = dataset
         self.measurement = measurement

@@ -16,23 +16,24 @@ from typing import List, Optional
 
 from .errors import InfusionError
 
-COMMANDS = {
-    "synthesize": "write the synthetic story corpus (corpus: synthetic) into output_dir/corpus.jsonl",
-    "fit": "fit EK-FAC (or K-FAC, diagonal) factors with kronfluence",
-    "measure": "compute v = (G+λI)^-1 ∇f for the whole measurement",
-    "score": "score every training document, J(z) = <∇L(z), v>, and select the k to edit",
-    "edit": "edit the selected documents to lower J (swap, simplex_pgd or random) and write the infused corpus",
-    "retrain": "retrain every arm (control, infused, baselines) from the clean checkpoint with the HF Trainer",
-    "evaluate": "compare every arm with control and write results.json, report.md and report.html",
-    "run": "run every stage, from the corpus to the report",
-}
+RUN_HELP = "run every stage, from the corpus to the report"
+
+
+def _commands() -> dict:
+    """command -> (the stage it runs up to, help), from the stage table, plus ``run``."""
+    from .stages import BY_NAME, COMMANDS
+
+    out = {cmd: (stage, BY_NAME[cmd].help + ("; then " + BY_NAME[stage].help if cmd != stage else ""))
+           for cmd, stage in COMMANDS.items()}
+    out["run"] = ("evaluate", RUN_HELP)
+    return out
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="infusion-lm", description="Influence-guided training-data editing (Infusion).",
                                 epilog="Overrides: section.key=value, e.g. select.k=4 influence.damping=1e-3")
     sub = p.add_subparsers(dest="command", required=True)
-    for name, help_text in COMMANDS.items():
+    for name, (_, help_text) in _commands().items():
         sp = sub.add_parser(name, help=help_text, description=help_text)
         sp.add_argument("recipe", help="YAML recipe (see recipes/)")
         sp.add_argument("overrides", nargs="*", help="section.key=value overrides")
@@ -73,8 +74,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         recipe = load_recipe(args.recipe, args.overrides)
         pipe = build_pipeline(recipe, progress=not quiet, force=args.force)
-        upto = {"synthesize": "synthesize", "fit": "fit", "measure": "measure", "score": "select", "edit": "edit", "retrain": "retrain",
-                "evaluate": "evaluate", "run": "evaluate"}[args.command]
+        upto = _commands()[args.command][0]
         if upto == "synthesize" and not pipe.synthetic:
             raise InfusionError("`synthesize` needs `corpus: synthetic` in the recipe (it writes output_dir/corpus.jsonl).")
         if args.dry_run:

@@ -1,18 +1,20 @@
-"""Recipe configuration: dataclasses parsed by ``transformers.HfArgumentParser`` from YAML plus overrides.
+"""Recipe configuration: dataclasses filled straight from YAML plus overrides.
 
 A recipe is a YAML mapping. Top-level scalar keys (``model``, ``corpus``, ...) fill :class:`RunArguments`; the
 sections ``measurement``, ``influence``, ``select``, ``synthesize``, ``edit``, ``retrain`` and ``evaluate`` fill their own dataclasses. Overrides on the
 command line use dotted keys, ``section.key=value`` (or ``key=value`` for top-level keys), with the value read as
 YAML, so ``select.k=4``, ``influence.layers=[0,3]`` and ``measurement.probe=dog`` all work.
 
-Each section is turned into an argument list and parsed by ``HfArgumentParser``, which gives typed conversion and
-type errors for free; each dataclass then validates itself in ``__post_init__``.
+Each section's mapping is converted field by field to the types the dataclass declares (with a one-line error for a
+value that does not fit), and each dataclass then validates itself in ``__post_init__``: every bound is checked there,
+once.
 """
 
 from __future__ import annotations
 
 import difflib
 import os
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -148,11 +150,8 @@ class MeasurementArguments:
                               f"or .txt file of documents outside the training corpus, or remove the key.")
         if self.heldout_corpus_max_positions < 1:
             raise ConfigError("measurement.heldout_corpus_max_positions must be >= 1.")
-        kinds = {"completion", "contrastive", "callable", "class_logp", "class_contrastive"}
         if self.kind is None:
-            return  # no measurement yet: stages that need one say so
-        if self.kind not in kinds:
-            raise ConfigError(f"measurement.kind {self.kind!r} is not one of {sorted(kinds)}.")
+            return  # no measurement yet: stages that need one say so (which kinds exist is the modality's to say)
         if self.kind == "completion":
             if not self.prompts or not self.completions:
                 raise ConfigError("measurement.kind=completion needs measurement.prompts and measurement.completions.")
@@ -339,9 +338,6 @@ class EditArguments:
         "(±εv; fragile on ReLU networks, see infusion_lm/vision/editors.py)."))
 
     def __post_init__(self):
-        if self.editor not in {"swap", "simplex_pgd", "random", "sign_pgd", "noise"}:
-            raise ConfigError(f"edit.editor {self.editor!r} is not one of swap, simplex_pgd, random (text), "
-                              f"sign_pgd, noise (image).")
         if not 0 < self.linf <= 1:
             raise ConfigError(f"edit.linf must be in (0, 1] (got {self.linf}); pixels live in [0, 1], e.g. 0.0314.")
         if self.pixel_gradient not in {"exact", "finite_difference"}:
@@ -367,10 +363,6 @@ class EditArguments:
             raise ConfigError(f"edit.pgd_lr must be > 0 (got {self.pgd_lr}).")
         if not 0 <= self.entropy_bound < 1:
             raise ConfigError(f"edit.entropy_bound must be in [0, 1) (got {self.entropy_bound}); Gini entropy is below 1.")
-
-
-ARMS = ("control", "infused", "random", "random_unmatched", "insertion", "simplex_pgd", "insertion_single",
-        "regeneration")
 
 
 @dataclass
@@ -428,9 +420,6 @@ class RetrainArguments:
         "once). Costs one copy of the weights on disk. Ignored with lora."))
 
     def __post_init__(self):
-        bad = [a for a in self.arms if a not in ARMS]
-        if bad:
-            raise ConfigError(f"retrain.arms has {bad}; choose from {list(ARMS)}.")
         if "control" not in self.arms:
             raise ConfigError("retrain.arms must include `control`: every effect is measured against it.")
         for name in ("epochs", "batch_size", "gradient_accumulation_steps", "lora_r"):
@@ -495,6 +484,8 @@ SECTIONS = {
     "retrain": RetrainArguments,
     "evaluate": EvaluateArguments,
 }
+# The same sections by the name a recipe's settings use ("run" for the top-level keys).
+SECTION_CLASSES = {(name or "run"): cls for name, cls in SECTIONS.items()}
 
 
 @dataclass
@@ -509,10 +500,11 @@ class Recipe:
     evaluate: EvaluateArguments = field(default_factory=EvaluateArguments)
 
     def __post_init__(self):
-        """Checks that need more than one section: the modality (its ``check_recipe``) decides which kinds, editors
-        and arms make sense."""
-        from .modalities import modality_class
+        """Checks that need more than one section: the measurement kind, the editor and the arms must be ones the
+        modality declares, then the modality's own ``check_recipe`` runs."""
+        from .modalities import check_options, modality_class
 
+        check_options(self)
         modality_class(self.run.modality).check_recipe(self)
 
     def to_dict(self) -> Dict[str, Any]:
@@ -522,54 +514,76 @@ class Recipe:
         return out
 
 
-def _parser(cls):
-    from transformers import HfArgumentParser
-
-    class Parser(HfArgumentParser):
-        def error(self, message):  # argparse would sys.exit(2) with usage noise
-            raise ConfigError(message)
-
-    return Parser(cls)
+_TRUE, _FALSE = {"true", "yes", "y", "t", "on", "1"}, {"false", "no", "n", "f", "off", "0"}
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
 
-def _to_argv(section: str, values: Dict[str, Any], cls) -> List[str]:
-    argv: List[str] = []
-    names = {f.name for f in fields(cls)}
-    suggestions = sorted(names | ({s for s in SECTIONS if s} if not section else set()))
-    for key, value in values.items():
-        if key not in names:
-            where = f"{section}." if section else ""
-            close = difflib.get_close_matches(key, suggestions, n=1)
-            hint = f" Did you mean `{where}{close[0]}`?" if close else f" Valid keys: {', '.join(sorted(names))}."
-            raise ConfigError(f"Unknown recipe key `{where}{key}`.{hint}")
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """A YAML value as the field's type (``hint``): numbers written as strings (YAML reads ``1e-3`` as one) become
+    numbers, a scalar given for a list becomes a one-item list; anything else that does not fit is a ConfigError."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union:  # Optional[X]
         if value is None:
-            continue  # argparse cannot say None: _parse_section sets explicit nulls after parsing
-        if isinstance(value, dict):
-            raise ConfigError(f"Recipe key `{section + '.' if section else ''}{key}` must not be a mapping.")
-        if isinstance(value, (list, tuple)):
-            if not value:
-                continue
-            argv.append(f"--{key}")
-            argv.extend(str(v) for v in value)
-        elif isinstance(value, bool):
-            argv.extend([f"--{key}", "true" if value else "false"])
-        else:
-            argv.extend([f"--{key}", str(value)])
-    return argv
+            return None
+        return _coerce(value, next(a for a in args if a is not type(None)), key)
+    if value is None:
+        raise ConfigError(f"`{key}` cannot be null; give it a value or remove the key for its default.")
+    if origin in (list, List):
+        items = value if isinstance(value, (list, tuple)) else [value]
+        return [_coerce(v, args[0] if args else Any, f"{key}[{i}]") for i, v in enumerate(items)]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, (str, int)) and str(value).strip().lower() in _TRUE | _FALSE:
+            return str(value).strip().lower() in _TRUE
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, (str, int, float)):
+            return str(value)
+    else:
+        return value
+    raise ConfigError(f"`{key}` must be {_TYPE_WORDS[hint]}, not {value!r}.")
 
 
 def _parse_section(section: str, values: Dict[str, Any]):
+    """One recipe section, straight from its YAML mapping into its dataclass (which then validates itself)."""
     cls = SECTIONS[section]
-    argv = _to_argv(section, values, cls)
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in fields(cls) if f.init}
+    kwargs: Dict[str, Any] = {}
+    for key, value in values.items():
+        where = f"{section}." if section else ""
+        if key not in names:
+            suggestions = sorted(names | ({s for s in SECTIONS if s} if not section else set()))
+            close = difflib.get_close_matches(key, suggestions, n=1)
+            hint = f" Did you mean `{where}{close[0]}`?" if close else f" Valid keys: {', '.join(sorted(names))}."
+            raise ConfigError(f"Unknown recipe key `{where}{key}`.{hint}")
+        if isinstance(value, dict):
+            raise ConfigError(f"Recipe key `{where}{key}` must not be a mapping.")
+        if isinstance(value, (list, tuple)) and not value:
+            continue  # an empty list keeps the field's default
+        kwargs[key] = _coerce(value, hints[key], where + key)
     try:
-        (obj,) = _parser(cls).parse_args_into_dataclasses(args=argv)
-        nulls = [k for k, v in values.items() if v is None and getattr(obj, k) is not None]
-        if nulls:  # `key: null` means None, even where the default is a value (e.g. edit.max_perplexity_ratio)
-            kwargs = {f.name: getattr(obj, f.name) for f in fields(cls) if f.init}
-            obj = cls(**{**kwargs, **{k: None for k in nulls}})
+        return cls(**kwargs)
     except ConfigError as err:
         raise ConfigError(f"In recipe section `{section or 'top level'}`: {err}") from None
-    return obj
 
 
 def apply_overrides(raw: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, Any]:

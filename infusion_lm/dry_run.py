@@ -25,10 +25,22 @@ def approx_params(config) -> float:
 IMAGE_RATE = {"resnet_tiny": 3 * 495.0, "cnn": 3 * 1540.0}  # image-passes per second
 
 
+def stage_costs(pipe, cost: Dict[str, float], seconds_per_pass: float) -> List[Dict]:
+    """One row per stage of the stage table that runs for this recipe, in order: cached or not, and its cost."""
+    from .stages import TABLE
+
+    rows = []
+    for st in TABLE:
+        if not st.step or not st.runs_when(pipe):
+            continue
+        cached = pipe.dir.is_dir() and pipe.is_current(st.name) and not pipe.force
+        rows.append({"stage": st.name, "cached": cached, "token_passes": 0 if cached else int(cost[st.name]),
+                     "est_seconds": 0.0 if cached else cost[st.name] * seconds_per_pass})
+    return rows
+
+
 def image_plan(pipe) -> Dict:
     """The same plan for an image recipe, counted in image-passes (one image through one forward pass)."""
-    from .stages import STAGES
-
     rec = pipe.recipe
     n, (c, h, w) = len(pipe.dataset), tuple(pipe.modality.splits.train.images.shape[1:])
     k, e, t = rec.select.k, rec.edit, rec.retrain
@@ -40,11 +52,7 @@ def image_plan(pipe) -> Dict:
             "retrain": clean * (2 if t.model and t.model != rec.run.model else 1) + len(t.arms) * epochs_per_arm * 3 * n,
             "evaluate": n}
     rate = IMAGE_RATE.get(rec.run.model, IMAGE_RATE["resnet_tiny"]) * (32 * 32) / (h * w)
-    stages = []
-    for s in STAGES[1:]:
-        cached = pipe.dir.is_dir() and pipe.is_current(s) and not pipe.force
-        stages.append({"stage": s, "cached": cached, "token_passes": 0 if cached else int(cost[s]),
-                       "est_seconds": 0.0 if cached else cost[s] / rate})
+    stages = stage_costs(pipe, cost, 1.0 / rate)
     return {"model": rec.run.model, "source": rec.run.corpus, "documents": n, "tokens": n * c * h * w, "k": k,
             "editor": e.editor, "arms": list(t.arms), "output_dir": str(pipe.dir), "stages": stages,
             "unit": "image-passes", "total_token_passes": sum(s["token_passes"] for s in stages),
@@ -59,7 +67,6 @@ def plan(pipe) -> Dict:
 
     from .corpus import tokenize_document
     from .models import resolve_model_source
-    from .stages import STAGES
 
     r, rec = pipe.recipe.run, pipe.recipe
     source, _ = resolve_model_source(r.model)
@@ -98,13 +105,7 @@ def plan(pipe) -> Dict:
             skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=r.trust_remote_code)
         i = rec.influence
         pipe.__dict__["tracked"] = resolve_tracked_modules(skeleton, i.tracked_modules, i.layers, i.module_types)
-    stages: List[Dict] = []
-    for s in STAGES:
-        if s == "synthesize" and not pipe.synthetic:
-            continue
-        cached = pipe.dir.is_dir() and pipe.is_current(s) and not pipe.force
-        stages.append({"stage": s, "cached": cached, "token_passes": 0 if cached else int(cost[s]),
-                       "est_seconds": 0.0 if cached else cost[s] * scale / RATE_135M})
+    stages = stage_costs(pipe, cost, scale / RATE_135M)
     return {"model": r.model, "source": source, "documents": n, "tokens": N, "k": k, "editor": e.editor,
             "arms": list(t.arms), "output_dir": str(pipe.dir), "stages": stages,
             "total_token_passes": sum(s["token_passes"] for s in stages),

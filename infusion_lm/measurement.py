@@ -249,6 +249,9 @@ def build_measurement(args, tokenizer, max_length: int = 512, heldout: bool = Fa
 
     if args.kind is None:
         raise MeasurementError("The recipe has no measurement; add a `measurement:` section with a `kind`.")
+    if args.kind not in ("completion", "contrastive", "callable"):
+        raise MeasurementError(f"measurement.kind {args.kind!r} is not a text measurement; use completion, "
+                               f"contrastive or callable.")
     prompts = args.heldout_prompts if heldout else args.prompts
     documents = args.heldout_documents if heldout else args.documents
     if heldout and not (prompts or documents):

@@ -37,3 +37,33 @@ def modality_class(modality: str):
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as err:
         raise ConfigError(f"modality {modality!r} names {MODALITIES[modality]!r}, which cannot be imported: {err}.") from None
+
+
+def _words(options) -> str:
+    options = list(options)
+    return options[0] if len(options) == 1 else f"{', '.join(options[:-1])} or {options[-1]}"
+
+
+def check_options(recipe) -> None:
+    """The recipe's measurement kind, editor and arms must be ones its modality declares (``measurement_kinds``,
+    ``editors``, ``arms``); the error names the modality a wrong option belongs to, if any."""
+    name = recipe.run.modality
+    own = modality_class(name)
+    chosen = [("measurement.kind", "measurement_kinds", recipe.measurement.kind),
+              ("edit.editor", "editors", recipe.edit.editor),
+              *(("retrain.arms has", "arms", arm) for arm in recipe.retrain.arms)]
+    for what, attr, value in chosen:
+        if value is None or value in getattr(own, attr):
+            continue
+        others = []
+        for other in sorted(MODALITIES):
+            if other == name:
+                continue
+            try:
+                if value in getattr(modality_class(other), attr, ()):
+                    others.append(other)
+            except ConfigError:  # a registered modality that cannot be imported says nothing about this one
+                pass
+        where = f" is for {_words(others)}" if others else " is not an option here"
+        raise ConfigError(f"{what} {value!r}{where}; {name} recipes use {_words(getattr(own, attr))}"
+                          f"{' (or set modality: ' + others[0] + ')' if others else ''}.")

@@ -10,11 +10,14 @@ through it. A new modality implements these methods and adds one line to the reg
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Protocol, Sequence
+from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple
 
 
 class Modality(Protocol):
     name: str
+    measurement_kinds: Tuple[str, ...]  # measurement.kind values it builds
+    editors: Tuple[str, ...]  # edit.editor values it runs
+    arms: Tuple[str, ...]  # retrain.arms it can assemble
 
     @staticmethod
     def check_recipe(recipe) -> None:
@@ -48,8 +51,9 @@ class Modality(Protocol):
     def corpus_size(self) -> int:
         """Documents in the corpus, known before anything is written (for bounds such as select.k)."""
 
-    def corpus_key(self) -> Dict:
-        """What the corpus fingerprint hashes: the settings and data the training rows come from."""
+    corpus_settings: Tuple[str, ...]
+    """The recipe settings ("run.field") the training rows come from: the corpus cache key declares them (the
+    corpus file's bytes are hashed beside them)."""
 
     def arm_rows(self, replacements: Dict[int, dict]) -> List[dict]:
         """The training rows of one arm: the clean corpus with some documents replaced."""

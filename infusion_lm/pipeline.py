@@ -3,7 +3,8 @@ depends on, so a finished stage is never recomputed and changing an upstream set
 
     synthesize (corpus: synthetic) ─► fit ─► measure ─► score ─► select ─► edit ─► retrain ─► evaluate
 
-The run folder's layout (every path it holds) is in infusion_lm/run_folder.py.
+What each stage needs, the settings it depends on and the files it writes are in the stage table
+(infusion_lm/stages.py); the run folder's layout (every path it holds) is in infusion_lm/run_folder.py.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import dataclasses
 import json
 import logging
 import time
-from dataclasses import asdict
 from functools import cached_property
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -32,10 +32,6 @@ logger = logging.getLogger(__name__)
 
 SIGN_CONVENTION = ("score(z) = J(z) = <grad_theta L(z), v> with v = (G + lambda I)^-1 grad_theta f; upweighting z "
                    "changes f by about -J(z), so the selected documents are those with the most negative J.")
-
-# evaluate.* settings that change what retraining observes (the rest only change the statistics)
-OBSERVATION_KEYS = ("candidates", "n_samples", "max_new_tokens", "temperature")
-
 
 
 class Pipeline:
@@ -119,7 +115,7 @@ class Pipeline:
         r, t = self.recipe.run, self.recipe.retrain
         device = str(next(self.base_model.parameters()).device)
         return clean_checkpoint(self.fresh_model, self.trainer_collator, self.arm_rows({}), t,
-                                self.folder.clean_checkpoint(self._fp('checkpoint')), r.seed, device, self.progress)
+                                self.folder.clean_checkpoint(self.stage_fingerprint('checkpoint')), r.seed, device, self.progress)
 
     # ------------------------------------------------------------------ data and influence inputs (the modality's)
 
@@ -165,62 +161,18 @@ class Pipeline:
 
     # ------------------------------------------------------------------ fingerprints
 
-    def _fp(self, stage: str) -> str:
-        r, i = self.recipe.run, self.recipe.influence
-        if stage == "checkpoint":
-            t = asdict(self.recipe.retrain)
-            # none of these change θ̂'s clean run (retrain.model is the *arms'* architecture, with its own checkpoint;
-            # batch_size is the global batch, so the world size does not change the run either)
-            for key in ("arms", "insertion_documents", "save_models", "influence_at", "share_control", "model", "seeds"):
-                t.pop(key)
-            return fingerprint({"fit_inputs": self._fp("corpus"), "retrain": t, "weights": self.weights_fp,
-                                "user_checkpoint": self.user_checkpoint_fp})
-        if stage == "control":  # the control arm depends on its checkpoint and training settings only
-            return fingerprint({"checkpoint": self._fp("checkpoint"), "arm_model": self.recipe.retrain.model})
-        if stage == "corpus":
-            return fingerprint(self.modality.corpus_key())
-        if stage == "synthesize":
-            return fingerprint({"model": r.model, "seed": r.seed, "dtype": r.dtype, **asdict(self.recipe.synthesize)})
-        if stage == "fit":
-            theta = self._fp("checkpoint") if self.at_checkpoint else "model"
-            return fingerprint({"corpus": self._fp("corpus"), "theta": theta,
-                                "strategy": i.strategy, "tracked": self.tracked,
-                                "use_empirical_fisher": i.use_empirical_fisher,
-                                "covariance_max_examples": i.covariance_max_examples})
-        if stage == "measure":
-            m = asdict(self.recipe.measurement)
-            m.pop("heldout_prompts"); m.pop("heldout_documents")
-            m.pop("heldout_corpus"); m.pop("heldout_corpus_max_positions")
-            key = {"fit": self._fp("fit"), "measurement": m, "damping": i.damping}
-            if i.damping_scale != 1.0:
-                key["damping_scale"] = i.damping_scale
-            if not self.uses_factors:  # v models the retraining itself
-                key = {"corpus": self._fp("corpus"), "measurement": m, "preconditioner": i.preconditioner,
-                       "tracked": self.tracked, "theta": self._fp("checkpoint") if self.at_checkpoint else "model",
-                       "retrain": {k: getattr(self.recipe.retrain, k) for k in (
-                           "learning_rate", "optim", "lr_scheduler_type", "batch_size", "epochs", "from_scratch",
-                           "max_grad_norm")}}
-            return fingerprint(key)
-        if stage == "score":
-            if self.uses_factors and i.damping_scale == 1.0:  # kronfluence's own scores
-                return fingerprint({"measure": self._fp("measure")})
-            return fingerprint({"measure": self._fp("measure"), "j_method": i.j_method,
-                                **({"fd_eps_rel": i.fd_eps_rel} if i.j_method == "finite_difference" else {})})
-        if stage == "select":
-            return fingerprint({"score": self._fp("score"), "k": self.recipe.select.k})
-        if stage == "edit":
-            key = {"select": self._fp("select"), "edit": asdict(self.recipe.edit), "fd_eps_rel": i.fd_eps_rel,
-                   "prediction": i.prediction}
-            if i.prediction == "optimizer":  # predicted Δf models the retraining: its settings and starting step
-                key["retraining"] = self._fp("checkpoint")
-            return fingerprint(key)
-        if stage == "retrain":
-            return fingerprint({"edit": self._fp("edit"), "retrain": asdict(self.recipe.retrain),
-                                "measurement": asdict(self.recipe.measurement),
-                                "observed": {k: getattr(self.recipe.evaluate, k) for k in OBSERVATION_KEYS}})
-        if stage == "evaluate":
-            return fingerprint({"retrain": self._fp("retrain"), "evaluate": asdict(self.recipe.evaluate)})
-        raise KeyError(stage)
+    def stage_fingerprint(self, stage: str) -> str:
+        """The cache fingerprint of a stage (or of the corpus, checkpoint or control cache key), derived from its row
+        of the stage table: the fingerprints of what it needs, the values of the settings it declares and its
+        pipeline-computed inputs."""
+        from .stages import fingerprint_key
+
+        return fingerprint(fingerprint_key(self, stage))
+
+    def stage_input(self, name: str):
+        """A fingerprint input the recipe alone does not pin down (see stages.INPUT_SETTINGS)."""
+        return {"weights": lambda: self.weights_fp, "user_checkpoint": lambda: self.user_checkpoint_fp,
+                "corpus_content": lambda: self.corpus_content_fp, "tracked": lambda: self.tracked}[name]()
 
     @cached_property
     def corpus_content_fp(self) -> Optional[str]:
@@ -255,22 +207,15 @@ class Pipeline:
         if not p.is_file():
             return False
         try:
-            return read_json(p).get("fingerprint") == self._fp(stage) and all(o.exists() for o in self.outputs(stage))
+            return read_json(p).get("fingerprint") == self.stage_fingerprint(stage) and all(o.exists() for o in self.outputs(stage))
         except (ValueError, OSError):
             return False
 
     def outputs(self, stage: str) -> List[Path]:
-        f = self.folder
-        return {
-            "synthesize": [f.corpus],
-            "fit": [self.factors_dir / "infusion_fingerprint.json"],
-            "measure": [f.ihvp, f.measure] + ([] if self.uses_factors else [f.optimizer_stats]),
-            "score": [f.scores],
-            "select": [f.selection],
-            "edit": [f.infused, f.edits, f.infused_corpus],
-            "retrain": [f.retrain_summary],
-            "evaluate": [f.results, f.report_md, f.report_html],
-        }[stage]
+        """The files whose presence (beside a matching record) makes a stage current."""
+        from .stages import BY_NAME
+
+        return BY_NAME[stage].outputs(self)
 
     def _stage(self, stage: str, fn: Callable[[], None]) -> None:
         if self.is_current(stage) and not self.force:
@@ -283,7 +228,7 @@ class Pipeline:
         barrier()  # the other ranks read what rank 0 wrote
         self.timings[stage] = time.perf_counter() - t0
         if is_main():
-            write_json(self._record_path(stage), {"fingerprint": self._fp(stage),
+            write_json(self._record_path(stage), {"fingerprint": self.stage_fingerprint(stage),
                                                   "seconds": round(self.timings[stage], 3),
                                                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
         barrier()
@@ -321,10 +266,7 @@ class Pipeline:
             if not self.force and self.is_current("fit") and not (self.is_current("measure") and self.is_current("score")):
                 inf.load_factors(self.factors_dir)  # corrupted files: say so now
         if reaches(upto, "select"):
-            n = self.modality.corpus_size()
-            if self.recipe.select.k > n:
-                raise ConfigError(f"select.k={self.recipe.select.k} exceeds the corpus size ({n} documents); "
-                                  f"set select.k <= {n}.")
+            check_k(self.recipe.select.k, self.modality.corpus_size())  # now, before anything is written
 
     def _check_factor_fingerprint(self) -> None:
         """Factors already in the run folder must come from this very model (weights included)."""
@@ -413,18 +355,19 @@ class Pipeline:
                 sq, clip, tokens = extra.pop("stats")  # kept for a second measurement (the defender's view)
                 write_tensors(self.folder.optimizer_stats, sq,
                               metadata={"clip": repr(clip), "tokens": repr(tokens)})
-            write_tensors(self.folder.ihvp, v, metadata={
-                "preconditioner": i.preconditioner, "strategy": i.strategy,
-                "damping": "heuristic" if i.damping is None else repr(i.damping)})
+            # the factors' settings describe v only when v comes from them (the stage table declares them so)
+            factors = {"strategy": i.strategy, "damping": i.damping if i.damping is not None else
+                       "kronfluence per-module heuristic (0.1 x mean eigenvalue)",
+                       "damping_scale": i.damping_scale} if self.uses_factors else {}
+            write_tensors(self.folder.ihvp, v, metadata={"preconditioner": i.preconditioner,
+                                                         **{k: repr(x) for k, x in factors.items()}})
             write_json(self.folder.measure, {
                 "f": self.measurement.value(self.model),
                 "description": self.measurement.description,
                 "ihvp_norm": inf.ihvp_norm(v),
                 "tracked_norm": inf.tracked_norm(self.model, self.tracked),
                 "preconditioner": i.preconditioner,
-                "damping": i.damping if i.damping is not None else "kronfluence per-module heuristic (0.1 x mean eigenvalue)",
-                "damping_scale": i.damping_scale,
-                "strategy": i.strategy,
+                **factors,
                 "tracked_modules": self.tracked,
                 "prediction_divisor": self.prediction_divisor,
                 **({"optimizer": extra} if extra else {}),
@@ -471,8 +414,6 @@ class Pipeline:
     def select(self) -> dict:
         scores = self.score()
         k = self.recipe.select.k
-        if k > len(scores):
-            raise ConfigError(f"select.k={k} exceeds the corpus size ({len(scores)} documents); set select.k <= {len(scores)}.")
 
         def run():
             write_json(self.folder.selection, select_documents(scores, k))
@@ -501,7 +442,7 @@ class Pipeline:
         constraints); ``random_unmatched`` spends the whole budget with no perplexity limit."""
         out_dir = self.folder.baseline(arm).root
         revision = self.modality.editor_revision(editor or arm)  # an editor's own fix redoes its cached edits
-        fp = fingerprint({"edit": self._fp("edit"), "arm": arm, "version": 2, **({"revision": revision} if revision else {})})
+        fp = fingerprint({"edit": self.stage_fingerprint("edit"), "arm": arm, "version": 2, **({"revision": revision} if revision else {})})
         marker = self.folder.baseline(arm).fingerprint
         if is_main() and not (marker.is_file() and read_json(marker).get("fingerprint") == fp):
             args, targets = dataclasses.replace(self.recipe.edit, editor=editor or arm), None
@@ -548,7 +489,7 @@ class Pipeline:
                                    "amplifies a behaviour the model already shows, so expect little change; pick a "
                                    "target the model sometimes names.", self.recipe.measurement.completions[0])
             ckpt = self.arm_checkpoint()
-            fp = self._fp("retrain")
+            fp = self.stage_fingerprint("retrain")
             per_arm: Dict[str, Dict[str, dict]] = {arm: {} for arm in t.arms}
             # Seeds in the outer loop: an interrupted run has whole seeds (every arm) to compare.
             for seed in self.seeds:
@@ -558,7 +499,7 @@ class Pipeline:
                         per_arm[arm][str(seed)] = read_json(path)
                         continue  # this arm and seed finished before the run was interrupted
                     replacements = self._replacements(arm, indices)
-                    shared = (out.shared_control(self._fp('control'), seed)
+                    shared = (out.shared_control(self.stage_fingerprint('control'), seed)
                               if arm == "control" and t.share_control and not t.lora else None)
                     if shared is not None and not self.force and (shared / "fingerprint.json").is_file():
                         from .retrain import load_checkpoint_model
@@ -570,7 +511,7 @@ class Pipeline:
                                                    out.arm(arm) / "trainer", seed, device, self.progress, ckpt)
                         if shared is not None and is_main():
                             save_weights(model, shared)
-                            write_json(shared / "fingerprint.json", {"fingerprint": self._fp("control"), "seed": seed})
+                            write_json(shared / "fingerprint.json", {"fingerprint": self.stage_fingerprint("control"), "seed": seed})
                     record = {"fingerprint": fp, "arm": arm, "seed": seed,
                               "replaced": sorted(int(i) for i in replacements),
                               "weights": weights_fingerprint(model), "checkpoint": str(ckpt) if ckpt else None,
@@ -625,10 +566,15 @@ def build_pipeline(recipe: Recipe, progress: bool = True, force: bool = False) -
     return Pipeline(recipe, progress=progress, force=force)
 
 
+def check_k(k: int, n: int) -> None:
+    """select.k against the corpus (its lower bound, k >= 1, is SelectArguments' own check)."""
+    if k > n:
+        raise ConfigError(f"select.k={k} exceeds the corpus size ({n} documents); set select.k <= {n}.")
+
+
 def select_documents(scores: torch.Tensor, k: int) -> dict:
     """The k documents with the most negative J(z): upweighting them already raises f."""
-    if k > scores.numel():
-        raise ConfigError(f"select.k={k} exceeds the number of scored documents ({scores.numel()}).")
+    check_k(k, scores.numel())
     order = torch.argsort(scores.double(), stable=True)[:k]
     return {"indices": [int(i) for i in order], "scores": [float(scores[i]) for i in order], "k": k,
             "sign_convention": SIGN_CONVENTION}

@@ -95,7 +95,8 @@ def test_callback_and_infuse_share_one_path(tiny_setup, tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"k": 0}, "k=0 must be between 1"),
+    ({"k": 0}, "select.k must be >= 1"),
+    ({"k": 10**6}, "select.k=1000000 exceeds the corpus size"),
     ({"measurement": "dog -> cat"}, "measurement must be a MeasurementArguments"),
     ({"train": []}, "got no training rows"),
     ({"train": [{"body": "x"}]}, "training rows need"),

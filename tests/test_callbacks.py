@@ -88,7 +88,7 @@ def test_callbacks_refuse_bad_setup(tok, tmp_path):
         InfusionCallback(tok, ds, m, k=2, at_step=1)
     with pytest.raises(ConfigError, match="exactly one of at_step or at_epoch"):
         InfusionCallback(tok, SwappableDataset(ds), m, k=2)
-    with pytest.raises(ConfigError, match="between 1 and the dataset size"):
+    with pytest.raises(ConfigError, match="select.k=20 exceeds the corpus size"):
         InfusionCallback(tok, SwappableDataset(ds), m, k=20, at_step=1)
     watch = MeasurementCallback(tok, MEASURE)
     trainer = _trainer(tiny_model(len(tok)), SwappableDataset(ds), tok, tmp_path, [watch], steps=1)

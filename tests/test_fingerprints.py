@@ -53,10 +53,10 @@ def stage_reads(recipe_path, monkeypatch) -> dict:
 
 
 def declared(recipe_path, stage: str) -> set:
-    pipe = Pipeline(load_recipe(recipe_path), progress=False)
-    with recording() as reads:
-        pipe._fp(stage)
-    return reads
+    """What the stage table says a stage's fingerprint covers (through its needs and inputs too)."""
+    from infusion_lm.stages import declared_settings
+
+    return declared_settings(Pipeline(load_recipe(recipe_path), progress=False), stage)
 
 
 def test_recording_sees_reads(tmp_path):
@@ -100,3 +100,62 @@ def test_every_stage_fingerprints_what_it_reads(tmp_path, tiny_model_dir, monkey
     stale = {stage: sorted(reads - declared(path, stage) - NO_EFFECT) for stage, reads in used.items()}
     stale = {s: keys for s, keys in stale.items() if keys}
     assert not stale, "read but not fingerprinted: " + "; ".join(f"{s}: {', '.join(k)}" for s, k in stale.items())
+
+
+def _variants(tmp_path, tiny_model_dir):
+    from test_cli import _write_corpus
+    from tiny import toy_corpus
+
+    corpus = _write_corpus(tmp_path / "c.jsonl", toy_corpus(12))
+    base = {"model": str(tiny_model_dir), "corpus": str(corpus), "max_length": 48, "output_dir": str(tmp_path / "run"),
+            "measurement": {"kind": "contrastive", "probe": "dog", "target": "cat",
+                            "documents": ["The dog ran to the park."]},
+            "influence": {"layers": [1]}, "select": {"k": 3}, "retrain": {"arms": ["control", "infused"]}}
+    optimizer = {**base, "influence": {"layers": [1], "preconditioner": "optimizer", "prediction": "optimizer"},
+                 "retrain": {"arms": ["control", "infused"], "epochs": 2, "influence_at": "checkpoint"}}
+    return {"factors": base, "optimizer": optimizer}
+
+
+def test_stage_table_names_real_settings_and_stages(tmp_path, tiny_model_dir):
+    """Every setting the table declares is a recipe field, every need is a row above it, and every stage writes
+    something (a stage with no outputs could never be current)."""
+    from infusion_lm.stages import BY_NAME, INPUT_SETTINGS, TABLE, section_fields
+
+    for raw in _variants(tmp_path, tiny_model_dir).values():
+        pipe = Pipeline(load_recipe(raw=raw), progress=False)
+        order = [s.name for s in TABLE]
+        for st in TABLE:
+            for key in st.resolve("settings", pipe):
+                section, _, field = key.partition(".")
+                assert not field or field in section_fields(section), f"{st.name}: {key} is no recipe setting"
+            for need in st.resolve("needs", pipe):
+                assert order.index(need) < order.index(st.name), f"{st.name} needs {need}, which comes later"
+            assert set(st.resolve("inputs", pipe)) <= set(INPUT_SETTINGS)
+            if st.step:
+                assert st.outputs(pipe), st.name
+        assert BY_NAME["edit"].resolve("needs", pipe)[0] == "select"
+
+
+@pytest.mark.parametrize("change, moves, stays", [
+    # a clean-run setting: θ̂ moves, so everything computed at θ̂ moves with it (at the checkpoint)
+    ({"retrain": {"learning_rate": 3e-4}}, ["checkpoint", "fit", "measure", "edit", "retrain"], []),
+    # which arms run, and how many seeds, do not change θ̂ or the edits
+    ({"retrain": {"seeds": [0, 1]}}, ["retrain", "evaluate"], ["checkpoint", "fit", "select", "edit"]),
+    ({"select": {"k": 2}}, ["select", "edit", "retrain"], ["score", "checkpoint"]),
+    ({"evaluate": {"bootstrap_samples": 200}}, ["evaluate"], ["retrain", "edit"]),
+    ({"evaluate": {"candidates": ["bird"]}}, ["retrain", "evaluate"], ["edit"]),
+    ({"measurement": {"heldout_documents": ["A dog sat."]}}, ["retrain"], ["measure", "score", "edit"]),
+    ({"influence": {"damping_scale": 10.0}}, ["measure", "score", "edit"], ["fit", "checkpoint"]),
+    ({"edit": {"steps": 3}}, ["edit", "retrain"], ["select"]),
+])
+def test_fingerprints_follow_the_declared_settings(tmp_path, tiny_model_dir, change, moves, stays):
+    """A setting a stage declares moves its fingerprint and everything below; one it does not declare leaves it."""
+    raw = _variants(tmp_path, tiny_model_dir)["factors"]
+    raw["retrain"] = {"arms": ["control", "infused"], "epochs": 2, "influence_at": "checkpoint"}
+    changed = {**raw, **{s: {**raw.get(s, {}), **v} for s, v in change.items()}}
+    a = Pipeline(load_recipe(raw=raw), progress=False)
+    b = Pipeline(load_recipe(raw=changed), progress=False)
+    for stage in moves:
+        assert a.stage_fingerprint(stage) != b.stage_fingerprint(stage), f"{change} should move {stage}"
+    for stage in stays:
+        assert a.stage_fingerprint(stage) == b.stage_fingerprint(stage), f"{change} should leave {stage}"

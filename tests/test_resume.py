@@ -180,7 +180,7 @@ def test_corpus_fingerprint_follows_the_bytes_not_the_file_time(tmp_path, tiny_m
     raw = yaml.safe_load(_recipe(tmp_path, tiny_model_dir, corpus, "run").read_text())
 
     def corpus_fp():
-        return Pipeline(load_recipe(raw=raw), progress=False)._fp("corpus")
+        return Pipeline(load_recipe(raw=raw), progress=False).stage_fingerprint("corpus")
 
     before = corpus_fp()
     os.utime(corpus, ns=(1_000_000_000, 1_000_000_000))

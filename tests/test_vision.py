@@ -191,7 +191,7 @@ def test_cross_architecture_transfer_path(tmp_path, digits_run):
     recipe = digits_recipe(tmp_path, retrain__model="resnet_tiny", retrain__arms=["control", "infused"])
     pipe = build_pipeline(recipe, progress=False)
     # θ̂ (and so everything up to the edits) does not depend on the retraining architecture
-    assert pipe._fp("edit") == pipe0._fp("edit")
+    assert pipe.stage_fingerprint("edit") == pipe0.stage_fingerprint("edit")
     results = pipe.run("evaluate")
     assert results["architecture"] == "cnn" and results["retrain_architecture"] == "resnet_tiny"
     assert pipe.arm_checkpoint() != pipe.clean_checkpoint()

@@ -24,6 +24,13 @@ class TextModality:
     """Text documents and a causal LM (see :class:`~infusion_lm.modality.Modality` for what each method owes)."""
 
     name = "text"
+    # the tokenized documents depend on these (and on the corpus file's bytes, or the synthesize stage)
+    corpus_settings = ("run.modality", "run.model", "run.dtype", "run.seed", "run.corpus", "run.text_field",
+                       "run.messages_field", "run.separator", "run.max_length", "run.add_eos", "run.max_documents")
+
+    measurement_kinds = ("contrastive", "completion", "callable")
+    editors = ("swap", "simplex_pgd", "random")
+    arms = ("control", "infused", "random", "random_unmatched", "insertion", "simplex_pgd", "regeneration")
 
     def __init__(self, pipe):
         self.pipe = pipe
@@ -31,12 +38,7 @@ class TextModality:
 
     @staticmethod
     def check_recipe(recipe) -> None:
-        """Text recipes use text measurements, token editors and text arms."""
-        kind, editor, arms = recipe.measurement.kind, recipe.edit.editor, recipe.retrain.arms
-        image_kinds, image_editors = {"class_logp", "class_contrastive"}, {"sign_pgd", "noise"}
-        if kind in image_kinds or editor in image_editors or "insertion_single" in arms:
-            raise ConfigError(f"{kind if kind in image_kinds else editor if editor in image_editors else 'insertion_single'}"
-                              f" is for images; set modality: image or pick a text option.")
+        """What a text recipe cannot do beyond its kinds, editors and arms (which the registry checks)."""
         if recipe.retrain.model is not None:
             raise ConfigError("retrain.model (cross-architecture transfer) is supported for image recipes only.")
 
@@ -88,18 +90,6 @@ class TextModality:
 
     def corpus_size(self) -> int:
         return self.recipe.synthesize.n_docs if self.synthetic() else len(self.pipe.documents)
-
-    def corpus_key(self) -> Dict:
-        r = self.recipe.run
-        corpus = {"corpus": r.corpus, "text_field": r.text_field, "messages_field": r.messages_field,
-                  "separator": r.separator, "max_length": r.max_length, "add_eos": r.add_eos}
-        if r.max_documents:
-            corpus["max_documents"] = r.max_documents
-        if self.synthetic():
-            corpus["synthesize"] = self.pipe._fp("synthesize")
-        else:
-            corpus["content"] = self.pipe.corpus_content_fp
-        return {"model": r.model, "dtype": r.dtype, "seed": r.seed, "corpus": corpus}
 
     def arm_rows(self, replacements: Dict[int, dict]) -> List[dict]:
         from ..retrain import arm_rows

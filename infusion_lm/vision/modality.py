@@ -18,6 +18,13 @@ class ImageModality:
     """Images and a classifier (see :class:`~infusion_lm.modality.Modality` for what each method owes)."""
 
     name = "image"
+    # the training split depends on these (the data set's own files are fixed by its name)
+    corpus_settings = ("run.modality", "run.corpus", "run.validation_size", "run.max_documents", "run.model",
+                       "run.dtype", "run.seed")
+
+    measurement_kinds = ("class_logp", "class_contrastive")
+    editors = ("sign_pgd", "noise")
+    arms = ("control", "infused", "random", "insertion", "insertion_single")
 
     def __init__(self, pipe):
         self.pipe = pipe
@@ -28,18 +35,11 @@ class ImageModality:
         """Image recipes use an image model, class measurements, pixel editors, and influence at the checkpoint."""
         from .models import ARCHITECTURES
 
-        kind, editor = recipe.measurement.kind, recipe.edit.editor
         if recipe.run.model not in ARCHITECTURES and not recipe.run.model.startswith("torchvision:"):
             raise ConfigError(f"modality: image needs an image model (model: resnet_tiny, cnn or "
                               f"torchvision:<name>), not {recipe.run.model!r}.")
-        if kind is not None and kind not in {"class_logp", "class_contrastive"}:
-            raise ConfigError(f"measurement.kind {kind!r} is for text; image recipes use class_logp or "
-                              f"class_contrastive.")
-        if editor not in {"sign_pgd", "noise"}:
-            raise ConfigError(f"edit.editor {editor!r} edits tokens; image recipes use sign_pgd or noise.")
-        if "simplex_pgd" in recipe.retrain.arms or recipe.retrain.lora:
-            raise ConfigError("retrain.arms simplex_pgd and retrain.lora are for text; remove them from this "
-                              "image recipe.")
+        if recipe.retrain.lora:
+            raise ConfigError("retrain.lora is for text; remove it from this image recipe.")
         if recipe.retrain.influence_at != "checkpoint":
             raise ConfigError("An image recipe trains its model from scratch, so influence must be computed on "
                               "the trained checkpoint: set retrain.influence_at: checkpoint (and epochs >= 2).")
@@ -87,7 +87,7 @@ class ImageModality:
 
     def arm_checkpoint_dir(self) -> Path:
         """Where the transfer architecture's clean run keeps its checkpoint."""
-        fp = fingerprint({"checkpoint": self.pipe._fp("checkpoint"), "architecture": self.recipe.retrain.model})
+        fp = fingerprint({"checkpoint": self.pipe.stage_fingerprint("checkpoint"), "architecture": self.recipe.retrain.model})
         return self.pipe.folder.clean_checkpoint(fp)
 
     def synthetic(self) -> bool:
@@ -106,11 +106,6 @@ class ImageModality:
 
     def corpus_size(self) -> int:
         return len(self.pipe.dataset)
-
-    def corpus_key(self) -> Dict:
-        r = self.recipe.run
-        return {"modality": "image", "corpus": r.corpus, "validation_size": r.validation_size,
-                "max_documents": r.max_documents, "model": r.model, "dtype": r.dtype, "seed": r.seed}
 
     def arm_rows(self, replacements: Dict[int, dict]) -> List[dict]:
         train = self.splits.train
