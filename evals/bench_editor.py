@@ -32,7 +32,7 @@ from bench_influence import ROOT, documents  # noqa: E402  (also sets HF_HUB_OFF
 def candidate_throughput(model, tok, v, row, n: int = 32, seed: int = 0) -> dict:
     from infusion_lm import influence as inf
     from infusion_lm.config import EditArguments
-    from infusion_lm.editors import SwapEditor
+    from infusion_lm.text.editors import SwapEditor
 
     ed = SwapEditor(model, tok, v, EditArguments(seed=seed, n_candidates=n, max_perplexity_ratio=None))
     st = ed.prepare([row])[0]
@@ -69,7 +69,7 @@ def pruning_recall(model, tok, v, rows, n: int = 16, pool: int = 4, seed: int = 
     import torch
 
     from infusion_lm.config import EditArguments
-    from infusion_lm.editors import SwapEditor
+    from infusion_lm.text.editors import SwapEditor
 
     ed = SwapEditor(model, tok, v, EditArguments(seed=seed, n_candidates=n * pool, max_perplexity_ratio=None))
     top4, best, kept_frac, t_exact = [], [], [], 0.0
@@ -98,7 +98,7 @@ def pruning_recall(model, tok, v, rows, n: int = 16, pool: int = 4, seed: int = 
 
 def run_editor(name, model, tok, v, rows, args) -> dict:
     from infusion_lm.config import EditArguments
-    from infusion_lm.editors import build_editor
+    from infusion_lm.text.editors import build_editor
     from infusion_lm.losses import perplexities
 
     pool = 1

@@ -56,7 +56,7 @@ def main():
     import lm_tinystories as ts
     from infusion_lm import influence as inf
     from infusion_lm.config import load_recipe
-    from infusion_lm.editors import RandomEditor, SwapEditor
+    from infusion_lm.text.editors import RandomEditor, SwapEditor
     from infusion_lm.measurement import build_measurement
     from infusion_lm.optimizer_influence import optimizer_ihvp
     from infusion_lm.pipeline import Pipeline

@@ -6,7 +6,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from infusion_lm import (EditArguments, InfluenceArguments, MeasurementArguments, RetrainArguments,  # noqa: E402
                          compare, infuse, load_model, retrain_arms)
-from infusion_lm.synthesize import synthesize_stories  # noqa: E402
+from infusion_lm.text.synthesize import synthesize_stories  # noqa: E402
 
 model, tokenizer = load_model("HuggingFaceTB/SmolLM2-135M-Instruct")
 stories = synthesize_stories(model, tokenizer, n_docs=24, max_new_tokens=64)   # or your own training texts

@@ -127,9 +127,9 @@ def infuse(model, tokenizer, train, measurement, *, k: int = 8, influence: Optio
     import datasets
 
     from . import influence as inf
-    from .editors import build_editor
+    from .text.editors import build_editor
     from .forward_mode_j import document_j
-    from .edit_outputs import edit_records
+    from .text.edit_outputs import edit_records
     from .losses import perplexities
     from .optimizer_influence import optimizer_ihvp, predicted_response, response_j
     from .config import SelectArguments
@@ -218,7 +218,7 @@ def retrain_arms(model, tokenizer, arms: Mapping[str, Sequence[Mapping]], measur
     """
     import copy
 
-    from .observations import observe
+    from .text.observations import observe
     from .config import EvaluateArguments, RetrainArguments
     from .retrain import train_arm
 

@@ -86,7 +86,7 @@ class MeasurementCallback(TrainerCallback):
         return trainer
 
     def metrics(self, model) -> Dict[str, float]:
-        from .observations import observe, target_rates
+        from .text.observations import observe, target_rates
 
         out = {}
         for name, held in (("", False), ("_heldout", True)) if self.heldout else (("", False),):

@@ -1,5 +1,6 @@
-"""Every arm against control: Δf with paired bootstrap CIs, target probabilities, flips, specificity, completion rates,
-edit size and perplexity, predicted against actual Δf, and the defender's view. Writes results.json and the report.
+"""Every arm against control, for any modality: Δf with paired bootstrap CIs (by seed, then item), target
+probabilities, flips, specificity and completion rates; one arm against another; the detectors' AUROC; the verdict
+and the headline a run ends with. The text modality's evaluation stage is in infusion_lm/text/evaluation.py.
 
 All comparisons are paired by measurement item (probe position or prompt): both arms saw the same items, so each
 Δ is computed item by item and the CI resamples items.
@@ -7,15 +8,11 @@ All comparisons are paired by measurement item (probe position or prompt): both 
 
 from __future__ import annotations
 
-import statistics
-from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 import numpy as np
 
 from .stats import auroc, flip_counts, paired_delta, two_level_bootstrap, wilcoxon_greater  # noqa: F401 - re-exported
-from .run_folder import RunFolder
-from .atomic_io import read_json, write_json
 
 
 def per_seed(obs: Dict, name: str) -> List[Dict]:
@@ -83,39 +80,6 @@ def compare(arm: Sequence[Dict] | Dict, control: Sequence[Dict] | Dict, samples:
     return out
 
 
-def _edit_summary(records: List[Dict]) -> Dict:
-    ratios = [r["perplexity_after"] / r["perplexity_before"] for r in records]
-    return {"documents": len(records), "tokens_changed": sum(r["n_changed"] for r in records),
-            "budget": sum(r["budget"] for r in records),
-            "J_before": sum(r["J_before"] for r in records), "J_after": sum(r["J_after"] for r in records),
-            "predicted_delta_f": sum(r["predicted_delta_f"] for r in records),
-            **({"predicted_delta_f_same_v": sum(r["predicted_delta_f_same_v"] for r in records)}
-               if all("predicted_delta_f_same_v" in r for r in records) else {}),
-            "perplexity_ratio_median": statistics.median(ratios) if ratios else None,
-            "perplexity_ratio_max": max(ratios) if ratios else None}
-
-
-def _arm_records(run_dir: Path, arm: str) -> Optional[List[Dict]]:
-    import json
-
-    path = RunFolder(run_dir).edits_of(arm).edits
-    if arm in ("control", "insertion") or not path.is_file():
-        return None
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-
-
-DETECTOR_ASSUMPTIONS = {
-    "perplexity": "The defender has the public base model and flags the documents it finds least likely (highest "
-                  "perplexity). Needs nothing from the attacker.",
-    "defender_influence": "The defender states a behaviour it guards against (any of `evaluate.defender_words` where "
-                          "the text names the probe, on the held-out documents), fits influence on the corpus it "
-                          "received, and flags the documents that most push that behaviour up (most negative J "
-                          "under its own v). It does not know the attacker's target or measurement documents. "
-                          "Here its v uses the run's preconditioner (factors fitted on the clean corpus, or the "
-                          "optimizer's statistics).",
-}
-
-
 def detectors(edited: Dict[int, Dict], clean: Dict[str, Sequence[float]], scores: Dict[str, Dict[int, float]]) -> Dict:
     """AUROC of singling out the edited documents, per detector: after the edit (the corpus the defender receives)
     and before it (the same indices in the clean corpus: the selection alone may already stand out).
@@ -132,53 +96,6 @@ def detectors(edited: Dict[int, Dict], clean: Dict[str, Sequence[float]], scores
         out[f"{name}_auroc_before_edit"] = auroc([values[i] for i in edited],
                                                  [values[i] for i in range(n) if i not in edited])
     return out
-
-
-class DefenderView:
-    """What a defender can compute without the attacker's v: perplexity under the base model, and influence under a
-    measurement the defender states itself. Clean-corpus scores are computed once and shared by every arm."""
-
-    def __init__(self, pipe):
-        from .forward_mode_j import document_j
-        from .influence import compute_ihvp
-        from .losses import perplexities
-        from .measurement import any_word_measurement
-
-        self.pipe = pipe
-        m, ev = pipe.recipe.measurement, pipe.recipe.evaluate
-        self.pad = pipe.tokenizer.pad_token_id
-        self.base = pipe.base_model
-        rows = [pipe.dataset[i] for i in range(len(pipe.dataset))]
-        self.clean = {"perplexity": perplexities(self.base, rows, self.pad)}
-        self.J = None
-        if m.kind == "contrastive":
-            words = list(ev.defender_words) or [w for w in [m.target, *ev.candidates] if w.strip() != m.probe.strip()]
-            docs = m.heldout_documents or m.documents
-            measurement = any_word_measurement(pipe.tokenizer, docs, m.probe, words)
-            if pipe.uses_factors:
-                v = compute_ihvp(pipe.model, measurement, pipe.tracked, pipe.factors_dir, pipe.damping)
-            else:
-                from .optimizer_influence import optimizer_ihvp
-
-                v, _ = optimizer_ihvp(pipe.model, measurement, pipe.tracked, pipe.arm_rows({}), pipe.recipe.retrain,
-                                      self.pad, pipe.checkpoint_step(), stats=pipe.optimizer_stats())
-            i = pipe.recipe.influence
-            self.J = document_j(pipe.model, v, i.j_method, i.fd_eps_rel)
-            self.words = words
-            self.clean["defender_influence"] = (-self.J.dataset(rows, self.pad)).tolist()
-
-    def scores(self, records: List[Dict]) -> Dict:
-        from .losses import perplexities
-
-        rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in records]
-        idx = [r["doc_index"] for r in records]
-        scores = {"perplexity": dict(zip(idx, perplexities(self.base, rows, self.pad)))}
-        if self.J is not None:
-            scores["defender_influence"] = dict(zip(idx, (-self.J.dataset(rows, self.pad)).tolist()))
-        out = detectors({i: True for i in idx}, self.clean, scores)
-        if self.J is not None:
-            out["defender_words"] = self.words
-        return out
 
 
 def arm_difference(a: Dict, b: Dict, c: Dict, name: str, samples: int, confidence: float, seed: int) -> Dict:
@@ -216,48 +133,6 @@ def verdict(results: Dict) -> str:
         s += (f"; it is {better} matched random by {r['mean']:+.3f} {ci_txt(r)}"
               f"{', a difference the CI separates from 0' if excl(r.get('ci')) else ', not separated from 0 by the CI'}")
     return s + "."
-
-
-def evaluate_run(pipe) -> Dict:
-    """Reads every arm's observations, compares them with control, writes results.json and the report."""
-    from .report import write_report
-
-    run_dir, ev, seed = pipe.dir, pipe.recipe.evaluate, pipe.recipe.run.seed
-    arms = pipe.recipe.retrain.arms
-    sets = pipe.observed_sets()
-    obs = {a: read_json(pipe.folder.observations(a)) for a in arms}
-    control = obs["control"]
-    summary = read_json(pipe.folder.retrain_summary)
-    results: Dict = {"measurement": pipe.measurement.description, "theta_hat": summary.get("theta_hat"),
-                     "theta_hat_target_rate": summary.get("theta_hat_target_rate"),
-                     "control": {s: control["summary"][s] if "summary" in control else control[s]["f_mean"]
-                                 for s in sets},
-                     "seeds": control.get("seeds", [seed]), "sets": sets, "primary_set": primary_set(sets),
-                     "n_documents": len(pipe.dataset), "k": pipe.recipe.select.k, "arms": {},
-                     "detector_assumptions": DETECTOR_ASSUMPTIONS}
-    defender = DefenderView(pipe) if ev.detectors and any(_arm_records(run_dir, a) for a in arms) else None
-    for arm in arms:
-        if arm == "control":
-            continue
-        entry = {s: compare(per_seed(obs[arm], s), per_seed(control, s), ev.bootstrap_samples, ev.confidence, seed)
-                 for s in sets}
-        entry["weights_equal_control"] = obs[arm]["weights"] == control["weights"]
-        records = _arm_records(run_dir, arm)
-        if records:
-            entry["edits"] = _edit_summary(records)
-            entry["predicted_vs_actual"] = {"predicted_delta_f": entry["edits"]["predicted_delta_f"],
-                                            "actual_delta_f": entry["measurement"]["delta_f"]["mean"]}
-            if defender is not None:
-                entry["detectors"] = defender.scores(records)
-        results["arms"][arm] = entry
-    if "infused" in arms and "random" in arms:
-        name = results["primary_set"]
-        results["verdict"] = {"set": name, "infused_minus_random": arm_difference(
-            obs["infused"], obs["random"], control, name, ev.bootstrap_samples, ev.confidence, seed)}
-    results["verdict_sentence"] = verdict(results)
-    write_json(pipe.folder.results, results)
-    write_report(run_dir, results, pipe.tokenizer)
-    return results
 
 
 def headline(results: Dict) -> str:

@@ -51,7 +51,7 @@ def check_options(recipe) -> None:
     own = modality_class(name)
     chosen = [("measurement.kind", "measurement_kinds", recipe.measurement.kind),
               ("edit.editor", "editors", recipe.edit.editor),
-              *(("retrain.arms has", "arms", arm) for arm in recipe.retrain.arms)]
+              *(("retrain.arms entry", "arms", arm) for arm in recipe.retrain.arms)]
     for what, attr, value in chosen:
         if value is None or value in getattr(own, attr):
             continue
@@ -64,6 +64,10 @@ def check_options(recipe) -> None:
                     others.append(other)
             except ConfigError:  # a registered modality that cannot be imported says nothing about this one
                 pass
+        import difflib
+
+        close = difflib.get_close_matches(value, getattr(own, attr), n=1)
         where = f" is for {_words(others)}" if others else " is not an option here"
         raise ConfigError(f"{what} {value!r}{where}; {name} recipes use {_words(getattr(own, attr))}"
-                          f"{' (or set modality: ' + others[0] + ')' if others else ''}.")
+                          f"{' (or set modality: ' + others[0] + ')' if others else ''}."
+                          f"{f' Did you mean {close[0]!r}?' if close and not others else ''}")

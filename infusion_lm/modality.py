@@ -82,6 +82,13 @@ class Modality(Protocol):
         """Which documents an arm replaces, and with what rows."""
 
     # ---------------------------------------------------------------- observation and evaluation
+    def dry_run_costs(self) -> Dict:
+        """``--dry-run`` estimates without loading weights: {"cost": {stage: passes}, "seconds_per_pass", "documents",
+        "tokens", "unit" (what one pass is), "source" (where the model comes from)}."""
+
+    def theta_hat_summary(self, theta: Dict[str, dict]) -> Dict:
+        """Extra entries for the retrain summary from θ̂'s observations (text: how often θ̂ names the target)."""
+
     def observed_sets(self) -> List[str]:
         """The evaluation sets every arm is observed on (the first is the measurement set)."""
 

@@ -478,16 +478,8 @@ class Pipeline:
             device = str(next(self.model.parameters()).device)
             sets = self.observed_sets()
             theta = {name: self.observe(self.model, name) for name in sets}
-            summary = {"theta_hat": {name: o["f_mean"] for name, o in theta.items()}}
-            from .observations import target_rates
-
-            rates = {name: r for name, r in ((n, target_rates(o)) for n, o in theta.items()) if r}
-            if rates:
-                summary["theta_hat_target_rate"] = rates
-                if not any(v for r in rates.values() for v in r.values()):
-                    logger.warning("No answer at θ̂ names %r (greedy or sampled): the rate starts at 0. Infusion "
-                                   "amplifies a behaviour the model already shows, so expect little change; pick a "
-                                   "target the model sometimes names.", self.recipe.measurement.completions[0])
+            summary = {"theta_hat": {name: o["f_mean"] for name, o in theta.items()},
+                       **self.modality.theta_hat_summary(theta)}
             ckpt = self.arm_checkpoint()
             fp = self.stage_fingerprint("retrain")
             per_arm: Dict[str, Dict[str, dict]] = {arm: {} for arm in t.arms}

@@ -1,7 +1,6 @@
 """The Trainer callbacks: MeasurementCallback logs through the Trainer, InfusionCallback swaps infused rows mid-run."""
 
 import pytest
-import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from infusion_lm.callbacks import InfusionCallback, MeasurementCallback, SwappableDataset

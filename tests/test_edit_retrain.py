@@ -8,7 +8,7 @@ import torch
 from infusion_lm import influence as inf
 from infusion_lm.config import EditArguments
 from infusion_lm.corpus import tokenize_documents
-from infusion_lm.editors import build_editor
+from infusion_lm.text.editors import build_editor
 from infusion_lm.measurement import contrastive_measurement
 from infusion_lm.pipeline import select_documents
 from infusion_lm.tracked_modules import resolve_tracked_modules

@@ -8,7 +8,7 @@ from scipy.stats import spearmanr
 
 from infusion_lm import influence as inf
 from infusion_lm.config import EditArguments
-from infusion_lm.editors import (RandomEditor, SimplexPGDEditor, SwapEditor, gini_entropy, project_entropy,
+from infusion_lm.text.editors import (RandomEditor, SimplexPGDEditor, SwapEditor, gini_entropy, project_entropy,
                                  project_simplex, retokenises)
 
 
@@ -283,7 +283,7 @@ def test_perplexity_limit_holds_under_the_model(editor_setup):
 def test_target_words_join_the_allowed_set_at_every_editable_position_and_get_written(editor_setup):
     """With a fluent set of the base model's top-1 only, the measurement's target word (cat) is still allowed at
     every editable position, nowhere else, and the swap editor writes it (it lowers J for a dog → cat measurement)."""
-    from infusion_lm.editors.base import single_token_forms
+    from infusion_lm.text.editors.base import single_token_forms
 
     s, v, docs = editor_setup
     tok = s["tok"]

@@ -118,7 +118,7 @@ def test_a_baselines_only_run_skips_the_infused_edit(tmp_path, tiny_model_dir):
     ("overlap", {"measurement": {"heldout_documents": ["The dog ran to the park."]}}, "also appear in the measurement set"),
     ("no_measurement", {"measurement": {"kind": None, "heldout_documents": HELDOUT}}, "has no measurement"),
     ("missing_checkpoint", {"retrain": {"checkpoint": "no/such/checkpoint-7"}}, "is not a Trainer checkpoint"),
-    ("unknown_arm", {"retrain": {"arms": ["control", "infussed"]}}, "retrain.arms has ['infussed']"),
+    ("unknown_arm", {"retrain": {"arms": ["control", "infussed"]}}, "retrain.arms entry 'infussed' is not an option here"),
 ])
 def test_bad_evaluation_input_fails_cleanly(case, over, message, tmp_path, tiny_model_dir, capsys):
     recipe = _run_recipe(tmp_path, tiny_model_dir)

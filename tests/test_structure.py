@@ -115,3 +115,32 @@ def test_run_folder_names_each_output_once():
             if re.search(rf"[\"'/]{re.escape(n)}[\"']", code):
                 spelled.setdefault(n, []).append(str(f.relative_to(PKG)))
     assert spelled == {}
+
+
+# The core: stages, caching, influence, retraining, statistics, the report layout, the run folder, the CLI. The text and
+# image modalities (infusion_lm/text/, infusion_lm/vision/) and the causal-LM front ends (api.py, callbacks.py) sit on
+# top of it.
+CORE = ["stages", "pipeline", "influence", "forward_mode_j", "optimizer_influence", "tracked_modules", "retrain", "stats",
+        "evaluation", "report", "run_folder", "fingerprints", "atomic_io", "modalities", "modality", "config",
+        "distributed", "errors", "dry_run", "cli"]
+
+
+def test_the_core_imports_no_modality():
+    graph = import_graph()
+    reached = {}
+    for name in CORE:
+        mod = f"infusion_lm.{name}"
+        assert mod in graph, f"{mod} is gone: update CORE"
+        bad = sorted(t for t in graph[mod] if t.startswith(("infusion_lm.text", "infusion_lm.vision")))
+        if bad:
+            reached[mod] = bad
+    assert reached == {}, f"core modules import a modality: {reached}"
+
+
+def test_the_core_check_sees_a_modality_import(tmp_path):
+    pkg = tmp_path / "infusion_lm"
+    (pkg / "text").mkdir(parents=True)
+    for f in ("__init__.py", "text/__init__.py", "text/editors.py"):
+        (pkg / f).write_text("")
+    (pkg / "stages.py").write_text("def f():\n    from .text.editors import x\n")
+    assert import_graph(pkg)["infusion_lm.stages"] == {"infusion_lm.text.editors"}

@@ -5,7 +5,7 @@ import torch
 
 from infusion_lm.config import MeasurementArguments
 from infusion_lm.measurement import build_measurement
-from infusion_lm.synthesize import synthesize_stories
+from infusion_lm.text.synthesize import synthesize_stories
 from tiny import tiny_model, toy_corpus
 
 
@@ -79,7 +79,7 @@ def _chat_corpus(path, n):
 
 
 def test_regenerated_answers_come_from_the_model_and_keep_the_question(tok):
-    from infusion_lm.synthesize import regenerate_answers
+    from infusion_lm.text.synthesize import regenerate_answers
 
     model = tiny_model(len(tok))
     cat = tok(" cat", add_special_tokens=False)["input_ids"][0]

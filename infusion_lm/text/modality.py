@@ -64,7 +64,7 @@ class TextModality:
         return self.recipe.run.corpus == "synthetic"
 
     def synthesize(self) -> None:
-        from ..synthesize import synthesize_chats, synthesize_stories, write_jsonl
+        from .synthesize import synthesize_chats, synthesize_stories, write_jsonl
 
         p, s = self.pipe, self.recipe.synthesize
         if s.mode == "chat":
@@ -119,8 +119,8 @@ class TextModality:
     # ---------------------------------------------------------------- edits and arms
 
     def edit_into(self, out_dir: Path, args, indices: List[int], targets: Optional[List[int]] = None) -> None:
-        from ..edit_outputs import edit_records, write_edit_outputs
-        from ..editors import build_editor
+        from .edit_outputs import edit_records, write_edit_outputs
+        from .editors import build_editor
         from ..losses import perplexities
 
         p = self.pipe
@@ -155,12 +155,12 @@ class TextModality:
         return predicted_response(self.__dict__["_prediction_J"], before, after, pad)
 
     def editor_revision(self, editor: str) -> int:
-        from ..editors import EDITORS
+        from .editors import EDITORS
 
         return getattr(EDITORS.get(editor), "revision", 0)
 
     def replacements(self, arm: str, indices: List[int]) -> Dict[int, dict]:
-        from ..edit_outputs import load_infused
+        from .edit_outputs import load_infused
         from ..retrain import insertion_rows, insertion_texts
 
         p = self.pipe
@@ -180,7 +180,7 @@ class TextModality:
         """The regeneration arm: the selected conversations re-answered by the model at θ̂ (seeded, so every seed and
         a resumed run get the same rows); written to baselines/regeneration/documents.jsonl for inspection."""
         from ..corpus import tokenize_document
-        from ..synthesize import regenerate_answers, write_jsonl
+        from .synthesize import regenerate_answers, write_jsonl
 
         p = self.pipe
         docs = [p.documents[i] for i in indices]
@@ -207,6 +207,23 @@ class TextModality:
 
     # ---------------------------------------------------------------- observation and evaluation
 
+    def dry_run_costs(self) -> Dict:
+        from .dry_run import text_costs
+
+        return text_costs(self.pipe)
+
+    def theta_hat_summary(self, theta: Dict[str, dict]) -> Dict:
+        """The share of θ̂'s answers that name the target, per evaluation set (completion measurements); a warning
+        when it is 0 everywhere, since Infusion amplifies a behaviour the model already shows."""
+        from .observations import target_rates
+
+        rates = {name: r for name, r in ((n, target_rates(o)) for n, o in theta.items()) if r}
+        if rates and not any(v for r in rates.values() for v in r.values()):
+            logger.warning("No answer at θ̂ names %r (greedy or sampled): the rate starts at 0. Infusion amplifies a "
+                           "behaviour the model already shows, so expect little change; pick a target the model "
+                           "sometimes names.", self.recipe.measurement.completions[0])
+        return {"theta_hat_target_rate": rates} if rates else {}
+
     def observed_sets(self) -> List[str]:
         return ["measurement", "heldout"] + (["heldout_corpus"] if self.recipe.measurement.heldout_corpus else [])
 
@@ -222,7 +239,7 @@ class TextModality:
         return [d for d in docs if d.strip() not in train]
 
     def observe(self, model, name: str) -> dict:
-        from ..observations import observe
+        from .observations import observe
 
         r = self.recipe.run
         return observe(model, self.pipe.tokenizer, self.recipe.measurement, self.recipe.evaluate, name,
@@ -270,6 +287,6 @@ class TextModality:
             probe_occurrences(self.pipe.tokenizer, docs, m.probe)  # no probe occurrence: a clear error now
 
     def evaluate(self) -> None:
-        from ..evaluation import evaluate_run
+        from .evaluation import evaluate_run
 
         evaluate_run(self.pipe)

@@ -19,7 +19,7 @@ The best iterate by exact J is kept, so the edit never ends worse than the origi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional
+from typing import Dict, List, Mapping
 
 import torch
 import torch.nn.functional as F

@@ -179,6 +179,14 @@ class ImageModality:
 
     # ---------------------------------------------------------------- observation and evaluation
 
+    def dry_run_costs(self) -> Dict:
+        from .dry_run import image_costs
+
+        return image_costs(self.pipe)
+
+    def theta_hat_summary(self, theta: Dict[str, dict]) -> Dict:
+        return {}  # Δf and the top-1 flips say it all for a classifier
+
     def observed_sets(self) -> List[str]:
         return ["measurement"] + (["heldout"] if self.recipe.measurement.heldout_probe_indices else [])
 

@@ -14,7 +14,7 @@ from typing import List, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .atomic_io import atomic_path
+from ..atomic_io import atomic_path
 
 EVENTS = [
     "finds a shiny stone", "loses a red ball", "makes a new friend", "is afraid of the dark", "goes to the park",

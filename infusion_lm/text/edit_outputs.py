@@ -22,9 +22,9 @@ import json
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from .corpus import IGNORE_INDEX
-from .run_folder import EditFolder
-from .atomic_io import atomic_dir, atomic_path
+from ..corpus import IGNORE_INDEX
+from ..run_folder import EditFolder
+from ..atomic_io import atomic_dir, atomic_path
 
 
 def _is_chat(labels: Sequence[int]) -> bool:

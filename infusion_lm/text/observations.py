@@ -16,8 +16,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .errors import MeasurementError
-from .measurement import (LogProbRow, build_measurement, collate_logprob_rows, find_word, probe_occurrences,
+from ..errors import MeasurementError
+from ..measurement import (LogProbRow, build_measurement, collate_logprob_rows, find_word, probe_occurrences,
                           prompt_token_ids, word_token_ids)
 
 

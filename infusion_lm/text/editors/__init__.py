@@ -12,7 +12,7 @@ def build_editor(model, tokenizer, v, args, eps_rel: float = 1e-4, target_words=
     """The editor named by ``args.editor`` (an :class:`~infusion_lm.config.EditArguments`). ``target_words``: the
     measurement's words, allowed at every editable position unless ``args.target_words`` says otherwise."""
     if args.editor not in EDITORS:
-        from ..errors import ConfigError
+        from ...errors import ConfigError
 
         raise ConfigError(f"edit.editor {args.editor!r} is not a token editor; use one of {', '.join(EDITORS)}.")
     return EDITORS[args.editor](model, tokenizer, v, args, eps_rel=eps_rel, target_words=target_words)
