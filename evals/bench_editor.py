@@ -136,8 +136,12 @@ def main():
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--candidates", type=int, default=16)
     p.add_argument("--budget", type=float, default=0.08)
-    p.add_argument("--editors", nargs="+", default=["swap", "swap_pool4", "simplex_pgd", "random"],
-                   help="swap_poolN: the swap editor with candidate_pool N (probe sampling)")
+    p.add_argument("--editors", nargs="*", default=["swap", "swap_pool4", "simplex_pgd", "random"],
+                   help="swap_poolN: the swap editor with candidate_pool N (probe sampling); none: throughput and "
+                        "pruning only")
+    p.add_argument("--probe_pool", type=int, default=8,
+                   help="pruning: draw this many × --candidates swaps and keep --candidates by the first-order ΔJ "
+                        "(edit.candidate_pool; 8 is the library default)")
     p.add_argument("--out", default=str(ROOT / "evals" / "results" / "bench_editor.json"))
     args = p.parse_args()
 
@@ -165,7 +169,7 @@ def main():
     thr = candidate_throughput(model, tok, v, rows[0])
     print(f"throughput: prefix cache {thr['prefix_cache_per_s']:.2f}, full forward {thr['forward_only_per_s']:.2f}, "
           f"autograd {thr['autograd_per_s']:.2f} candidates/s", flush=True)
-    prune = pruning_recall(model, tok, v, rows)
+    prune = pruning_recall(model, tok, v, rows, n=args.candidates, pool=args.probe_pool)
     print(f"pruning: recall of the exact top-4 {prune['recall_top4']:.2f}, of the best {prune['recall_best']:.2f} "
           f"(chance {prune['chance_recall']:.2f}); {prune['pool_candidates_per_s']:.1f} pool candidates/s", flush=True)
     editors = {}
@@ -183,7 +187,7 @@ def main():
     print(f"{'speed-up, prefix cache':<44}{thr['speedup_prefix_cache']:>12.2f}  >= 3")
     print(f"{'speed-up, full batch':<44}{thr['speedup_forward_only']:>12.2f}")
     print(f"{'median rel. error vs autograd (prefix cache)':<44}{thr['median_rel_err_prefix_cache']:>12.1e}")
-    print(f"{'pool candidates/s with probe sampling (4x)':<44}{prune['pool_candidates_per_s']:>12.2f}")
+    print(f"{f'pool candidates/s with probe sampling ({args.probe_pool}x)':<44}{prune['pool_candidates_per_s']:>12.2f}")
     print(f"{'  speed-up vs autograd':<44}{prune['pool_candidates_per_s'] / thr['autograd_per_s']:>12.2f}  >= 3")
     print(f"{'  recall of the exact top-4 | best':<44}{prune['recall_top4']:>6.2f} | {prune['recall_best']:.2f}"
           f"  (chance {prune['chance_recall']:.2f})")
