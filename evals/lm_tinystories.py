@@ -75,6 +75,7 @@ def pair_recipe(args, probe: str, target: str) -> dict:
                       "preconditioner": args.preconditioner, "damping_scale": args.damping_scale},
         "select": {"k": args.k},
         "edit": {"editor": "swap", "steps": args.steps, "n_candidates": 16, "rename": args.rename,
+                 **({"max_changed": args.max_changed} if getattr(args, "max_changed", None) else {}),
                  **({"candidate_pool": args.candidate_pool} if getattr(args, "candidate_pool", None) else {}),
                  **({"target_words": []} if args.target_words == "none" else {})},
         "retrain": {"arms": args.arms, "epochs": 2, "influence_at": "checkpoint", "learning_rate": args.lr,
@@ -178,6 +179,9 @@ def main():
     p.add_argument("--candidate_pool", type=int, default=None,
                    help="edit.candidate_pool: draw this many × n_candidates swaps per step and keep the n_candidates "
                         "with the best first-order ΔJ (unset: the library default, 8; 1: no pre-ranking)")
+    p.add_argument("--max_changed", type=int, default=None,
+                   help="edit.max_changed: at most this many tokens changed per document, for every editor (a point "
+                        "of the budget curve; unset: the budget fraction alone)")
     p.add_argument("--rename", action="store_true", help="edit.rename: swap candidates that rename an entity throughout")
     p.add_argument("--work_dir", default=None,
                    help="run folder shared by the pairs (factors, clean checkpoint, control); default out_dir/work. "
