@@ -536,20 +536,12 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             return value
         if isinstance(value, (str, int)) and str(value).strip().lower() in _TRUE | _FALSE:
             return str(value).strip().lower() in _TRUE
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
+    elif hint in (int, float):  # an int field takes no fractional number; neither takes a bool
+        if not isinstance(value, bool) and (isinstance(value, int) or (hint is float and isinstance(value, float))):
+            return hint(value)
         if isinstance(value, str):
             try:
-                return int(value.strip())
-            except ValueError:
-                pass
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value.strip())
+                return hint(value.strip())
             except ValueError:
                 pass
     elif hint is str:
