@@ -32,6 +32,8 @@ def test_damping_unset_means_heuristic():
     ({"max_length": "abc"}, "`max_length` must be an integer, not 'abc'"),
     ({"influence": {"damping": "small"}}, "`influence.damping` must be a number"),
     ({"select": {"k": None}}, "`select.k` cannot be null"),
+    ({"select": {"k": 2.5}}, "`select.k` must be an integer, not 2.5"),
+    ({"seed": True}, "`seed` must be an integer, not True"),
     ({"edit": {"prefix_cache": "maybe"}}, "`edit.prefix_cache` must be true or false"),
     ({"select": {"k": 0}}, "select.k must be >= 1"),
     ({"influence": {"damping": -1.0}}, "damping must be >= 0"),
