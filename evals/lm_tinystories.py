@@ -238,8 +238,12 @@ def main():
         res = pipe.run("evaluate")
         timings[key] = time.perf_counter() - t0
         dest.mkdir(parents=True, exist_ok=True)
-        for name in ("results.json", "report.md", "report.html", "edits.jsonl"):
+        for name in ("results.json", "report.md", "report.html"):
             shutil.copy2(pipe.dir / name, dest / name)
+        # each edited arm's own records (the top-level edits.jsonl is the infused arm's: stale when it did not run)
+        for arm in ("infused", "random", "simplex_pgd"):
+            if arm in args.arms:
+                shutil.copy2(pipe.folder.edits_of(arm).edits, dest / ("edits.jsonl" if arm == "infused" else f"edits_{arm}.jsonl"))
         per_pair[key] = res
         a = res["arms"]
         print(f"{key:<14} " + "  ".join(f"{arm} {a[arm][res['primary_set']]['delta_f']['mean']:+.3f}" for arm in a)
