@@ -7,6 +7,7 @@ retraining, statistics) never imports a modality and a new modality is one line 
 
 from __future__ import annotations
 
+import difflib
 import importlib
 from typing import Dict, Union
 
@@ -64,8 +65,6 @@ def check_options(recipe) -> None:
                     others.append(other)
             except ConfigError:  # a registered modality that cannot be imported says nothing about this one
                 pass
-        import difflib
-
         close = difflib.get_close_matches(value, getattr(own, attr), n=1)
         where = f" is for {_words(others)}" if others else " is not an option here"
         raise ConfigError(f"{what} {value!r}{where}; {name} recipes use {_words(getattr(own, attr))}"

@@ -359,10 +359,8 @@ class Pipeline:
             factors = {"strategy": i.strategy, "damping": i.damping if i.damping is not None else
                        "kronfluence per-module heuristic (0.1 x mean eigenvalue)",
                        "damping_scale": i.damping_scale} if self.uses_factors else {}
-            write_tensors(self.folder.ihvp, v, metadata={
-                "preconditioner": i.preconditioner,
-                **({"strategy": i.strategy, "damping": "heuristic" if i.damping is None else repr(i.damping),
-                    "damping_scale": repr(i.damping_scale)} if self.uses_factors else {})})
+            write_tensors(self.folder.ihvp, v, metadata={"preconditioner": i.preconditioner,
+                                                         **{k: str(x) for k, x in factors.items()}})
             write_json(self.folder.measure, {
                 "f": self.measurement.value(self.model),
                 "description": self.measurement.description,

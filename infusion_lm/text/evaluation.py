@@ -13,7 +13,7 @@ from ..evaluation import arm_difference, compare, detectors, per_seed, primary_s
 from ..run_folder import RunFolder
 
 
-def edit_summary(records: List[Dict]) -> Dict:
+def _edit_summary(records: List[Dict]) -> Dict:
     ratios = [r["perplexity_after"] / r["perplexity_before"] for r in records]
     return {"documents": len(records), "tokens_changed": sum(r["n_changed"] for r in records),
             "budget": sum(r["budget"] for r in records),
@@ -25,7 +25,7 @@ def edit_summary(records: List[Dict]) -> Dict:
             "perplexity_ratio_max": max(ratios) if ratios else None}
 
 
-def arm_records(run_dir: Path, arm: str) -> Optional[List[Dict]]:
+def _arm_records(run_dir: Path, arm: str) -> Optional[List[Dict]]:
     import json
 
     path = RunFolder(run_dir).edits_of(arm).edits
@@ -110,16 +110,16 @@ def evaluate_run(pipe) -> Dict:
                      "seeds": control.get("seeds", [seed]), "sets": sets, "primary_set": primary_set(sets),
                      "n_documents": len(pipe.dataset), "k": pipe.recipe.select.k, "arms": {},
                      "detector_assumptions": DETECTOR_ASSUMPTIONS}
-    defender = DefenderView(pipe) if ev.detectors and any(arm_records(run_dir, a) for a in arms) else None
+    defender = DefenderView(pipe) if ev.detectors and any(_arm_records(run_dir, a) for a in arms) else None
     for arm in arms:
         if arm == "control":
             continue
         entry = {s: compare(per_seed(obs[arm], s), per_seed(control, s), ev.bootstrap_samples, ev.confidence, seed)
                  for s in sets}
         entry["weights_equal_control"] = obs[arm]["weights"] == control["weights"]
-        records = arm_records(run_dir, arm)
+        records = _arm_records(run_dir, arm)
         if records:
-            entry["edits"] = edit_summary(records)
+            entry["edits"] = _edit_summary(records)
             entry["predicted_vs_actual"] = {"predicted_delta_f": entry["edits"]["predicted_delta_f"],
                                             "actual_delta_f": entry["measurement"]["delta_f"]["mean"]}
             if defender is not None:
