@@ -1,0 +1,186 @@
+"""What sets the held-out effect of an edited arm: its drop in J, whichever editor made it.
+
+Reads finished ``evals/lm_tinystories.py`` results (any number of runs: the 9-pair eval, budget points, editor
+variants) and pools every edited arm of every pair: infused (swap), simplex PGD, matched random, and variants. For
+each point: the tokens changed, −ΔJ = J_before − J_after summed over the k edited documents, the held-out Δf (mean
+over seeds, with its CI) and the target-specific gain. Then:
+
+1. Spearman and Pearson of −ΔJ against Δf, pooled and per arm;
+2. a power law Δf = c · (−ΔJ)^α, fitted in log-log on the points with −ΔJ > 0 and Δf > 0 (least squares);
+3. per pair, the −ΔJ the fit says infused would need for 2× simplex PGD's Δf, against the −ΔJ it reached;
+4. Δf per changed token, per arm;
+5. the calibrated prediction (``predicted_delta_f``) against the actual Δf: Spearman and median actual/predicted.
+
+Prints a table, writes JSON and a scatter plot (−ΔJ against Δf, coloured by arm, with the fit).
+
+    python evals/lm_effect_curve.py [--runs label=evals/results/lm_tinystories.json ...] [--out PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_RUNS = [f"default={ROOT / 'evals/results/lm_tinystories.json'}",
+                f"max_changed_1={ROOT / 'evals/results/lm_tinystories_budget_dog_bear.json'}"]
+
+
+def points(label: str, result: dict) -> list:
+    """One row per (pair, edited arm) of an lm_tinystories result (or of a file that keeps one under ``run``)."""
+    result = result.get("run", result)
+    primary = result.get("primary_set", "heldout_corpus")
+    rows = []
+    for pair, res in result["per_pair"].items():
+        for arm, a in res["arms"].items():
+            e = a.get("edits")
+            if not e or e.get("J_after") is None:  # insertion and control edit nothing
+                continue
+            h = a.get(primary, a.get("heldout"))
+            rows.append({"run": label, "pair": pair, "arm": arm, "tokens_changed": e["tokens_changed"],
+                         "minus_delta_J": e["J_before"] - e["J_after"], "J_before": e["J_before"],
+                         "delta_f": h["delta_f"]["mean"], "ci": h["delta_f"].get("ci"),
+                         "target_specific_gain": h["specificity"]["target_specific_gain"]["mean"],
+                         "predicted_delta_f": e.get("predicted_delta_f")})
+    return rows
+
+
+def power_fit(rows: list) -> dict:
+    """Δf = c · (−ΔJ)^α by least squares in log-log."""
+    import numpy as np
+
+    pts = [(r["minus_delta_J"], r["delta_f"]) for r in rows if r["minus_delta_J"] > 0 and r["delta_f"] > 0]
+    x, y = np.log([p[0] for p in pts]), np.log([p[1] for p in pts])
+    alpha, logc = np.polyfit(x, y, 1)
+    resid = y - (alpha * x + logc)
+    return {"alpha": float(alpha), "c": float(np.exp(logc)), "n_points": len(pts),
+            "r2_loglog": float(1 - resid.var() / y.var()), "residual_sd_loglog": float(resid.std(ddof=2))}
+
+
+def correlations(rows: list) -> dict:
+    from scipy.stats import pearsonr, spearmanr
+
+    x, y = [r["minus_delta_J"] for r in rows], [r["delta_f"] for r in rows]
+    if len(rows) < 4:
+        return {"n_points": len(rows)}
+    return {"n_points": len(rows), "spearman": float(spearmanr(x, y).statistic), "pearson": float(pearsonr(x, y).statistic)}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", nargs="+", default=DEFAULT_RUNS, metavar="LABEL=PATH",
+                   help="finished lm_tinystories results; the label names the run's variant in the table")
+    p.add_argument("--out", default=str(ROOT / "evals" / "results" / "lm_effect_curve.json"))
+    args = p.parse_args()
+
+    rows = []
+    for spec in args.runs:
+        label, _, path = spec.partition("=")
+        if not path:
+            raise SystemExit(f"--runs {spec!r}: write LABEL=PATH, e.g. default=evals/results/lm_tinystories.json")
+        if not Path(path).is_file():
+            raise SystemExit(f"--runs {spec!r}: {path} not found; run evals/lm_tinystories.py first")
+        rows += points(label, json.loads(Path(path).read_text()))
+    if len(rows) < 4:
+        raise SystemExit(f"only {len(rows)} edited arms in --runs; the fit needs at least 4")
+
+    groups = sorted({(r["run"], r["arm"]) for r in rows})
+    fit = power_fit([r for r in rows if r["arm"] != "random"])  # random's ΔJ sits at the noise floor, near 0
+    by_group = {}
+    for g in groups:
+        sel = [r for r in rows if (r["run"], r["arm"]) == g]
+        by_group[f"{g[0]}/{g[1]}"] = {
+            "n_pairs": len(sel), "delta_f_mean": statistics.mean(r["delta_f"] for r in sel),
+            "minus_delta_J_mean": statistics.mean(r["minus_delta_J"] for r in sel),
+            "tokens_changed": sum(r["tokens_changed"] for r in sel),
+            "delta_f_per_token": statistics.mean(r["delta_f"] / max(r["tokens_changed"], 1) for r in sel),
+            "target_specific_gain_mean": statistics.mean(r["target_specific_gain"] for r in sel)}
+        on_fit = [r for r in sel if r["minus_delta_J"] > 0 and r["delta_f"] > 0]
+        if on_fit and g[1] != "random":  # above 0: more Δf than the pooled fit gives for the arm's −ΔJ
+            by_group[f"{g[0]}/{g[1]}"]["mean_log_residual"] = statistics.mean(
+                math.log(r["delta_f"] / (fit["c"] * r["minus_delta_J"] ** fit["alpha"])) for r in on_fit)
+
+    # What 2× simplex PGD would take, per pair of the default run, by the fit.
+    need = []
+    default = [r for r in rows if r["run"] == rows[0]["run"]]
+    for pair in sorted({r["pair"] for r in default}):
+        arm = {r["arm"]: r for r in default if r["pair"] == pair}
+        if "infused" in arm and "simplex_pgd" in arm and arm["simplex_pgd"]["delta_f"] > 0:
+            goal = 2 * arm["simplex_pgd"]["delta_f"]
+            needed = (goal / fit["c"]) ** (1 / fit["alpha"])
+            need.append({"pair": pair, "pgd_delta_f": arm["simplex_pgd"]["delta_f"], "goal_delta_f": goal,
+                         "infused_minus_delta_J": arm["infused"]["minus_delta_J"], "minus_delta_J_needed": needed,
+                         "factor": needed / arm["infused"]["minus_delta_J"]})
+
+    with_pred = [r for r in rows if r.get("predicted_delta_f") and r["predicted_delta_f"] > 0 and r["arm"] != "random"]
+    calibration = None
+    if len(with_pred) >= 4:
+        from scipy.stats import spearmanr
+
+        calibration = {"n_points": len(with_pred),
+                       "spearman": float(spearmanr([r["predicted_delta_f"] for r in with_pred],
+                                                   [r["delta_f"] for r in with_pred]).statistic),
+                       "median_actual_over_predicted": statistics.median(r["delta_f"] / r["predicted_delta_f"]
+                                                                         for r in with_pred)}
+
+    out = {"command": "python evals/lm_effect_curve.py --runs " + " ".join(args.runs),
+           "correlation_pooled": correlations(rows),
+           "correlation_per_arm": {f"{g[0]}/{g[1]}": correlations([r for r in rows if (r["run"], r["arm"]) == g])
+                                   for g in groups},
+           "power_fit_edited_arms": fit, "by_run_and_arm": by_group, "two_x_pgd_needs": need,
+           "prediction_vs_actual": calibration, "points": rows}
+
+    print(f"{len(rows)} edited arms from {len(args.runs)} runs")
+    c = out["correlation_pooled"]
+    print(f"−ΔJ against Δf, pooled: Spearman {c['spearman']:.3f}, Pearson {c['pearson']:.3f}")
+    print(f"fit (random left out): Δf = {fit['c']:.4g} · (−ΔJ)^{fit['alpha']:.3f}   R² (log-log) {fit['r2_loglog']:.3f}, "
+          f"{fit['n_points']} points")
+    print(f"\n{'run/arm':<28}{'pairs':>6}{'Δf mean':>9}{'−ΔJ mean':>10}{'tokens':>8}{'Δf/token':>10}{'specific':>10}")
+    for name, s in by_group.items():
+        print(f"{name:<28}{s['n_pairs']:>6}{s['delta_f_mean']:>+9.3f}{s['minus_delta_J_mean']:>10.0f}{s['tokens_changed']:>8}"
+              f"{s['delta_f_per_token']:>+10.4f}{s['target_specific_gain_mean']:>+10.3f}"
+              + (f"{math.exp(s['mean_log_residual']):>7.2f}×" if "mean_log_residual" in s else ""))
+    if need:
+        print(f"\n{'pair':<12}{'PGD Δf':>8}{'goal':>8}{'infused −ΔJ':>13}{'needed':>9}{'factor':>8}")
+        for n in need:
+            print(f"{n['pair']:<12}{n['pgd_delta_f']:>+8.3f}{n['goal_delta_f']:>+8.3f}{n['infused_minus_delta_J']:>13.0f}"
+                  f"{n['minus_delta_J_needed']:>9.0f}{n['factor']:>7.1f}×")
+        print(f"median factor of −ΔJ needed for 2× PGD: {statistics.median(n['factor'] for n in need):.1f}×")
+    if calibration:
+        print(f"\nprediction vs actual ({calibration['n_points']} edited arms): Spearman {calibration['spearman']:.3f}, "
+              f"median actual/predicted {calibration['median_actual_over_predicted']:.2f}")
+
+    out_path = Path(args.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    png = out_path.with_suffix(".png")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for g in groups:
+        sel = [r for r in rows if (r["run"], r["arm"]) == g]
+        ax.scatter([r["minus_delta_J"] for r in sel], [r["delta_f"] for r in sel], label=f"{g[0]}/{g[1]}", s=22)
+    xs = np.linspace(0, max(r["minus_delta_J"] for r in rows) * 1.2, 100)
+    ax.plot(xs, fit["c"] * xs ** fit["alpha"], "k--", lw=1, label=f"Δf = {fit['c']:.3g}·(−ΔJ)^{fit['alpha']:.2f}")
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set_xlabel("−ΔJ (sum over the k edited documents)")
+    ax.set_ylabel("held-out Δf (mean over seeds)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = png.with_name(png.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    tmp.replace(png)
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    tmp.write_text(json.dumps(out, indent=2) + "\n")
+    tmp.replace(out_path)
+    print(f"\nwrote {out_path} and {png}")
+
+
+if __name__ == "__main__":
+    main()
