@@ -316,6 +316,9 @@ class EditArguments:
     rename: bool = field(default=False, metadata=_help(
         "swap: beside each swap a→b, also propose the candidate that turns every later editable occurrence of a "
         "into b (where b is allowed there), so that a renamed entity stays consistent through the document."))
+    choose: str = field(default="lowest_j", metadata=_help(
+        "swap: which fluent candidate a step keeps. lowest_j: the lowest J. j_per_nat: the largest drop in J per nat "
+        "of loss the swap adds, which leaves room under max_perplexity_ratio for further swaps."))
     steps: int = field(default=12, metadata=_help("swap: search steps; simplex_pgd: gradient steps."))
     patience: int = field(default=4, metadata=_help("swap: stop a document after this many steps without improvement."))
     use_label_path: bool = field(default=True, metadata=_help(
@@ -340,6 +343,8 @@ class EditArguments:
     def __post_init__(self):
         if not 0 < self.linf <= 1:
             raise ConfigError(f"edit.linf must be in (0, 1] (got {self.linf}); pixels live in [0, 1], e.g. 0.0314.")
+        if self.choose not in {"lowest_j", "j_per_nat"}:
+            raise ValueError(f"edit.choose must be lowest_j or j_per_nat, got {self.choose!r}.")
         if self.pixel_gradient not in {"exact", "finite_difference"}:
             raise ConfigError(f"edit.pixel_gradient {self.pixel_gradient!r} is not one of exact, finite_difference.")
         if self.pixel_step is not None and self.pixel_step <= 0:

@@ -1,6 +1,8 @@
 """The token editors on a tiny model: J goes down, constraints hold, proposals predict exact changes, projections are
 right, and the edits raise f after retraining."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -335,3 +337,48 @@ def test_simplex_pgd_keeps_the_largest_edit_within_the_perplexity_limit(editor_s
         assert a.J_after <= b.J_after + 1e-6 * abs(b.J_before)
     assert sum(a.J_after < b.J_after for a, b in zip(nested, whole)) >= 1
     assert any(0 < r.n_changed < r.budget for r in nested)
+
+
+def test_j_per_nat_keeps_the_largest_drop_per_nat_and_tracks_the_current_loss(editor_setup):
+    """choose: j_per_nat. Every step keeps, of the fluent candidates that lower J, the one with the largest drop per
+    nat of loss added over the current document (at least one nat); the loss it carries forward is the edited
+    document's own loss under the model (recomputed here with a plain forward), so later steps price swaps from there."""
+    from infusion_lm.losses import perplexities
+
+    s, v, docs = editor_setup
+    rows = [s["dataset"][i] for i in docs[:4]]
+
+    class Recording(SwapEditor):  # the candidates each step scored, and what it kept
+        def score_candidates(self, owners, ids, labels):
+            js, losses = super().score_candidates(owners, ids, labels)
+            self.log.append([(id(o), o.J, o.L0 if o.L is None else o.L, o.fluent_enough(l), j, l, c)
+                             for o, c, j, l in zip(owners, ids, js, losses)])
+            return js, losses
+
+    ed = Recording(s["model"], s["tok"], v, _args(choose="j_per_nat", max_perplexity_ratio=1.2), eps_rel=1e-3)
+    ed.log = []
+    states = ed.prepare(rows)
+    kept_other_than_lowest_j = 0
+    for _ in range(3):
+        before = {id(st): st.ids.clone() for st in states}
+        ed.args.steps = 1
+        ed._edit_batch(states)
+        step = ed.log[-1]
+        for st in states:
+            mine = [(J, L, j, l, c) for o, J, L, ok, j, l, c in step if o == id(st) and ok and j < J]
+            if not mine:
+                assert torch.equal(st.ids, before[id(st)])
+                continue
+            best = max(mine, key=lambda m: (m[0] - m[2]) / max(m[3] - m[1], 1.0))
+            assert torch.equal(st.ids, best[4])
+            kept_other_than_lowest_j += best[2] > min(m[2] for m in mine)
+    assert kept_other_than_lowest_j > 0  # the rule differed from lowest_j somewhere, so the test can tell them apart
+    after = [{"input_ids": st.ids.tolist(), "labels": st.labels.tolist()} for st in states]
+    for st, ppl in zip(states, perplexities(s["model"], after, 0)):
+        if st.L is not None:
+            assert st.L == pytest.approx(math.log(ppl) * st.n_trained, rel=1e-3, abs=1e-2)
+
+
+def test_choose_rejects_an_unknown_rule():
+    with pytest.raises(ValueError, match="edit.choose must be lowest_j or j_per_nat"):
+        EditArguments(choose="best")

@@ -62,6 +62,7 @@ class DocState:
     ids: torch.Tensor = None
     labels: torch.Tensor = None
     L0: float = 0.0  # summed loss of the original under θ̂
+    L: Optional[float] = None  # summed loss of the current best (None: the original's, L0)
     n_trained: int = 1
     J0: float = 0.0
     J: float = 0.0

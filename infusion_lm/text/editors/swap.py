@@ -126,6 +126,20 @@ class SwapEditor(TokenEditor):
             cands = [cands[i] for i in torch.argsort(pred.cpu(), stable=True)[: a.n_candidates].tolist()]
         return cands
 
+    def _choice_key(self, s: DocState, j: float, loss: float) -> float:
+        """How a step ranks a document's fluent candidates (lower first). ``lowest_j``: J itself. ``j_per_nat``: the
+        drop in J per nat of loss the swap adds (at least ``NAT_FLOOR``), so a step prefers swaps that leave room
+        under the perplexity limit for further swaps over one swap that spends it all; candidates that do not lower
+        J rank last."""
+        if self.args.choose == "lowest_j":
+            return j
+        gain = s.J - j
+        if gain <= 0:
+            return float("inf")
+        return -gain / max(loss - (s.L0 if s.L is None else s.L), self.NAT_FLOOR)
+
+    NAT_FLOOR = 1.0  # a swap that adds under one nat (or lowers the loss) is ranked by its drop in J alone
+
     def _edit_batch(self, states: List[DocState]) -> None:
         for _ in range(self.args.steps):
             active = [s for s in states if not s.done]
@@ -140,14 +154,17 @@ class SwapEditor(TokenEditor):
                 for c in cands:
                     owners.append(s); rows.append(c); labs.append(s.labels_for(c))
             js, losses = self.score_candidates(owners, rows, labs)
-            best = {}
+            best = {}  # per document: (key, candidate, labels, J, loss); the lowest key wins
             for s, c, l, j, loss in zip(owners, rows, labs, js, losses):
-                if s.fluent_enough(loss) and j < best.get(id(s), (None, None, float("inf")))[2]:
-                    best[id(s)] = (c, l, j)
+                if not s.fluent_enough(loss):
+                    continue
+                key = self._choice_key(s, j, loss)
+                if key < best.get(id(s), (float("inf"),))[0]:
+                    best[id(s)] = (key, c, l, j, loss)
             for s in active:
-                c, l, j = best.get(id(s), (None, None, float("inf")))
+                _, c, l, j, loss = best.get(id(s), (None, None, None, float("inf"), None))
                 if j < s.J:
-                    s.ids, s.labels, s.J, s.stale = c, l, j, 0
+                    s.ids, s.labels, s.J, s.L, s.stale = c, l, j, loss, 0
                 elif c is not None:
                     s.stale += 1
                 s.trace.append(s.J)
