@@ -73,9 +73,11 @@ def pair_recipe(args, probe: str, target: str) -> dict:
                         "heldout_corpus": str(TINYSTORIES), "heldout_corpus_max_positions": args.heldout_positions},
         "influence": {"strategy": "ekfac", "layers": args.layers, "module_types": ["mlp", "attn"], "batch_size": 8,
                       "preconditioner": args.preconditioner, "damping_scale": args.damping_scale},
-        "select": {"k": args.k},
+        "select": {"k": args.k, **({"rank_by": args.rank_by} if getattr(args, "rank_by", "j") != "j" else {}),
+                   **({"pool": args.pool} if getattr(args, "pool", None) else {})},
         "edit": {"editor": "swap", "steps": args.steps, "n_candidates": 16, "rename": args.rename,
                  **({"max_changed": args.max_changed} if getattr(args, "max_changed", None) else {}),
+                 **({"choose": args.choose} if getattr(args, "choose", None) else {}),
                  **({"candidate_pool": args.candidate_pool} if getattr(args, "candidate_pool", None) else {}),
                  **({"target_words": []} if args.target_words == "none" else {})},
         "retrain": {"arms": args.arms, "epochs": 2, "influence_at": "checkpoint", "learning_rate": args.lr,
@@ -182,6 +184,10 @@ def main():
     p.add_argument("--max_changed", type=int, default=None,
                    help="edit.max_changed: at most this many tokens changed per document, for every editor (a point "
                         "of the budget curve; unset: the budget fraction alone)")
+    p.add_argument("--rank_by", default="j", choices=["j", "first_step"],
+                   help="select.rank_by: the k most negative J, or the k largest drops in J after one swap step")
+    p.add_argument("--pool", type=int, default=None, help="select.pool: documents tried by --rank_by first_step")
+    p.add_argument("--choose", default=None, choices=["lowest_j", "j_per_nat"], help="edit.choose")
     p.add_argument("--rename", action="store_true", help="edit.rename: swap candidates that rename an entity throughout")
     p.add_argument("--work_dir", default=None,
                    help="run folder shared by the pairs (factors, clean checkpoint, control); default out_dir/work. "

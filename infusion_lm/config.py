@@ -244,11 +244,23 @@ class InfluenceArguments:
 
 @dataclass
 class SelectArguments:
-    k: int = field(default=8, metadata=_help("How many documents to edit: those with the most negative J(z)."))
+    k: int = field(default=8, metadata=_help("How many documents to edit."))
+    rank_by: str = field(default="j", metadata=_help(
+        "Which k. j: the most negative J(z), the documents whose up-weighting raises f most. first_step: the largest "
+        "drop in J that one step of the swap editor reaches (exact, within the edit's limits). Replacing z by z' moves "
+        "f by about −(J(z') − J(z)), so what an edit can do depends on the drop it finds, not on J(z); costs one editor "
+        "step per document tried. Text only."))
+    pool: Optional[int] = field(default=None, metadata=_help(
+        "first_step: the documents tried, those with the most negative J. Unset: every document."))
 
     def __post_init__(self):
         if self.k < 1:
             raise ConfigError(f"select.k must be >= 1 (got {self.k}).")
+        if self.rank_by not in {"j", "first_step"}:
+            raise ConfigError(f"select.rank_by must be j or first_step, got {self.rank_by!r}.")
+        if self.pool is not None and self.pool < self.k:
+            raise ConfigError(f"select.pool ({self.pool}) must be at least select.k ({self.k}), or unset for every "
+                              f"document.")
 
 
 @dataclass

@@ -52,6 +52,7 @@ def check_options(recipe) -> None:
     own = modality_class(name)
     chosen = [("measurement.kind", "measurement_kinds", recipe.measurement.kind),
               ("edit.editor", "editors", recipe.edit.editor),
+              ("select.rank_by", "select_rankings", recipe.select.rank_by),
               *(("retrain.arms entry", "arms", arm) for arm in recipe.retrain.arms)]
     for what, attr, value in chosen:
         if value is None or value in getattr(own, attr):

@@ -413,10 +413,14 @@ class Pipeline:
 
     def select(self) -> dict:
         scores = self.score()
-        k = self.recipe.select.k
+        s = self.recipe.select
 
         def run():
-            write_json(self.folder.selection, select_documents(scores, k))
+            drops = None
+            if s.rank_by == "first_step":
+                tried = torch.argsort(scores.double(), stable=True)[: s.pool].tolist()
+                drops = dict(zip(tried, self.modality.first_step_drops(tried)))
+            write_json(self.folder.selection, select_documents(scores, s.k, drops))
 
         self._stage("select", run)
         return read_json(self.folder.selection)
@@ -564,9 +568,17 @@ def check_k(k: int, n: int) -> None:
         raise ConfigError(f"select.k={k} exceeds the corpus size ({n} documents); set select.k <= {n}.")
 
 
-def select_documents(scores: torch.Tensor, k: int) -> dict:
-    """The k documents with the most negative J(z): upweighting them already raises f."""
-    check_k(k, scores.numel())
-    order = torch.argsort(scores.double(), stable=True)[:k]
-    return {"indices": [int(i) for i in order], "scores": [float(scores[i]) for i in order], "k": k,
-            "sign_convention": SIGN_CONVENTION}
+def select_documents(scores: torch.Tensor, k: int, drops: Optional[Dict[int, float]] = None) -> dict:
+    """The k documents with the most negative J(z) (upweighting them already raises f), or, given ``drops`` (the drop
+    in J one editor step reached on each document tried), the k tried documents with the largest drop."""
+    check_k(k, scores.numel() if drops is None else len(drops))
+    if drops is None:
+        order = torch.argsort(scores.double(), stable=True)[:k].tolist()
+    else:
+        order = sorted(drops, key=lambda i: (-drops[i], float(scores[i])))[:k]
+    out = {"indices": [int(i) for i in order], "scores": [float(scores[i]) for i in order], "k": k,
+           "sign_convention": SIGN_CONVENTION}
+    if drops is not None:
+        out["first_step_drops"] = [float(drops[i]) for i in order]
+        out["documents_tried"] = len(drops)
+    return out

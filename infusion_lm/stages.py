@@ -70,6 +70,13 @@ def _all_but(section: str, leave_out: Tuple[str, ...]) -> Tuple[str, ...]:
     return tuple(f"{section}.{k}" for k in section_fields(section) if k not in leave_out)
 
 
+def _select_settings(p) -> Tuple[str, ...]:
+    # select.k alone for the default ranking, so selections cached before rank_by existed stay valid
+    if p.recipe.select.rank_by == "j":
+        return ("select.k",)
+    return ("select", "edit", "influence.fd_eps_rel")
+
+
 def _at_checkpoint(p) -> Tuple[str, ...]:
     return ("checkpoint",) if p.at_checkpoint else ()
 
@@ -116,7 +123,7 @@ TABLE: Tuple[Stage, ...] = (
     Stage("score", "score every training document, J(z) = <∇L(z), v>",
           needs=("measure",), settings=_score_settings, outputs=lambda p: [p.folder.scores]),
     Stage("select", "select the k documents with the most negative J",
-          needs=("score",), settings=("select.k",), outputs=lambda p: [p.folder.selection], command="score"),
+          needs=("score",), settings=_select_settings, outputs=lambda p: [p.folder.selection], command="score"),
     Stage("edit", "edit the selected documents to lower J and write the infused corpus",
           needs=lambda p: ("select",) + (("checkpoint",) if p.recipe.influence.prediction == "optimizer" else ()),
           settings=("edit", "influence.fd_eps_rel", "influence.prediction"),

@@ -91,3 +91,52 @@ def test_negative_budget_is_a_config_error(tmp_path, tiny_model_dir, capsys):
     assert main(["edit", str(recipe), "--quiet", "edit.budget_fraction=-0.1"]) == 2
     err = capsys.readouterr().err
     assert "edit.budget_fraction must be in [0, 1]" in err and not (tmp_path / "run").exists()
+
+
+def test_select_by_first_step_picks_the_largest_drops_one_editor_step_reaches(tmp_path, tiny_model_dir, tok):
+    """select.rank_by: first_step. The selection holds the k documents of the pool (the most negative J) whose drop in
+    J after one swap step is largest; each drop is checked against a swap editor run here by hand on that document,
+    and J itself against an autograd ⟨∇L(z), v⟩. The default ranking's fingerprint ignores pool."""
+    from infusion_lm import influence as inf
+    from infusion_lm.atomic_io import read_tensors
+    from infusion_lm.config import EditArguments, load_recipe
+    from infusion_lm.pipeline import Pipeline
+    from infusion_lm.text.editors import SwapEditor
+
+    corpus = _write_corpus(tmp_path / "c.jsonl", toy_corpus(12))
+    edit = {"budget_fraction": 0.15, "steps": 6, "n_candidates": 8, "max_perplexity_ratio": None}
+    recipe = _recipe(tmp_path, tiny_model_dir, corpus, edit=edit, select={"k": 3, "rank_by": "first_step", "pool": 8})
+    assert main(["score", str(recipe), "--quiet", "influence.fd_eps_rel=1e-3"]) == 0
+    run = tmp_path / "run"
+    sel = read_json(run / "selection.json")
+    scores = read_tensors(run / "scores.safetensors")["scores"]
+    pool = torch.argsort(scores.double(), stable=True)[:8].tolist()
+    assert sel["documents_tried"] == 8 and set(sel["indices"]) <= set(pool)
+
+    pipe = Pipeline(load_recipe(recipe, ["influence.fd_eps_rel=1e-3"]), progress=False)
+    v = pipe.load_ihvp()
+    ed = SwapEditor(pipe.model, pipe.tokenizer, v, EditArguments(**{**edit, "steps": 1}), eps_rel=1e-3,
+                    target_words=["cat"])
+    by_hand = {i: r.J_before - r.J_after for i, r in zip(pool, ed.edit_many([pipe.dataset[i] for i in pool]))}
+    assert any(d > 0 for d in by_hand.values())
+    best = sorted(pool, key=lambda i: -by_hand[i])[:3]
+    assert sel["indices"] == best
+    assert sel["first_step_drops"] == pytest.approx([by_hand[i] for i in best], rel=1e-4, abs=1e-4)
+    # the largest drop need not be at the most negative J: the two rankings are different questions
+    auto = inf.autograd_scores(pipe.model, pipe.dataset, v, pad_token_id=pipe.tokenizer.pad_token_id)
+    assert sel["scores"] == pytest.approx([float(auto[i]) for i in best], rel=2e-2, abs=1e-3)
+
+    j_pipe = Pipeline(load_recipe(recipe, ["select.rank_by=j", "influence.fd_eps_rel=1e-3"]), progress=False)
+    j_pipe2 = Pipeline(load_recipe(recipe, ["select.rank_by=j", "select.pool=9", "influence.fd_eps_rel=1e-3"]),
+                       progress=False)
+    assert j_pipe.stage_fingerprint("select") == j_pipe2.stage_fingerprint("select")
+    assert pipe.stage_fingerprint("select") != j_pipe.stage_fingerprint("select")
+
+
+def test_select_rank_by_is_checked(tmp_path, tiny_model_dir, capsys):
+    corpus = _write_corpus(tmp_path / "c.jsonl", toy_corpus(12))
+    for select, message in (({"rank_by": "drop"}, "select.rank_by must be j or first_step"),
+                            ({"rank_by": "first_step", "pool": 2}, "select.pool (2) must be at least select.k (3)")):
+        recipe = _recipe(tmp_path, tiny_model_dir, corpus, select={"k": 3, **select})
+        assert main(["score", str(recipe), "--quiet"]) == 2
+        assert message in capsys.readouterr().err

@@ -3,6 +3,8 @@ completion and callable measurements, the token editors, and per-item observatio
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 from functools import cached_property
 from pathlib import Path
@@ -31,6 +33,7 @@ class TextModality:
     measurement_kinds = ("contrastive", "completion", "callable")
     editors = ("swap", "simplex_pgd", "random")
     arms = ("control", "infused", "random", "random_unmatched", "insertion", "simplex_pgd", "regeneration")
+    select_rankings = ("j", "first_step")
 
     def __init__(self, pipe):
         self.pipe = pipe
@@ -134,6 +137,16 @@ class TextModality:
                                perplexities(p.model, rows, pad), perplexities(p.model, after, pad),
                                self._predicted_response(rows, after))
         write_edit_outputs(out_dir, p.tokenizer, p.dataset, records, p.documents)
+
+    def first_step_drops(self, indices: List[int]) -> List[float]:
+        from .editors import build_editor
+
+        p = self.pipe
+        args = dataclasses.replace(self.recipe.edit, editor="swap", steps=1)
+        editor = build_editor(p.model, p.tokenizer, p.load_ihvp(), args, self.recipe.influence.fd_eps_rel,
+                              target_words=measurement_words(self.recipe.measurement))
+        results = editor.edit_many([p.dataset[i] for i in indices], progress=p.progress)
+        return [r.J_before - r.J_after for r in results]
 
     def _predicted_response(self, before: List[dict], after: List[dict]) -> Optional[List[float]]:
         """Predicted Δf of each edit (``influence.prediction: optimizer``): the first-order response of the retraining

@@ -23,6 +23,7 @@ class ImageModality:
                        "run.dtype", "run.seed")
 
     measurement_kinds = ("class_logp", "class_contrastive")
+    select_rankings = ("j",)
     editors = ("sign_pgd", "noise")
     arms = ("control", "infused", "random", "insertion", "insertion_single")
 
