@@ -41,12 +41,14 @@ def text_costs(pipe) -> Dict:
         "simplex_pgd": e.steps * 6 * T + (e.steps // e.eval_every + 1) * 2 * T,
         "random": 2 * T,
     }
+    swap_step = e.n_candidates * 2 * T * (0.6 if e.prefix_cache else 1.0) + 6 * T
+    tried = min(rec.select.pool or n, n) if rec.select.rank_by == "first_step" else 0  # one swap step per document
     edits = k * per_doc_edit[e.editor] + sum(k * per_doc_edit[a] for a in t.arms if a in ("random", "simplex_pgd"))
     epochs_per_arm = t.epochs if (t.from_scratch or t.epochs == 1) else 1
     clean = 0 if (t.from_scratch or t.epochs == 1 or t.checkpoint) else (t.epochs - 1) * 3 * N
     cost = {
         "synthesize": n * (rec.synthesize.max_new_tokens + 32) if pipe.synthetic else 0,
-        "fit": 6 * N, "measure": 100, "score": 3 * N, "select": 0, "edit": edits,
+        "fit": 6 * N, "measure": 100, "score": 3 * N, "select": tried * swap_step, "edit": edits,
         "retrain": clean + len(t.arms) * epochs_per_arm * 3 * N, "evaluate": N,
     }
     if "tracked" not in pipe.__dict__:  # stage fingerprints need module names only: a weightless model on `meta`
