@@ -71,9 +71,9 @@ def _all_but(section: str, leave_out: Tuple[str, ...]) -> Tuple[str, ...]:
 
 
 def _select_settings(p) -> Tuple[str, ...]:
-    # select.k alone for the default ranking, so selections cached before rank_by existed stay valid
+    # ranked by J, the selection depends on k alone (pool only bounds the documents first_step tries)
     if p.recipe.select.rank_by == "j":
-        return ("select.k",)
+        return ("select.k", "select.rank_by")
     return ("select", "edit", "influence.fd_eps_rel")
 
 

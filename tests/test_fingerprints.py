@@ -63,7 +63,7 @@ def test_recording_sees_reads(tmp_path):
     r = C.EditArguments()
     with recording() as reads:
         _ = r.steps, dataclasses.asdict(C.SelectArguments())
-    assert reads == {"edit.steps", "select.k"}
+    assert reads == {"edit.steps", "select.k", "select.rank_by", "select.pool"}
     assert "__getattribute__" not in vars(C.EditArguments)  # restored
 
 
@@ -74,8 +74,9 @@ NO_EFFECT = {"run.device", "run.output_dir", "run.trust_remote_code", "run.long_
 
 
 @pytest.mark.parametrize("variant", [{}, {"influence": {"preconditioner": "optimizer"},
-                                         "retrain": {"epochs": 2, "influence_at": "checkpoint"}}],
-                         ids=["factors at the model", "optimizer at the checkpoint"])
+                                         "retrain": {"epochs": 2, "influence_at": "checkpoint"}},
+                                     {"select": {"rank_by": "first_step", "pool": 6}}],
+                         ids=["factors at the model", "optimizer at the checkpoint", "selected by the first step"])
 def test_every_stage_fingerprints_what_it_reads(tmp_path, tiny_model_dir, monkeypatch, variant):
     import yaml
 
