@@ -96,8 +96,8 @@ def _measurement(measurement, tokenizer, max_length: int):
                       f" not {type(measurement).__name__}.")
 
 
-def infuse(model, tokenizer, train, measurement, *, k: int = 8, influence: Optional[InfluenceArguments] = None,
-           edit: Optional[EditArguments] = None, retrain=None, start_step: int = 0, max_length: int = 512,
+def infuse(model, tokenizer, train, measurement, *, k: int = 8, rank_by: str = "j", pool: Optional[int] = None,
+           influence: Optional[InfluenceArguments] = None, edit: Optional[EditArguments] = None, retrain=None, start_step: int = 0, max_length: int = 512,
            work_dir: Optional[str] = None, progress: bool = True) -> InfusionResult:
     """Finds the k training rows whose upweighting raises the measurement f most, and edits them so that they raise it
     more: v = H⁻¹∇f, J(z) = ⟨∇L(z), v⟩ for every row, the k most negative, then the editor lowers their J.
@@ -110,6 +110,9 @@ def infuse(model, tokenizer, train, measurement, *, k: int = 8, influence: Optio
         measurement: what to amplify: a :class:`~infusion_lm.config.MeasurementArguments` (as in a recipe's
             ``measurement:`` section) or a built :class:`~infusion_lm.measurement.Measurement`.
         k: how many rows to edit.
+        rank_by: which k (``select.rank_by``): ``"j"``, the most negative J; ``"first_step"``, the largest drop in J
+            one step of the swap editor reaches, on the ``pool`` rows with the most negative J (None: every row).
+        pool: see ``rank_by``.
         influence: an :class:`~infusion_lm.config.InfluenceArguments` (tracked layers, strategy, damping,
             preconditioner); defaults as in a recipe.
         edit: an :class:`~infusion_lm.config.EditArguments` (editor, budget, steps, fluency); defaults as in a recipe.
@@ -127,13 +130,13 @@ def infuse(model, tokenizer, train, measurement, *, k: int = 8, influence: Optio
     import datasets
 
     from . import influence as inf
-    from .text.editors import build_editor
+    from .text.editors import build_editor, first_step_drops
     from .forward_mode_j import document_j
     from .text.edit_outputs import edit_records
     from .losses import perplexities
     from .optimizer_influence import optimizer_ihvp, predicted_response, response_j
     from .config import SelectArguments
-    from .pipeline import check_k, select_documents
+    from .pipeline import check_k, documents_to_try, select_documents
     from .tracked_modules import resolve_tracked_modules
 
     i = influence or InfluenceArguments()
@@ -141,7 +144,8 @@ def infuse(model, tokenizer, train, measurement, *, k: int = 8, influence: Optio
     if tokenizer.pad_token_id is None:
         raise ConfigError("the tokenizer has no pad token; set tokenizer.pad_token = tokenizer.eos_token first.")
     rows = training_rows(tokenizer, train, max_length)
-    check_k(SelectArguments(k=k).k, len(rows))  # the bounds of select.k, checked where the recipe's are
+    sel = SelectArguments(k=k, rank_by=rank_by, pool=pool)  # the bounds of select.*, checked where the recipe's are
+    check_k(sel.k, len(rows))
     if i.preconditioner == "optimizer" and retrain is None:
         raise ConfigError("influence.preconditioner=optimizer models the training that follows: pass "
                           "retrain=RetrainArguments(...) (learning rate, batch size, epochs, optimizer).")
@@ -164,7 +168,12 @@ def infuse(model, tokenizer, train, measurement, *, k: int = 8, influence: Optio
             divisor = len(rows)  # v models one document of n
         scores = document_j(model, v, i.j_method, i.fd_eps_rel).dataset(
             rows, pad, batch_size=i.batch_size, progress=progress).float()
-        chosen = select_documents(scores, k)["indices"]
+        drops = None
+        if sel.rank_by == "first_step":
+            tried = documents_to_try(scores, sel.pool)
+            drops = dict(zip(tried, first_step_drops(model, tokenizer, v, e, [rows[t] for t in tried], i.fd_eps_rel,
+                                                     words, progress)))
+        chosen = select_documents(scores, k, drops)["indices"]
         editor = build_editor(model, tokenizer, v, e, i.fd_eps_rel, target_words=words)
         before = [rows[c] for c in chosen]
         results = editor.edit_many(before, progress=progress)

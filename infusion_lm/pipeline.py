@@ -418,7 +418,7 @@ class Pipeline:
         def run():
             drops = None
             if s.rank_by == "first_step":
-                tried = torch.argsort(scores.double(), stable=True)[: s.pool].tolist()
+                tried = documents_to_try(scores, s.pool)
                 drops = dict(zip(tried, self.modality.first_step_drops(tried)))
             write_json(self.folder.selection, select_documents(scores, s.k, drops))
 
@@ -566,6 +566,11 @@ def check_k(k: int, n: int) -> None:
     """select.k against the corpus (its lower bound, k >= 1, is SelectArguments' own check)."""
     if k > n:
         raise ConfigError(f"select.k={k} exceeds the corpus size ({n} documents); set select.k <= {n}.")
+
+
+def documents_to_try(scores: torch.Tensor, pool: Optional[int]) -> List[int]:
+    """select.rank_by: first_step tries the ``pool`` documents with the most negative J (None: every document)."""
+    return torch.argsort(scores.double(), stable=True)[:pool].tolist()
 
 
 def select_documents(scores: torch.Tensor, k: int, drops: Optional[Dict[int, float]] = None) -> dict:

@@ -94,7 +94,25 @@ def test_callback_and_infuse_share_one_path(tiny_setup, tmp_path):
     assert [data[i]["input_ids"] for i in direct.indices] == [r["input_ids"] for r in direct.edited_rows]
 
 
+def test_first_step_ranking_picks_the_largest_one_step_drops(tiny_setup, result, tmp_path):
+    """rank_by="first_step": of the pool (the most negative J), the k rows whose drop in J after one swap step, run
+    here by hand on the same v, is largest; the edits start from those rows."""
+    from infusion_lm.text.editors import SwapEditor
+
+    s, (r, _) = tiny_setup, result
+    fs = infuse(s["model"], s["tok"], s["dataset"], MEASURE, k=2, rank_by="first_step", pool=6, edit=EDIT,
+                work_dir=str(tmp_path), progress=False, influence=InfluenceArguments(batch_size=8))
+    pool = torch.argsort(fs.scores.double(), stable=True)[:6].tolist()
+    ed = SwapEditor(s["model"], s["tok"], fs.ihvp, EditArguments(budget_fraction=0.15, steps=1, n_candidates=8),
+                    target_words=["cat"])
+    drops = {i: res.J_before - res.J_after for i, res in zip(pool, ed.edit_many([s["dataset"][i] for i in pool]))}
+    assert fs.indices == sorted(pool, key=lambda i: -drops[i])[:2]
+    assert [rec["original_input_ids"] for rec in fs.records] == [list(s["dataset"][i]["input_ids"]) for i in fs.indices]
+
+
 @pytest.mark.parametrize("kwargs, match", [
+    ({"rank_by": "drop"}, "select.rank_by must be j or first_step"),
+    ({"rank_by": "first_step", "pool": 1}, "select.pool \\(1\\) must be at least select.k \\(2\\)"),
     ({"k": 0}, "select.k must be >= 1"),
     ({"k": 10**6}, "select.k=1000000 exceeds the corpus size"),
     ({"measurement": "dog -> cat"}, "measurement must be a MeasurementArguments"),

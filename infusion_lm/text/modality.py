@@ -3,8 +3,6 @@ completion and callable measurements, the token editors, and per-item observatio
 
 from __future__ import annotations
 
-import dataclasses
-
 import logging
 from functools import cached_property
 from pathlib import Path
@@ -139,14 +137,11 @@ class TextModality:
         write_edit_outputs(out_dir, p.tokenizer, p.dataset, records, p.documents)
 
     def first_step_drops(self, indices: List[int]) -> List[float]:
-        from .editors import build_editor
+        from .editors import first_step_drops
 
         p = self.pipe
-        args = dataclasses.replace(self.recipe.edit, editor="swap", steps=1)
-        editor = build_editor(p.model, p.tokenizer, p.load_ihvp(), args, self.recipe.influence.fd_eps_rel,
-                              target_words=measurement_words(self.recipe.measurement))
-        results = editor.edit_many([p.dataset[i] for i in indices], progress=p.progress)
-        return [r.J_before - r.J_after for r in results]
+        return first_step_drops(p.model, p.tokenizer, p.load_ihvp(), self.recipe.edit, [p.dataset[i] for i in indices],
+                                self.recipe.influence.fd_eps_rel, measurement_words(self.recipe.measurement), p.progress)
 
     def _predicted_response(self, before: List[dict], after: List[dict]) -> Optional[List[float]]:
         """Predicted Δf of each edit (``influence.prediction: optimizer``): the first-order response of the retraining
