@@ -586,4 +586,6 @@ def select_documents(scores: torch.Tensor, k: int, drops: Optional[Dict[int, flo
     if drops is not None:
         out["first_step_drops"] = [float(drops[i]) for i in order]
         out["documents_tried"] = len(drops)
+        out["tried"] = {"indices": [int(i) for i in drops], "J": [float(scores[i]) for i in drops],
+                        "first_step_drops": [float(d) for d in drops.values()]}
     return out

@@ -111,7 +111,7 @@ def test_select_by_first_step_picks_the_largest_drops_one_editor_step_reaches(tm
     sel = read_json(run / "selection.json")
     scores = read_tensors(run / "scores.safetensors")["scores"]
     pool = torch.argsort(scores.double(), stable=True)[:8].tolist()
-    assert sel["documents_tried"] == 8 and set(sel["indices"]) <= set(pool)
+    assert sel["documents_tried"] == 8 and set(sel["indices"]) <= set(pool) and sel["tried"]["indices"] == pool
 
     pipe = Pipeline(load_recipe(recipe, ["influence.fd_eps_rel=1e-3"]), progress=False)
     v = pipe.load_ihvp()
