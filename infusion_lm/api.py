@@ -130,7 +130,7 @@ def infuse(model, tokenizer, train, measurement, *, k: int = 8, rank_by: str = "
     import datasets
 
     from . import influence as inf
-    from .text.editors import build_editor, first_step_drops
+    from .text.editors import build_editor, first_step
     from .forward_mode_j import document_j
     from .text.edit_outputs import edit_records
     from .losses import perplexities
@@ -168,15 +168,17 @@ def infuse(model, tokenizer, train, measurement, *, k: int = 8, rank_by: str = "
             divisor = len(rows)  # v models one document of n
         scores = document_j(model, v, i.j_method, i.fd_eps_rel).dataset(
             rows, pad, batch_size=i.batch_size, progress=progress).float()
-        drops = None
+        drops = starts = None
         if sel.rank_by == "first_step":
             tried = documents_to_try(scores, sel.pool)
-            drops = dict(zip(tried, first_step_drops(model, tokenizer, v, e, [rows[t] for t in tried], i.fd_eps_rel,
-                                                     words, progress)))
+            stepped = first_step(model, tokenizer, v, e, [rows[t] for t in tried], i.fd_eps_rel, words, progress)
+            drops = {t: r.J_before - r.J_after for t, r in zip(tried, stepped)}
+            starts = {t: r.input_ids for t, r in zip(tried, stepped)}
         chosen = select_documents(scores, k, drops)["indices"]
         editor = build_editor(model, tokenizer, v, e, i.fd_eps_rel, target_words=words)
         before = [rows[c] for c in chosen]
-        results = editor.edit_many(before, progress=progress)
+        results = editor.edit_many(before, progress=progress,
+                                   starts=[starts[c] for c in chosen] if starts and e.editor == "swap" else None)
         after = [{"input_ids": list(r.input_ids), "labels": list(r.labels)} for r in results]
         predicted = None
         if retrain is not None and i.prediction == "optimizer":

@@ -18,7 +18,7 @@ class Modality(Protocol):
     measurement_kinds: Tuple[str, ...]  # measurement.kind values it builds
     editors: Tuple[str, ...]  # edit.editor values it runs
     arms: Tuple[str, ...]  # retrain.arms it can assemble
-    select_rankings: Tuple[str, ...]  # select.rank_by values it supports ("j" always; others need first_step_drops)
+    select_rankings: Tuple[str, ...]  # select.rank_by values it supports ("j" always; first_step needs first_step)
 
     @staticmethod
     def check_recipe(recipe) -> None:
@@ -79,8 +79,9 @@ class Modality(Protocol):
     def editor_revision(self, editor: str) -> int:
         """A revision number of the editor's algorithm: a fix redoes its cached baseline edits."""
 
-    def first_step_drops(self, indices: List[int]) -> List[float]:
-        """J(z) − J(z') after one editor step on each listed document (select.rank_by: first_step)."""
+    def first_step(self, indices: List[int]) -> List[tuple]:
+        """(J(z) − J(z'), z') after one editor step on each listed document (select.rank_by: first_step); the edit
+        stage continues from z'."""
 
     def replacements(self, arm: str, indices: List[int]) -> Dict[int, dict]:
         """Which documents an arm replaces, and with what rows."""

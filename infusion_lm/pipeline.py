@@ -416,11 +416,13 @@ class Pipeline:
         s = self.recipe.select
 
         def run():
-            drops = None
+            drops = starts = None
             if s.rank_by == "first_step":
                 tried = documents_to_try(scores, s.pool)
-                drops = dict(zip(tried, self.modality.first_step_drops(tried)))
-            write_json(self.folder.selection, select_documents(scores, s.k, drops))
+                stepped = self.modality.first_step(tried)
+                drops = {i: d for i, (d, _) in zip(tried, stepped)}
+                starts = {i: ids for i, (_, ids) in zip(tried, stepped)}
+            write_json(self.folder.selection, select_documents(scores, s.k, drops, starts))
 
         self._stage("select", run)
         return read_json(self.folder.selection)
@@ -573,9 +575,11 @@ def documents_to_try(scores: torch.Tensor, pool: Optional[int]) -> List[int]:
     return torch.argsort(scores.double(), stable=True)[:pool].tolist()
 
 
-def select_documents(scores: torch.Tensor, k: int, drops: Optional[Dict[int, float]] = None) -> dict:
+def select_documents(scores: torch.Tensor, k: int, drops: Optional[Dict[int, float]] = None,
+                     starts: Optional[Dict[int, list]] = None) -> dict:
     """The k documents with the most negative J(z) (upweighting them already raises f), or, given ``drops`` (the drop
-    in J one editor step reached on each document tried), the k tried documents with the largest drop."""
+    in J one editor step reached on each document tried), the k tried documents with the largest drop; ``starts``:
+    the tokens that step reached, kept for the selected documents (the edit continues from them)."""
     check_k(k, scores.numel() if drops is None else len(drops))
     if drops is None:
         order = torch.argsort(scores.double(), stable=True)[:k].tolist()
@@ -586,6 +590,8 @@ def select_documents(scores: torch.Tensor, k: int, drops: Optional[Dict[int, flo
     if drops is not None:
         out["first_step_drops"] = [float(drops[i]) for i in order]
         out["documents_tried"] = len(drops)
+        if starts is not None:
+            out["first_step_input_ids"] = [list(map(int, starts[i])) for i in order]
         out["tried"] = {"indices": [int(i) for i in drops], "J": [float(scores[i]) for i in drops],
                         "first_step_drops": [float(d) for d in drops.values()]}
     return out

@@ -122,6 +122,15 @@ def test_select_by_first_step_picks_the_largest_drops_one_editor_step_reaches(tm
     best = sorted(pool, key=lambda i: -by_hand[i])[:3]
     assert sel["indices"] == best
     assert sel["first_step_drops"] == pytest.approx([by_hand[i] for i in best], rel=1e-4, abs=1e-4)
+    # the edit continues from the first step: it keeps at least that drop, counting changes from the original
+    assert main(["edit", str(recipe), "--quiet", "influence.fd_eps_rel=1e-3"]) == 0
+    records = {r["doc_index"]: r for r in map(json.loads, (run / "edits.jsonl").read_text().splitlines())}
+    for i, drop, start in zip(sel["indices"], sel["first_step_drops"], sel["first_step_input_ids"]):
+        rec = records[i]
+        assert rec["original_input_ids"] == list(pipe.dataset[i]["input_ids"])
+        if drop > 0:  # re-scored with a full forward where the step used the prefix cache: ~1e-2 apart
+            assert rec["J_trace"][1] == pytest.approx(rec["J_before"] - drop, rel=2e-2, abs=1e-3)
+            assert rec["J_after"] <= rec["J_trace"][1]
     # the largest drop need not be at the most negative J: the two rankings are different questions
     auto = inf.autograd_scores(pipe.model, pipe.dataset, v, pad_token_id=pipe.tokenizer.pad_token_id)
     assert sel["scores"] == pytest.approx([float(auto[i]) for i in best], rel=2e-2, abs=1e-3)

@@ -382,3 +382,24 @@ def test_j_per_nat_keeps_the_largest_drop_per_nat_and_tracks_the_current_loss(ed
 def test_choose_rejects_an_unknown_rule():
     with pytest.raises(ValueError, match="edit.choose must be lowest_j or j_per_nat"):
         EditArguments(choose="best")
+
+
+def test_a_start_is_continued_from_and_an_invalid_one_ignored(editor_setup):
+    """edit_many(starts=...): the search goes on from tokens an earlier step reached (re-scored exactly); changes still
+    count from the original; a start over the budget is not taken."""
+    s, v, docs = editor_setup
+    rows = [s["dataset"][i] for i in docs[:4]]
+    one = _editor(s, v, steps=1).edit_many(rows)
+    assert any(r.n_changed for r in one)
+    more = _editor(s, v, steps=3, seed=5).edit_many(rows, starts=[r.input_ids for r in one])
+    for r1, r2, row in zip(one, more, rows):
+        assert r2.J_before == pytest.approx(r1.J_before, rel=1e-4)
+        if r1.n_changed:
+            assert r2.J_trace[1] == pytest.approx(r1.J_after, rel=1e-3, abs=1e-3)
+            assert r2.J_after <= r1.J_after + 1e-6
+        assert r2.changed_positions == [p for p in range(len(row["input_ids"])) if r2.input_ids[p] != row["input_ids"][p]]
+    ids = list(rows[0]["input_ids"])
+    over = [t if p % 2 else (t + 1) % 50 for p, t in enumerate(ids)]  # far more changes than the budget
+    r = _editor(s, v, steps=1).edit_many(rows[:1], starts=[over])[0]
+    assert r.input_ids != over and r.n_changed <= r.budget < sum(a != b for a, b in zip(ids, over))
+    assert len(r.J_trace) == 2  # J before, then the one step: no start was taken

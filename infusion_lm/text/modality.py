@@ -128,7 +128,7 @@ class TextModality:
         editor = build_editor(p.model, p.tokenizer, p.load_ihvp(), args, self.recipe.influence.fd_eps_rel,
                               target_words=measurement_words(self.recipe.measurement))
         rows = [p.dataset[i] for i in indices]
-        results = editor.edit_many(rows, progress=p.progress, targets=targets)
+        results = editor.edit_many(rows, progress=p.progress, targets=targets, starts=self._first_steps(args, indices))
         pad = p.tokenizer.pad_token_id
         after = [{"input_ids": r.input_ids, "labels": r.labels} for r in results]
         records = edit_records(p.tokenizer, indices, results, p.prediction_divisor, args.editor,
@@ -136,12 +136,26 @@ class TextModality:
                                self._predicted_response(rows, after))
         write_edit_outputs(out_dir, p.tokenizer, p.dataset, records, p.documents)
 
-    def first_step_drops(self, indices: List[int]) -> List[float]:
-        from .editors import first_step_drops
+    def _first_steps(self, args, indices: List[int]) -> Optional[List[Optional[list]]]:
+        """The swap editor continues from the selection's first step (select.rank_by: first_step), where there is one."""
+        from ..atomic_io import read_json
+
+        path = self.pipe.folder.selection
+        if args.editor != "swap" or not path.is_file():
+            return None
+        sel = read_json(path)
+        if "first_step_input_ids" not in sel:
+            return None
+        by_doc = dict(zip(sel["indices"], sel["first_step_input_ids"]))
+        return [by_doc.get(i) for i in indices]
+
+    def first_step(self, indices: List[int]) -> List[tuple]:
+        from .editors import first_step
 
         p = self.pipe
-        return first_step_drops(p.model, p.tokenizer, p.load_ihvp(), self.recipe.edit, [p.dataset[i] for i in indices],
-                                self.recipe.influence.fd_eps_rel, measurement_words(self.recipe.measurement), p.progress)
+        results = first_step(p.model, p.tokenizer, p.load_ihvp(), self.recipe.edit, [p.dataset[i] for i in indices],
+                             self.recipe.influence.fd_eps_rel, measurement_words(self.recipe.measurement), p.progress)
+        return [(r.J_before - r.J_after, r.input_ids) for r in results]
 
     def _predicted_response(self, before: List[dict], after: List[dict]) -> Optional[List[float]]:
         """Predicted Δf of each edit (``influence.prediction: optimizer``): the first-order response of the retraining

@@ -18,15 +18,15 @@ def build_editor(model, tokenizer, v, args, eps_rel: float = 1e-4, target_words=
     return EDITORS[args.editor](model, tokenizer, v, args, eps_rel=eps_rel, target_words=target_words)
 
 
-def first_step_drops(model, tokenizer, v, args, rows, eps_rel: float = 1e-4, target_words=(), progress: bool = False):
-    """J(z) − J(z') after one step of the swap editor (``args``' budget, fluency and limits) on each row: what
-    ``select.rank_by: first_step`` ranks documents by."""
+def first_step(model, tokenizer, v, args, rows, eps_rel: float = 1e-4, target_words=(), progress: bool = False):
+    """One step of the swap editor (``args``' budget, fluency and limits) on each row, as EditResults: their drop
+    J(z) − J(z') is what ``select.rank_by: first_step`` ranks documents by, and the edit continues from them."""
     import dataclasses
 
     editor = build_editor(model, tokenizer, v, dataclasses.replace(args, editor="swap", steps=1), eps_rel, target_words)
-    return [r.J_before - r.J_after for r in editor.edit_many(rows, progress=progress)]
+    return editor.edit_many(rows, progress=progress)
 
 
 __all__ = ["EDITORS", "EditResult", "RandomEditor", "SimplexPGDEditor", "SwapEditor", "TokenEditor",
-           "allowed_vocabulary", "build_editor", "effective_embeddings", "first_step_drops", "gini_entropy", "project_entropy",
+           "allowed_vocabulary", "build_editor", "effective_embeddings", "first_step", "gini_entropy", "project_entropy",
            "project_simplex", "retokenises"]

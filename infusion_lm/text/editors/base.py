@@ -308,9 +308,12 @@ class TokenEditor:
         return self.edit_many([{"input_ids": input_ids, "labels": labels}])[0]
 
     def edit_many(self, rows: Sequence[Mapping[str, Sequence[int]]], progress: bool = False,
-                  targets: Optional[Sequence[int]] = None) -> List[EditResult]:
+                  targets: Optional[Sequence[int]] = None,
+                  starts: Optional[Sequence[Optional[Sequence[int]]]] = None) -> List[EditResult]:
         """Edits every row; ``targets`` (one per row) asks for exactly that many changed tokens where the editor
-        supports it (the matched random baseline)."""
+        supports it (the matched random baseline). ``starts`` (one per row, or None): token ids an earlier search
+        already reached (the selection's first step), which the search continues from when they lower J within the
+        budget and the perplexity limit; a row's result still counts its changes from the original."""
         from tqdm.auto import tqdm
 
         out: List[EditResult] = []
@@ -321,10 +324,25 @@ class TokenEditor:
                 if targets is not None:
                     for st, t in zip(states, targets[i: i + bs]):
                         st.target = int(t)
+                if starts is not None:
+                    self._start_from(states, starts[i: i + bs])
                 self._edit_batch([s for s in states if s.budget > 0])
                 out.extend(s.result() for s in states)
                 bar.update(len(states))
         return out
+
+    def _start_from(self, states: List[DocState], starts) -> None:
+        """Moves each state to its start where that is a valid edit that lowers J (re-scored exactly here)."""
+        keep = [(s, torch.as_tensor(list(x), device=self.device)) for s, x in zip(states, starts) if x is not None]
+        keep = [(s, x) for s, x in keep if x.shape == s.ids0.shape and not torch.equal(x, s.ids0)
+                and int((x != s.ids0).sum()) <= s.budget and bool(s.fluent[(x != s.ids0), x[x != s.ids0]].all())]
+        if not keep:
+            return
+        j, loss = self.exact([x for _, x in keep], [s.labels_for(x) for s, x in keep])
+        for (s, x), jj, ll in zip(keep, j.tolist(), loss.tolist()):
+            if jj < s.J and s.fluent_enough(ll):
+                s.ids, s.labels, s.J, s.L = x, s.labels_for(x), jj, ll
+                s.trace.append(jj)
 
     def _edit_batch(self, states: List[DocState]) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
