@@ -392,11 +392,15 @@ def test_a_start_is_continued_from_and_an_invalid_one_ignored(editor_setup):
     one = _editor(s, v, steps=1).edit_many(rows)
     assert any(r.n_changed for r in one)
     more = _editor(s, v, steps=3, seed=5).edit_many(rows, starts=[r.input_ids for r in one])
-    for r1, r2, row in zip(one, more, rows):
+    # the start's exact J, by autograd (the editors' finite difference at eps_rel 1e-3 agrees to about 1e-3 relative,
+    # and its rounding depends on how the candidates were batched, so it is checked at 1e-2)
+    starts_j = inf.autograd_scores(s["model"], [{"input_ids": r.input_ids, "labels": r.labels} for r in one], v,
+                                   pad_token_id=s["tok"].pad_token_id).tolist()
+    for r1, r2, row, j_start in zip(one, more, rows, starts_j):
         assert r2.J_before == pytest.approx(r1.J_before, rel=1e-4)
         if r1.n_changed:
-            assert r2.J_trace[1] == pytest.approx(r1.J_after, rel=1e-3, abs=1e-3)
-            assert r2.J_after <= r1.J_after + 1e-6
+            assert r2.J_trace[1] == pytest.approx(j_start, rel=1e-2, abs=1e-2)
+            assert r2.J_after <= r2.J_trace[1] + 1e-6
         assert r2.changed_positions == [p for p in range(len(row["input_ids"])) if r2.input_ids[p] != row["input_ids"][p]]
     ids = list(rows[0]["input_ids"])
     over = [t if p % 2 else (t + 1) % 50 for p, t in enumerate(ids)]  # far more changes than the budget
