@@ -25,8 +25,9 @@ import statistics
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_RUNS = [f"default={ROOT / 'evals/results/lm_tinystories.json'}",
-                f"max_changed_1={ROOT / 'evals/results/lm_tinystories_budget_dog_bear.json'}"]
+DEFAULT_RUNS = ["default=evals/results/lm_tinystories.json",
+                "max_changed_1=evals/results/lm_tinystories_budget_dog_bear.json",
+                "first_step=evals/results/lm_tinystories_first_step.json"]
 
 
 def points(label: str, result: dict) -> list:
@@ -81,6 +82,8 @@ def main():
         label, _, path = spec.partition("=")
         if not path:
             raise SystemExit(f"--runs {spec!r}: write LABEL=PATH, e.g. default=evals/results/lm_tinystories.json")
+        if not Path(path).is_absolute() and not Path(path).is_file():  # relative to the repository, wherever run
+            path = str(ROOT / path)
         if not Path(path).is_file():
             raise SystemExit(f"--runs {spec!r}: {path} not found; run evals/lm_tinystories.py first")
         rows += points(label, json.loads(Path(path).read_text()))
@@ -126,7 +129,8 @@ def main():
                        "median_actual_over_predicted": statistics.median(r["delta_f"] / r["predicted_delta_f"]
                                                                          for r in with_pred)}
 
-    out = {"command": "python evals/lm_effect_curve.py --runs " + " ".join(args.runs),
+    runs = " ".join(r.replace(f"{ROOT}/", "") for r in args.runs)
+    out = {"command": "python evals/lm_effect_curve.py --runs " + runs,
            "correlation_pooled": correlations(rows),
            "correlation_per_arm": {f"{g[0]}/{g[1]}": correlations([r for r in rows if (r["run"], r["arm"]) == g])
                                    for g in groups},

@@ -87,6 +87,23 @@ def pair_recipe(args, probe: str, target: str) -> dict:
     }
 
 
+def selection_summary(sel: dict) -> dict:
+    """With select.rank_by: first_step, how well J says which documents one swap step can move: Spearman of J against
+    the one-step drop over every tried document, and the summed drop of the k with the most negative J against that
+    of the k chosen."""
+    from scipy.stats import spearmanr
+
+    tried, k = sel["tried"], sel["k"]
+    by_j = sorted(range(len(tried["J"])), key=lambda i: tried["J"][i])[:k]
+    drops = tried["first_step_drops"]
+    return {"documents_tried": len(drops), "k": k,
+            "spearman_J_vs_first_step_drop": float(spearmanr(tried["J"], drops).statistic),
+            "first_step_drop_of_k_most_negative_J": sum(drops[i] for i in by_j),
+            "first_step_drop_of_chosen": sum(sel["first_step_drops"]),
+            "documents_without_a_drop": sum(d <= 0 for d in drops),
+            "J_of_chosen": sel["scores"]}
+
+
 def summarise(per_pair: dict, arms, primary: str = "heldout_corpus") -> dict:
     def entry(p, arm):
         a = p["arms"][arm]
@@ -130,10 +147,17 @@ def summarise(per_pair: dict, arms, primary: str = "heldout_corpus") -> dict:
     return out
 
 
-def merge_runs(earlier: dict, per_pair: dict, arms, tolerance: float = 1e-6) -> tuple:
+def merge_runs(earlier: dict, per_pair: dict, arms, tolerance: float = 1e-6, only_arms=None) -> tuple:
     """Pairs of an earlier run of this eval with this run's arms added, and this run's other pairs. Arms of two runs
     compare only against one control: every pair's control f (every evaluation set, mean over the seeds) must agree,
-    which holds when both ran on one work_dir with the same seeds (control is trained once per seed and shared)."""
+    which holds when both ran on one work_dir with the same seeds (control is trained once per seed and shared).
+
+    ``only_arms``: take just these arms from the earlier run, and only on this run's pairs (e.g. the baselines of the
+    default eval beside an infused variant)."""
+    if only_arms:
+        earlier = {**earlier, "arms": [a for a in earlier["arms"] if a in only_arms],
+                   "per_pair": {key: {**old, "arms": {a: v for a, v in old["arms"].items() if a in only_arms}}
+                                for key, old in earlier["per_pair"].items() if key in per_pair}}
     if earlier.get("seeds") is not None and sorted(earlier["seeds"]) != sorted(next(iter(per_pair.values()))["seeds"]):
         raise SystemExit(f"--merge: seeds differ ({earlier['seeds']}); rerun with the same --seeds")
     merged = {}
@@ -202,6 +226,8 @@ def main():
                    help="an earlier result JSON of this eval on the same work_dir and seeds: its arms join this run's "
                         "per pair (e.g. baselines run later beside infused/random), after a check that both runs' "
                         "control f are the same")
+    p.add_argument("--merge_arms", nargs="+", default=None,
+                   help="with --merge: take only these arms from the earlier run, on this run's pairs only")
     p.add_argument("--merge_tolerance", type=float, default=1e-6,
                    help="largest difference of control f between the merged runs (controls retrained on another "
                         "machine differ by float rounding, about 3e-4 nats here)")
@@ -231,6 +257,8 @@ def main():
         pairs = []
         for d in sorted((Path(args.out_dir) / "pairs").glob("*_*")):
             res = json.loads((d / "results.json").read_text())
+            if (d / "selection.json").is_file() and "tried" in (sel := json.loads((d / "selection.json").read_text())):
+                res["selection"] = selection_summary(sel)
             per_pair[d.name.replace("_", "->")] = res
         args.arms = list(dict.fromkeys(["control", *(a for res in per_pair.values() for a in res["arms"])]))
     for probe, target in pairs:
@@ -244,8 +272,10 @@ def main():
         res = pipe.run("evaluate")
         timings[key] = time.perf_counter() - t0
         dest.mkdir(parents=True, exist_ok=True)
-        for name in ("results.json", "report.md", "report.html"):
+        for name in ("results.json", "report.md", "report.html", "selection.json"):
             shutil.copy2(pipe.dir / name, dest / name)
+        if "tried" in (sel := json.loads(pipe.folder.selection.read_text())):  # select.rank_by: first_step
+            res["selection"] = selection_summary(sel)
         # each edited arm's own records (the top-level edits.jsonl is the infused arm's: stale when it did not run)
         for arm in ("infused", "random", "simplex_pgd"):
             if arm in args.arms:
@@ -260,7 +290,7 @@ def main():
         raise SystemExit("no finished pairs")
     if args.merge:
         per_pair, args.arms = merge_runs(json.loads(Path(args.merge).read_text()), per_pair, args.arms,
-                                         args.merge_tolerance)
+                                         args.merge_tolerance, args.merge_arms)
     summary = summarise(per_pair, args.arms)
     print()
     print(f"{'arm':<13}{'pairs':>6}{'Δf mean':>9}{'median':>9}{'> control':>11}{'CI > 0':>8}{'specific':>10}"
