@@ -87,6 +87,13 @@ def main():
         if not Path(path).is_file():
             raise SystemExit(f"--runs {spec!r}: {path} not found; run evals/lm_tinystories.py first")
         rows += points(label, json.loads(Path(path).read_text()))
+    seen, unique = set(), []
+    for r in rows:  # an arm merged into several results files (a baseline beside a variant) counts once
+        key = (r["pair"], r["arm"], r["minus_delta_J"], r["delta_f"])
+        if key not in seen:
+            seen.add(key)
+            unique.append(r)
+    rows = unique
     if len(rows) < 4:
         raise SystemExit(f"only {len(rows)} edited arms in --runs; the fit needs at least 4")
 
