@@ -104,6 +104,14 @@ def selection_summary(sel: dict) -> dict:
             "J_of_chosen": sel["scores"]}
 
 
+def with_selection(res: dict, pair_dir: Path) -> dict:
+    """A pair's results, with the selection summary where it was ranked by first step (its selection.json has `tried`)."""
+    path = pair_dir / "selection.json"
+    if path.is_file() and "tried" in (sel := json.loads(path.read_text())):
+        res["selection"] = selection_summary(sel)
+    return res
+
+
 def summarise(per_pair: dict, arms, primary: str = "heldout_corpus") -> dict:
     def entry(p, arm):
         a = p["arms"][arm]
@@ -256,10 +264,7 @@ def main():
     if args.summarise_only:
         pairs = []
         for d in sorted((Path(args.out_dir) / "pairs").glob("*_*")):
-            res = json.loads((d / "results.json").read_text())
-            if (d / "selection.json").is_file() and "tried" in (sel := json.loads((d / "selection.json").read_text())):
-                res["selection"] = selection_summary(sel)
-            per_pair[d.name.replace("_", "->")] = res
+            per_pair[d.name.replace("_", "->")] = with_selection(json.loads((d / "results.json").read_text()), d)
         args.arms = list(dict.fromkeys(["control", *(a for res in per_pair.values() for a in res["arms"])]))
     for probe, target in pairs:
         key = f"{probe}->{target}"
@@ -274,8 +279,7 @@ def main():
         dest.mkdir(parents=True, exist_ok=True)
         for name in ("results.json", "report.md", "report.html", "selection.json"):
             shutil.copy2(pipe.dir / name, dest / name)
-        if "tried" in (sel := json.loads(pipe.folder.selection.read_text())):  # select.rank_by: first_step
-            res["selection"] = selection_summary(sel)
+        res = with_selection(res, dest)
         # each edited arm's own records (the top-level edits.jsonl is the infused arm's: stale when it did not run)
         for arm in ("infused", "random", "simplex_pgd"):
             if arm in args.arms:
