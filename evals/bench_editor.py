@@ -31,7 +31,7 @@ from bench_influence import ROOT, documents  # noqa: E402  (also sets HF_HUB_OFF
 
 def candidate_throughput(model, tok, v, row, n: int = 32, seed: int = 0) -> dict:
     from infusion_lm import influence as inf
-    from infusion_lm.config import EditArguments
+    from infusion_lm.text.config import EditArguments
     from infusion_lm.text.editors import SwapEditor
 
     ed = SwapEditor(model, tok, v, EditArguments(seed=seed, n_candidates=n, max_perplexity_ratio=None))
@@ -68,7 +68,7 @@ def pruning_recall(model, tok, v, rows, n: int = 16, pool: int = 4, seed: int = 
     Speed: pool candidates per second of the first-order pass plus the exact scoring of the kept n."""
     import torch
 
-    from infusion_lm.config import EditArguments
+    from infusion_lm.text.config import EditArguments
     from infusion_lm.text.editors import SwapEditor
 
     ed = SwapEditor(model, tok, v, EditArguments(seed=seed, n_candidates=n * pool, max_perplexity_ratio=None))
@@ -97,7 +97,7 @@ def pruning_recall(model, tok, v, rows, n: int = 16, pool: int = 4, seed: int = 
 
 
 def run_editor(name, model, tok, v, rows, args) -> dict:
-    from infusion_lm.config import EditArguments
+    from infusion_lm.text.config import EditArguments
     from infusion_lm.text.editors import build_editor
     from infusion_lm.losses import perplexities
 

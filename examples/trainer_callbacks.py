@@ -20,7 +20,7 @@ from transformers import Trainer, TrainingArguments  # noqa: E402
 
 from infusion_lm import CausalLMCollator, contrastive_measurement, load_model, tokenize_documents  # noqa: E402
 from infusion_lm.callbacks import InfusionCallback, MeasurementCallback, SwappableDataset  # noqa: E402
-from infusion_lm.config import EditArguments, InfluenceArguments, MeasurementArguments  # noqa: E402
+from infusion_lm import EditArguments, InfluenceArguments, MeasurementArguments  # noqa: E402
 
 ANIMALS = ["dog", "cat", "bird", "fish", "frog", "duck"]
 PLACES = ["park", "garden", "lake", "forest", "beach", "yard"]

@@ -1,8 +1,9 @@
 """infusion_lm: shape a model's behaviour by editing its training data with influence functions (Infusion)."""
 
 from .api import InfusionResult, compare, infuse, retrain_arms, training_rows
-from .config import (EditArguments, EvaluateArguments, InfluenceArguments, MeasurementArguments, Recipe,
-                     RetrainArguments, SelectArguments, load_recipe)
+from .config import InfluenceArguments, Recipe, SelectArguments, load_recipe
+from .text.config import (EditArguments, EvaluateArguments, MeasurementArguments, RetrainArguments, RunArguments,
+                          SynthesizeArguments)
 from .corpus import CausalLMCollator, load_documents, tokenize_documents
 from .errors import ConfigError, CorpusError, InfusionError, MeasurementError, ModelNotFoundError, RunFolderError
 from .influence import (FiniteDifferenceJ, autograd_scores, compute_ihvp, fit_factors, kronfluence_scores,
@@ -17,7 +18,7 @@ from .tracked_modules import resolve_tracked_modules
 __version__ = "0.1.0"
 __all__ = [
     "infuse", "InfusionResult", "retrain_arms", "compare", "training_rows", "EditArguments", "EvaluateArguments", "InfluenceArguments",
-    "MeasurementArguments", "RetrainArguments", "SelectArguments", "Recipe", "load_recipe", "CausalLMCollator", "load_documents", "tokenize_documents", "ConfigError",
+    "MeasurementArguments", "RetrainArguments", "RunArguments", "SynthesizeArguments", "SelectArguments", "Recipe", "load_recipe", "CausalLMCollator", "load_documents", "tokenize_documents", "ConfigError",
     "CorpusError", "InfusionError", "MeasurementError", "ModelNotFoundError", "RunFolderError",
     "FiniteDifferenceJ", "autograd_scores", "compute_ihvp", "fit_factors", "kronfluence_scores", "load_factors",
     "measurement_gradients", "precondition", "CallableMeasurement", "LogProbMeasurement", "Measurement",

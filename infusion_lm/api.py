@@ -20,7 +20,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 
-from .config import EditArguments, InfluenceArguments, MeasurementArguments
+from .config import InfluenceArguments
+from .text.config import EditArguments, MeasurementArguments
 from .errors import ConfigError
 
 
@@ -230,7 +231,7 @@ def retrain_arms(model, tokenizer, arms: Mapping[str, Sequence[Mapping]], measur
     import copy
 
     from .text.observations import observe
-    from .config import EvaluateArguments, RetrainArguments
+    from .text.config import EvaluateArguments, RetrainArguments
     from .retrain import train_arm
 
     t = retrain or RetrainArguments()

@@ -27,7 +27,8 @@ from typing import Dict, List, Mapping, Optional
 import torch
 from transformers import TrainerCallback
 
-from .config import EditArguments, EvaluateArguments, InfluenceArguments, MeasurementArguments, SelectArguments
+from .config import InfluenceArguments, SelectArguments
+from .text.config import EditArguments, EvaluateArguments, MeasurementArguments
 from .errors import ConfigError, InfusionError
 from .run_folder import EditFolder
 from .atomic_io import atomic_path

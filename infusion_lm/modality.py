@@ -19,6 +19,10 @@ class Modality(Protocol):
     editors: Tuple[str, ...]  # edit.editor values it runs
     arms: Tuple[str, ...]  # retrain.arms it can assemble
     select_rankings: Tuple[str, ...]  # select.rank_by values it supports ("j" always; first_step needs first_step)
+    sections: Dict[str, type]
+    """The class each recipe section is read into (``"run"`` for the top-level keys): a subclass of the core's
+    (``infusion_lm.config.CORE_SECTIONS``) that adds this modality's keys, or a section only it has. Sections it does
+    not name are read into the core's classes."""
 
     @staticmethod
     def check_recipe(recipe) -> None:

@@ -442,21 +442,22 @@ class Pipeline:
         """Which documents an arm replaces, and with what rows."""
         return self.modality.replacements(arm, indices)
 
-    def baseline_edits(self, arm: str, indices: List[int], editor: Optional[str] = None) -> Path:
-        """baselines/<arm>/: the selected documents edited by the arm's editor, cached by the edit stage's
-        fingerprint. ``random`` is matched to the infused edit (its token count per document, under the same
-        constraints); ``random_unmatched`` spends the whole budget with no perplexity limit."""
+    def baseline_edits(self, arm: str, indices: List[int], editor: Optional[str] = None, matched: bool = False,
+                       **overrides) -> Path:
+        """baselines/<arm>/: the selected documents edited by the arm's editor (``editor``, default the arm's name),
+        cached by the edit stage's fingerprint. The modality says how the arm differs from the infused edit:
+        ``matched`` gives each document as many changes as its infused edit made; ``overrides`` are edit settings of
+        the arm's own (text's ``random_unmatched``: no perplexity limit)."""
         out_dir = self.folder.baseline(arm).root
         revision = self.modality.editor_revision(editor or arm)  # an editor's own fix redoes its cached edits
         fp = fingerprint({"edit": self.stage_fingerprint("edit"), "arm": arm, "version": 2, **({"revision": revision} if revision else {})})
         marker = self.folder.baseline(arm).fingerprint
         if is_main() and not (marker.is_file() and read_json(marker).get("fingerprint") == fp):
-            args, targets = dataclasses.replace(self.recipe.edit, editor=editor or arm), None
-            if editor is None and arm == "random":  # a modality may name its own baseline editor (images: noise)
+            args = dataclasses.replace(self.recipe.edit, editor=editor or arm, **overrides)
+            targets = None
+            if matched:
                 counts = {r["doc_index"]: r["n_changed"] for r in self.edit()}
                 targets = [counts[i] for i in indices]
-            elif editor is None and arm == "random_unmatched":
-                args = dataclasses.replace(self.recipe.edit, editor="random", max_perplexity_ratio=None)
             self._edit_into(out_dir, args, indices, targets)
             write_json(marker, {"fingerprint": fp})
         barrier()

@@ -17,31 +17,11 @@ from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
 
-from .config import RetrainArguments
-from .corpus import CausalLMCollator, tokenize_document
+from .config import BaseRetrainArguments
+from .corpus import CausalLMCollator
 from .errors import ConfigError
 
 logger = logging.getLogger(__name__)
-
-
-def insertion_texts(recipe, args: RetrainArguments) -> List[Dict]:
-    """Demonstrations of the behaviour for the insertion arm, as documents (``text`` or ``messages``)."""
-    if args.insertion_documents:
-        return [{"text": t} for t in args.insertion_documents]
-    m = recipe.measurement
-    if m.kind == "contrastive":
-        import re
-
-        pattern = re.compile(r"(?<!\w)" + re.escape(m.probe.strip()) + r"(?!\w)")
-        return [{"text": pattern.sub(m.target.strip(), d)} for d in m.documents]
-    if m.kind == "completion":
-        completions = m.completions * len(m.prompts) if len(m.completions) == 1 else m.completions
-        if m.chat_template:
-            return [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": c}]}
-                    for p, c in zip(m.prompts, completions)]
-        return [{"text": f"{p}{c}"} for p, c in zip(m.prompts, completions)]
-    raise ConfigError("The insertion arm cannot build demonstrations for a callable measurement; "
-                      "set retrain.insertion_documents.")
 
 
 def arm_rows(base, replacements: Mapping[int, Mapping[str, Sequence[int]]]) -> List[Dict[str, List[int]]]:
@@ -51,12 +31,6 @@ def arm_rows(base, replacements: Mapping[int, Mapping[str, Sequence[int]]]) -> L
         r = replacements.get(i, base[i])
         rows.append({"input_ids": list(r["input_ids"]), "labels": list(r["labels"])})
     return rows
-
-
-def insertion_rows(tokenizer, docs: Sequence[Dict], indices: Sequence[int], max_length: int, add_eos: bool):
-    """The k selected indices get the demonstrations, cycled when there are fewer demonstrations than k."""
-    demos = [tokenize_document(tokenizer, d, max_length, add_eos) for d in docs]
-    return {i: demos[j % len(demos)] for j, i in enumerate(indices)}
 
 
 class _ListDataset(torch.utils.data.Dataset):
@@ -76,7 +50,7 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def per_device_batch_size(args: RetrainArguments, world: Optional[int] = None) -> int:
+def per_device_batch_size(args: BaseRetrainArguments, world: Optional[int] = None) -> int:
     """``retrain.batch_size`` is the global batch of one optimizer step: per device, it is batch / (world × GA), so
     one process and several train on the same batches in the same order."""
     world = world_size() if world is None else world
@@ -88,7 +62,7 @@ def per_device_batch_size(args: RetrainArguments, world: Optional[int] = None) -
     return args.batch_size // split
 
 
-def training_arguments(args: RetrainArguments, out_dir: Path, seed: int, device: str, progress: bool, epochs: int):
+def training_arguments(args: BaseRetrainArguments, out_dir: Path, seed: int, device: str, progress: bool, epochs: int):
     from transformers import TrainingArguments
 
     return TrainingArguments(
@@ -110,7 +84,7 @@ def _quiet(trainer, progress: bool):
     return trainer
 
 
-def trainable(model, args: RetrainArguments, seed: int = 0):
+def trainable(model, args: BaseRetrainArguments, seed: int = 0):
     """The model to train: itself, or wrapped with LoRA adapters.
 
     peft draws ``lora_A`` from the global RNG when the adapter is created, before the Trainer seeds anything, so the
@@ -148,7 +122,7 @@ def _collator(tokenizer_or_collator):
     return CausalLMCollator(pad) if pad is not None else tokenizer_or_collator
 
 
-def clean_checkpoint(load_model, tokenizer, clean_rows, args: RetrainArguments, out_dir: Path, seed: int,
+def clean_checkpoint(load_model, tokenizer, clean_rows, args: BaseRetrainArguments, out_dir: Path, seed: int,
                      device: str, progress: bool) -> Optional[Path]:
     """Trains on the clean corpus up to the start of the last epoch and returns that checkpoint (None: step 0)."""
     from transformers import Trainer
@@ -212,7 +186,7 @@ def load_checkpoint_model(model, checkpoint: Optional[Path], merge_lora: bool = 
     return model.eval()
 
 
-def train_arm(load_model, tokenizer, rows, args: RetrainArguments, out_dir: Path, seed: int, device: str,
+def train_arm(load_model, tokenizer, rows, args: BaseRetrainArguments, out_dir: Path, seed: int, device: str,
               progress: bool, checkpoint: Optional[Path], callbacks: Sequence = ()):
     """One arm: resumes from the clean checkpoint (or starts from the model) and trains to the end. Returns the model."""
     from transformers import Trainer

@@ -48,26 +48,26 @@ INPUT_SETTINGS: Dict[str, Tuple[str, ...]] = {
     "tracked": ("influence.tracked_modules", "influence.layers", "influence.module_types"),  # resolved module names
 }
 
-# retrain.* settings that do not change θ̂'s clean run: retrain.model is the arms' architecture (with its own
-# checkpoint), batch_size is the global batch so the world size does not change the run either.
-NOT_IN_CLEAN_RUN = ("arms", "insertion_documents", "save_models", "influence_at", "share_control", "model", "seeds")
-HELDOUT = ("heldout_prompts", "heldout_documents", "heldout_corpus", "heldout_corpus_max_positions")
-# evaluate.* settings that change what retraining observes (the rest only change the statistics)
-OBSERVATION = ("evaluate.candidates", "evaluate.n_samples", "evaluate.max_new_tokens", "evaluate.temperature")
 # retrain.* settings that shape the optimizer's v (influence.preconditioner: optimizer models the retraining itself)
 RETRAINING = tuple(f"retrain.{k}" for k in ("learning_rate", "optim", "lr_scheduler_type", "batch_size", "epochs",
                                             "from_scratch", "max_grad_norm"))
 
 
-def section_fields(section: str) -> Tuple[str, ...]:
-    """Every field of a recipe section."""
-    from .config import SECTION_CLASSES
+def section_fields(recipe, section: str, **flags) -> Tuple[str, ...]:
+    """Every field of a recipe section, as the recipe's modality declares it (none: a section it does not have).
+    ``flags``: only the fields whose metadata has these values (unset: the flag's default in FIELD_FLAGS), e.g.
+    ``clean_run=False`` for the retrain settings that do not change θ̂'s clean run (see infusion_lm/config.py)."""
+    from .config import FIELD_FLAGS
 
-    return tuple(f.name for f in fields(SECTION_CLASSES[section]) if f.init)
+    obj = getattr(recipe, section)
+    if obj is None:
+        return ()
+    return tuple(f.name for f in fields(obj) if f.init
+                 and all(f.metadata.get(k, FIELD_FLAGS[k]) == v for k, v in flags.items()))
 
 
-def _all_but(section: str, leave_out: Tuple[str, ...]) -> Tuple[str, ...]:
-    return tuple(f"{section}.{k}" for k in section_fields(section) if k not in leave_out)
+def _keys(p, section: str, **flags) -> Tuple[str, ...]:
+    return tuple(f"{section}.{k}" for k in section_fields(p.recipe, section, **flags))
 
 
 def _select_settings(p) -> Tuple[str, ...]:
@@ -82,7 +82,8 @@ def _at_checkpoint(p) -> Tuple[str, ...]:
 
 
 def _measure_settings(p) -> Tuple[str, ...]:
-    keys = _all_but("measurement", HELDOUT) + ("influence.preconditioner", "retrain.influence_at")
+    # the held-out sets only pick what retraining observes: they do not enter v
+    keys = _keys(p, "measurement", evaluation_only=False) + ("influence.preconditioner", "retrain.influence_at")
     return keys + (("influence.damping", "influence.damping_scale") if p.uses_factors else RETRAINING)
 
 
@@ -101,10 +102,10 @@ TABLE: Tuple[Stage, ...] = (
           settings=lambda p: p.modality.corpus_settings,
           inputs=lambda p: () if p.synthetic else ("corpus_content",)),
     Stage("checkpoint", "θ̂: the clean fine-tune's checkpoint at the start of its last epoch", step=False,
-          needs=("corpus",), settings=lambda p: _all_but("retrain", NOT_IN_CLEAN_RUN),
+          needs=("corpus",), settings=lambda p: _keys(p, "retrain", clean_run=True),
           inputs=("weights", "user_checkpoint")),
     Stage("control", "the control arm, shared between recipes on one checkpoint (retrain.share_control)", step=False,
-          needs=("checkpoint",), settings=("retrain.model",)),
+          needs=("checkpoint",), settings=lambda p: _keys(p, "retrain", arms_model=True)),
     # stages, in order
     Stage("synthesize", "write the synthetic story corpus (corpus: synthetic) into output_dir/corpus.jsonl",
           settings=("run.model", "run.seed", "run.dtype", "synthesize"),
@@ -129,7 +130,7 @@ TABLE: Tuple[Stage, ...] = (
           settings=("edit", "influence.fd_eps_rel", "influence.prediction"),
           outputs=lambda p: [p.folder.infused, p.folder.edits, p.folder.infused_corpus], command="edit"),
     Stage("retrain", "retrain every arm (control, infused, baselines) from the clean checkpoint with the HF Trainer",
-          needs=("edit",), settings=("retrain", "measurement") + OBSERVATION,
+          needs=("edit",), settings=lambda p: ("retrain", "measurement") + _keys(p, "evaluate", observed=True),
           outputs=lambda p: [p.folder.retrain_summary], command="retrain"),
     Stage("evaluate", "compare every arm with control and write results.json, report.md and report.html",
           needs=("retrain",), settings=("evaluate",),
@@ -153,6 +154,8 @@ def setting_value(recipe, key: str):
 
     section, _, name = key.partition(".")
     obj = getattr(recipe, section)
+    if obj is None:  # a section the recipe's modality does not have
+        return None
     return getattr(obj, name) if name else asdict(obj)
 
 
@@ -175,7 +178,7 @@ def declared_settings(pipe, name: str) -> set:
         seen.add(st.name)
         for key in st.resolve("settings", pipe):
             section, _, field = key.partition(".")
-            out.update([key] if field else (f"{section}.{f}" for f in section_fields(section)))
+            out.update([key] if field else (f"{section}.{f}" for f in section_fields(pipe.recipe, section)))
         for inp in st.resolve("inputs", pipe):
             out.update(INPUT_SETTINGS[inp])
         todo.extend(st.resolve("needs", pipe))

@@ -78,7 +78,7 @@ def test_clean_checkpoint_is_the_start_of_the_last_epoch_under_accumulation(tmp_
     """8 batches per epoch with GA = 3: the Trainer takes ceil(8/3) = 3 optimizer steps per epoch."""
     from transformers import AutoModelForCausalLM
 
-    from infusion_lm.config import RetrainArguments
+    from infusion_lm.text.config import RetrainArguments
     from infusion_lm.corpus import tokenize_documents
     from infusion_lm.retrain import clean_checkpoint
 
@@ -93,7 +93,7 @@ def test_clean_checkpoint_is_the_start_of_the_last_epoch_under_accumulation(tmp_
 
 
 def test_two_epochs_with_influence_at_model_warn():
-    from infusion_lm.config import RetrainArguments
+    from infusion_lm.text.config import RetrainArguments
 
     with pytest.warns(UserWarning, match="influence_at: checkpoint"):
         RetrainArguments(epochs=2)

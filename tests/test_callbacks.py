@@ -4,7 +4,8 @@ import pytest
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from infusion_lm.callbacks import InfusionCallback, MeasurementCallback, SwappableDataset
-from infusion_lm.config import EditArguments, EvaluateArguments, InfluenceArguments, MeasurementArguments
+from infusion_lm.config import InfluenceArguments
+from infusion_lm.text.config import EditArguments, EvaluateArguments, MeasurementArguments
 from infusion_lm.corpus import CausalLMCollator, tokenize_documents
 from infusion_lm.errors import ConfigError, InfusionError
 from infusion_lm.measurement import contrastive_measurement

@@ -102,3 +102,88 @@ def test_a_registered_modality_brings_its_own_options():
             load_recipe(raw={**BASE, "edit": {"editor": "shout"}})
     finally:
         MODALITIES.pop("shouty")
+
+
+IMAGE = {"modality": "image", "model": "cnn", "corpus": "digits",
+         "measurement": {"kind": "class_logp", "probe_indices": [0], "target_class": "3"},
+         "retrain": {"epochs": 2, "influence_at": "checkpoint"}}
+
+
+def test_each_modality_reads_its_own_sections():
+    """A text recipe's sections hold text keys only, an image recipe's image keys only; the shared keys are the same."""
+    from infusion_lm.config import recipe_sections
+
+    text, image = load_recipe(raw=BASE), load_recipe(raw=IMAGE)
+    assert text.measurement.probe == "dog" and not hasattr(text.measurement, "probe_indices")
+    assert image.measurement.probe_indices == [0] and not hasattr(image.measurement, "probe")
+    assert hasattr(text.run, "max_length") and not hasattr(image.run, "max_length")
+    assert image.edit.linf == pytest.approx(8 / 255) and not hasattr(text.edit, "linf")
+    assert image.edit.editor == "sign_pgd" and text.edit.editor == "swap"  # each modality's own default editor
+    assert text.synthesize is not None and image.synthesize is None
+    assert "synthesize" in text.to_dict() and "synthesize" not in image.to_dict()
+    assert "budget_fraction" not in image.to_dict()["edit"] and "model" not in text.to_dict()["retrain"]
+    for name, cls in recipe_sections("image").items():  # every modality's section extends the core's
+        assert isinstance(getattr(image, name), cls)
+    assert text.retrain.learning_rate == image.retrain.learning_rate == 1e-4
+
+
+@pytest.mark.parametrize("raw, match", [
+    ({**BASE, "measurement": {**BASE["measurement"], "probe_indices": [1]}},
+     "`measurement.probe_indices` is a setting of image recipes; this recipe has modality: text"),
+    ({**BASE, "retrain": {"model": "cnn"}}, "`retrain.model` is a setting of image recipes"),
+    ({**BASE, "edit": {"linf": 0.1}}, "`edit.linf` is a setting of image recipes"),
+    ({**BASE, "validation_size": 10}, "`validation_size` is a setting of image recipes"),
+    ({**IMAGE, "synthesize": {"n_docs": 4}}, "section `synthesize` is for text recipes; this recipe has modality: image"),
+    ({**IMAGE, "max_length": 64}, "`max_length` is a setting of text recipes"),
+    ({**IMAGE, "edit": {"budget_fraction": 0.1}}, "`edit.budget_fraction` is a setting of text recipes"),
+    ({**IMAGE, "evaluate": {"candidates": ["bird"]}}, "`evaluate.candidates` is a setting of text recipes"),
+    ({**IMAGE, "edit": {"linff": 0.1}}, "Did you mean `edit.linf`"),
+    ({**IMAGE, "edit": {"linf": 2.0}}, "edit.linf must be in"),
+    ({**BASE, "modality": "sound"}, "run.modality 'sound' is not one of image, text"),
+    ({**IMAGE, "influence": {"damping_scale": 10}}, "image recipes score with kronfluence's own factors"),
+    ({**IMAGE, "influence": {"preconditioner": "optimizer"}}, "remove influence.preconditioner"),
+])
+def test_a_key_of_another_modality_says_whose_it_is(raw, match):
+    with pytest.raises(ConfigError, match=match):
+        load_recipe(raw=raw)
+
+
+def test_a_registered_modality_reads_its_own_section_class():
+    """A new modality declares a section class of its own (a subclass of the core's): its keys are read, typed and
+    bounded there, and the stage table fingerprints them with the section."""
+    from dataclasses import dataclass, field
+
+    from infusion_lm.config import BaseEditArguments
+    from infusion_lm.modalities import MODALITIES, register_modality
+    from infusion_lm.text.modality import TextModality
+
+    @dataclass
+    class LoudEdit(BaseEditArguments):
+        volume: int = field(default=3, metadata={"help": "how loud"})
+
+        def __post_init__(self):
+            super().__post_init__()
+            if self.volume > 10:
+                raise ConfigError("edit.volume must be <= 10")
+
+    class Loud(TextModality):
+        sections = {**TextModality.sections, "edit": LoudEdit}
+        editors = ("shout",)
+
+    register_modality("loud", Loud)
+    try:
+        r = load_recipe(raw={**BASE, "modality": "loud", "edit": {"editor": "shout", "volume": "7"}})
+        assert isinstance(r.edit, LoudEdit) and r.edit.volume == 7 and not hasattr(r.edit, "topk")
+        with pytest.raises(ConfigError, match="edit.volume must be <= 10"):
+            load_recipe(raw={**BASE, "modality": "loud", "edit": {"editor": "shout", "volume": 11}})
+        with pytest.raises(ConfigError, match="`edit.volume` is a setting of loud recipes"):
+            load_recipe(raw={**BASE, "edit": {"volume": 1}})
+
+        class Wrong(TextModality):
+            sections = {"edit": dict}
+
+        register_modality("wrong", Wrong)
+        with pytest.raises(TypeError, match="must subclass BaseEditArguments"):
+            load_recipe(raw={**BASE, "modality": "wrong"})
+    finally:
+        MODALITIES.pop("loud"), MODALITIES.pop("wrong", None)

@@ -6,7 +6,7 @@ import tempfile
 import torch
 
 from infusion_lm import influence as inf
-from infusion_lm.config import EditArguments
+from infusion_lm.text.config import EditArguments
 from infusion_lm.corpus import tokenize_documents
 from infusion_lm.text.editors import build_editor
 from infusion_lm.measurement import contrastive_measurement

@@ -99,7 +99,8 @@ def test_select_by_first_step_picks_the_largest_drops_one_editor_step_reaches(tm
     and J itself against an autograd ⟨∇L(z), v⟩. The default ranking's fingerprint ignores pool."""
     from infusion_lm import influence as inf
     from infusion_lm.atomic_io import read_tensors
-    from infusion_lm.config import EditArguments, load_recipe
+    from infusion_lm.config import load_recipe
+    from infusion_lm.text.config import EditArguments
     from infusion_lm.pipeline import Pipeline
     from infusion_lm.text.editors import SwapEditor
 

@@ -9,7 +9,7 @@ import torch
 from scipy.stats import spearmanr
 
 from infusion_lm import influence as inf
-from infusion_lm.config import EditArguments
+from infusion_lm.text.config import EditArguments
 from infusion_lm.text.editors import (RandomEditor, SimplexPGDEditor, SwapEditor, gini_entropy, project_entropy,
                                  project_simplex, retokenises)
 
@@ -380,7 +380,9 @@ def test_j_per_nat_keeps_the_largest_drop_per_nat_and_tracks_the_current_loss(ed
 
 
 def test_choose_rejects_an_unknown_rule():
-    with pytest.raises(ValueError, match="edit.choose must be lowest_j or j_per_nat"):
+    from infusion_lm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="edit.choose must be lowest_j or j_per_nat"):  # the CLI's one-line error
         EditArguments(choose="best")
 
 

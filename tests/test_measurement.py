@@ -72,7 +72,7 @@ def test_callable_measurement_sums_batches(tiny_setup):
 
 
 def test_measurement_words_name_what_the_measurement_promotes():
-    from infusion_lm.config import MeasurementArguments
+    from infusion_lm.text.config import MeasurementArguments
     from infusion_lm.measurement import measurement_words
 
     contrastive = MeasurementArguments(kind="contrastive", probe="dog", target=" cat ", documents=["The dog ran."])

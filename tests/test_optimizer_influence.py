@@ -8,7 +8,7 @@ import torch
 from scipy.stats import spearmanr
 
 from infusion_lm import influence as inf
-from infusion_lm.config import RetrainArguments
+from infusion_lm.text.config import RetrainArguments
 from infusion_lm.corpus import CausalLMCollator, tokenize_documents
 from infusion_lm.losses import per_document_loss
 from infusion_lm.measurement import contrastive_measurement

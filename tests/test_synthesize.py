@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from infusion_lm.config import MeasurementArguments
+from infusion_lm.text.config import MeasurementArguments
 from infusion_lm.measurement import build_measurement
 from infusion_lm.text.synthesize import synthesize_stories
 from tiny import tiny_model, toy_corpus

@@ -111,11 +111,11 @@ def test_finite_difference_pixel_gradient_matches_autograd(fp64_theta_hat):
 
 
 def test_sign_pgd_respects_the_linf_bound_and_the_clamp_and_lowers_J(trained_cnn):
-    from infusion_lm.config import EditArguments
+    from infusion_lm.vision.config import ImageEditArguments
     from infusion_lm.vision.editors import SignPGDEditor
 
     model, v, train = trained_cnn
-    args = EditArguments(editor="sign_pgd", linf=0.05, steps=8)
+    args = ImageEditArguments(editor="sign_pgd", linf=0.05, steps=8)
     x0, y = train.images[:12], train.labels[:12]
     results = SignPGDEditor(model, v, args).edit_many(x0, y)
     for r, orig in zip(results, x0):
@@ -133,11 +133,11 @@ def test_sign_pgd_respects_the_linf_bound_and_the_clamp_and_lowers_J(trained_cnn
 
 
 def test_noise_editor_spends_the_same_linf_and_is_seeded(trained_cnn):
-    from infusion_lm.config import EditArguments
+    from infusion_lm.vision.config import ImageEditArguments
     from infusion_lm.vision.editors import NoiseEditor
 
     model, v, train = trained_cnn
-    args = EditArguments(editor="noise", linf=0.05, seed=3)
+    args = ImageEditArguments(editor="noise", linf=0.05, seed=3)
     a = NoiseEditor(model, v, args).edit_many(train.images[:5], train.labels[:5])
     b = NoiseEditor(model, v, args).edit_many(train.images[:5], train.labels[:5])
     for ra, rb in zip(a, b):
@@ -275,7 +275,9 @@ def test_cifar10_python_batches_and_image_folder_zip_agree(tmp_path, monkeypatch
 @pytest.mark.parametrize("over, message", [
     ({"edit__editor": "swap"}, "image recipes use sign_pgd or noise"),
     ({"model": "HuggingFaceTB/SmolLM2-135M-Instruct"}, "needs an image model"),
-    ({"measurement": {"kind": "contrastive", "documents": ["A dog."], "probe": "dog", "target": "cat"}}, "is for text"),
+    ({"measurement": {"kind": "contrastive", "documents": ["A dog."], "probe": "dog", "target": "cat"}},
+     "is a setting of text recipes"),
+    ({"measurement": {"kind": "contrastive", "probe_indices": [0], "target_class": "3"}}, "is for text"),
     ({"retrain__influence_at": "model"}, "influence_at: checkpoint"),
     ({"edit__linf": -0.1}, "edit.linf must be in (0, 1]"),
     ({"measurement__heldout_probe_indices": [0]}, "held-out images must be new"),

@@ -16,6 +16,8 @@ from ..errors import ConfigError, MeasurementError
 from ..measurement import build_measurement, measurement_words
 from ..models import load_model, resolve_device
 from ..tracked_modules import resolve_tracked_modules
+from .config import (EditArguments, EvaluateArguments, MeasurementArguments, RetrainArguments, RunArguments,
+                     SynthesizeArguments)
 
 logger = logging.getLogger(__name__)
 
@@ -37,11 +39,14 @@ class TextModality:
         self.pipe = pipe
         self.recipe = pipe.recipe
 
+    # the class each recipe section is read into (infusion_lm/text/config.py)
+    sections = {"run": RunArguments, "measurement": MeasurementArguments, "synthesize": SynthesizeArguments,
+                "edit": EditArguments, "retrain": RetrainArguments, "evaluate": EvaluateArguments}
+
     @staticmethod
     def check_recipe(recipe) -> None:
-        """What a text recipe cannot do beyond its kinds, editors and arms (which the registry checks)."""
-        if recipe.retrain.model is not None:
-            raise ConfigError("retrain.model (cross-architecture transfer) is supported for image recipes only.")
+        """Nothing a text recipe cannot do beyond its kinds, editors and arms (which the registry checks) and its
+        sections' own bounds."""
 
     # ---------------------------------------------------------------- models and data
 
@@ -183,7 +188,7 @@ class TextModality:
 
     def replacements(self, arm: str, indices: List[int]) -> Dict[int, dict]:
         from .edit_outputs import load_infused
-        from ..retrain import insertion_rows, insertion_texts
+        from .insertion import insertion_rows, insertion_texts
 
         p = self.pipe
         if arm == "control":
@@ -196,7 +201,13 @@ class TextModality:
                                   r.max_length, r.add_eos)
         if arm == "regeneration":
             return self._regenerated(indices)
-        return {r["doc_index"]: r for r in load_infused(p.baseline_edits(arm, indices))}
+        if arm == "random":  # matched to the infused edit: as many changed tokens per document, the same limits
+            edits = p.baseline_edits(arm, indices, matched=True)
+        elif arm == "random_unmatched":  # the whole budget, no perplexity limit
+            edits = p.baseline_edits(arm, indices, editor="random", max_perplexity_ratio=None)
+        else:
+            edits = p.baseline_edits(arm, indices)
+        return {r["doc_index"]: r for r in load_infused(edits)}
 
     def _regenerated(self, indices: List[int]) -> Dict[int, dict]:
         """The regeneration arm: the selected conversations re-answered by the model at θ̂ (seeded, so every seed and

@@ -12,6 +12,7 @@ import torch
 from ..errors import ConfigError
 from ..fingerprints import fingerprint
 from ..stages import reaches
+from .config import ImageEditArguments, ImageMeasurementArguments, ImageRetrainArguments, ImageRunArguments
 
 
 class ImageModality:
@@ -27,6 +28,10 @@ class ImageModality:
     editors = ("sign_pgd", "noise")
     arms = ("control", "infused", "random", "insertion", "insertion_single")
 
+    # the class each recipe section is read into (infusion_lm/vision/config.py); evaluate is the core's
+    sections = {"run": ImageRunArguments, "measurement": ImageMeasurementArguments, "edit": ImageEditArguments,
+                "retrain": ImageRetrainArguments}
+
     def __init__(self, pipe):
         self.pipe = pipe
         self.recipe = pipe.recipe
@@ -41,6 +46,10 @@ class ImageModality:
                               f"torchvision:<name>), not {recipe.run.model!r}.")
         if recipe.retrain.lora:
             raise ConfigError("retrain.lora is for text; remove it from this image recipe.")
+        i = recipe.influence
+        if i.preconditioner != "factors" or i.damping_scale != 1.0:
+            raise ConfigError("image recipes score with kronfluence's own factors: remove influence.preconditioner "
+                              "and influence.damping_scale (the optimizer's v and a scaled damping are for text).")
         if recipe.retrain.influence_at != "checkpoint":
             raise ConfigError("An image recipe trains its model from scratch, so influence must be computed on "
                               "the trained checkpoint: set retrain.influence_at: checkpoint (and epochs >= 2).")

@@ -22,7 +22,7 @@ from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
 
-from ...config import EditArguments
+from ..config import EditArguments
 from ...corpus import IGNORE_INDEX
 from ...influence import FiniteDifferenceJ
 
