@@ -14,7 +14,8 @@ the data order and the RNG, and control is trained once per seed for all pairs. 
 measurement documents, templated held-out documents, and ``heldout_corpus``: up to ``--heldout_positions`` probe
 positions in real TinyStories stories outside the training slice (the primary set). CIs are two-level bootstraps
 (seeds, then items). ``random`` is matched to the infused edit (same tokens changed per document, same fluency
-filter and perplexity limit).
+filter and perplexity limit); ``random_target`` (add it to --arms) is matched the same way but writes only the target
+word, at random positions: the attack that needs no influence.
 
 Reports per pair and aggregated, and checks the goals of the effect work. Writes JSON and a table.
 
@@ -138,7 +139,7 @@ def summarise(per_pair: dict, arms, primary: str = "heldout_corpus") -> dict:
             out[arm]["perplexity_ratio_median"] = statistics.median(e["perplexity_ratio_median"] for e in edits)
             out[arm]["tokens_changed"] = sum(e["tokens_changed"] for e in edits)
     if "infused" in out:
-        for base in ("random", "simplex_pgd", "insertion"):
+        for base in ("random", "random_target", "simplex_pgd", "insertion"):
             if base in out:  # on the pairs where both arms ran
                 both = [p for p in per_pair.values() if "infused" in p["arms"] and base in p["arms"]]
                 sw = [entry(p, "infused")["delta_f"]["mean"] for p in both]
@@ -281,7 +282,7 @@ def main():
             shutil.copy2(pipe.dir / name, dest / name)
         res = with_selection(res, dest)
         # each edited arm's own records (the top-level edits.jsonl is the infused arm's: stale when it did not run)
-        for arm in ("infused", "random", "simplex_pgd"):
+        for arm in ("infused", "random", "random_target", "simplex_pgd"):
             if arm in args.arms:
                 shutil.copy2(pipe.folder.edits_of(arm).edits, dest / ("edits.jsonl" if arm == "infused" else f"edits_{arm}.jsonl"))
         per_pair[key] = res
@@ -316,6 +317,7 @@ def main():
         "infused >= 3x matched random (mean Δf)": times("random", 3),
         "infused >= 2x simplex PGD": times("simplex_pgd", 2),
         "infused >= 1x insertion": times("insertion", 1),
+        "infused above random_target (the target word at random positions, matched count)": times("random_target", 1),
         "median perplexity ratio <= 1.3": None if sw.get("perplexity_ratio_median") is None
         else sw["perplexity_ratio_median"] <= 1.3,
     }

@@ -197,7 +197,9 @@ class BaseRetrainArguments:
     arms: List[str] = field(default_factory=lambda: ["control", "infused", "random", "insertion"], metadata=described(
         "Arms to train: control (clean corpus), infused, random (random swaps of the same documents, matched to the "
         "infused edit: the same number of changed tokens per document, the same fluency filter, perplexity limit "
-        "and protected positions), random_unmatched (random swaps spending the whole budget, no perplexity limit), "
+        "and protected positions), random_target (matched as random is, but every change writes the target word at a "
+        "random position: the attack that needs no influence), random_unmatched (random swaps spending the whole "
+        "budget, no perplexity limit), "
         "insertion (the k documents replaced by demonstrations), simplex_pgd. Images: random is noise of the same "
         "L∞, insertion puts probe images labelled as the target in all k slots, insertion_single in one. Chat corpora: "
         "regeneration (the k conversations' last assistant turn re-answered by the model at θ̂, sampled with "

@@ -40,7 +40,7 @@ def _check_constraints(ed, s, row, res):
     new = [res.input_ids[p] for p in res.changed_positions]
     assert not set(new) & set(tok.all_special_ids)
     assert retokenises(tok, res.input_ids, add_special=True)
-    fluent = ed.fluent_masks([ids])[0]
+    fluent = ed.fluent_masks([ids])[0] | ed.always[None, :]  # the fluent top-k, and the target words anywhere
     assert all(fluent[p, res.input_ids[p]] for p in res.changed_positions)
     assert all(labels[p] != -100 for p in res.changed_positions)
 
@@ -118,6 +118,31 @@ def test_matched_random_changes_the_asked_count_within_the_perplexity_limit(edit
         _check_constraints(ed, s, row, res)
         assert res.n_changed == t
         assert a / b <= 1.3 + 1e-3, (a, b)
+
+
+def test_random_target_writes_only_the_target_word_at_the_matched_count(editor_setup):
+    """The cheap attack: the target word at random positions, as many as asked, within the same limits; without
+    target words it refuses to run."""
+    from infusion_lm.errors import ConfigError
+    from infusion_lm.text.editors import RandomTargetEditor
+    from infusion_lm.text.editors.base import single_token_forms
+
+    s, v, docs = editor_setup
+    rows = [s["dataset"][i] for i in docs]
+    targets = [1, 2, 3, 1, 2, 3]
+    ed = RandomTargetEditor(s["model"], s["tok"], v, _args(max_perplexity_ratio=None), eps_rel=1e-3,
+                            target_words=["cat"])
+    words = set(single_token_forms(s["tok"], ["cat"]))
+    assert words
+    results = ed.edit_many(rows, targets=targets)
+    for row, res, t in zip(rows, results, targets):
+        _check_constraints(ed, s, row, res)
+        assert res.n_changed == t
+        assert {res.input_ids[p] for p in res.changed_positions} <= words
+    plain = _editor(s, v, RandomEditor, max_perplexity_ratio=None).edit_many(rows, targets=targets)
+    assert any({r.input_ids[p] for p in r.changed_positions} - words for r in plain)  # random writes other words
+    with pytest.raises(ConfigError, match="random_target writes the target words, but there are none"):
+        RandomTargetEditor(s["model"], s["tok"], v, _args(target_words=[]), target_words=["cat"])
 
 
 def test_simplex_pgd_never_raises_J_and_respects_constraints(editor_setup):

@@ -32,7 +32,8 @@ class TextModality:
 
     measurement_kinds = ("contrastive", "completion", "callable")
     editors = ("swap", "simplex_pgd", "random")
-    arms = ("control", "infused", "random", "random_unmatched", "insertion", "simplex_pgd", "regeneration")
+    arms = ("control", "infused", "random", "random_unmatched", "random_target", "insertion", "simplex_pgd",
+            "regeneration")
     select_rankings = ("j", "first_step")
 
     def __init__(self, pipe):
@@ -201,7 +202,7 @@ class TextModality:
                                   r.max_length, r.add_eos)
         if arm == "regeneration":
             return self._regenerated(indices)
-        if arm == "random":  # matched to the infused edit: as many changed tokens per document, the same limits
+        if arm in ("random", "random_target"):  # matched to the infused edit: as many changes per document
             edits = p.baseline_edits(arm, indices, matched=True)
         elif arm == "random_unmatched":  # the whole budget, no perplexity limit
             edits = p.baseline_edits(arm, indices, editor="random", max_perplexity_ratio=None)

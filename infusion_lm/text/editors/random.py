@@ -5,6 +5,10 @@
   perplexity limit). Only the choice of positions and tokens differs from the infused edit, so any gap between the
   two arms is what the choice buys.
 - unmatched (arm ``random_unmatched``): the whole budget, no perplexity limit.
+- target word (arm ``random_target``, :class:`RandomTargetEditor`): matched as ``random`` is, but every change writes
+  one of the measurement's target words (a single-token form of it) at a random editable position. It is the cheap
+  attack that needs no influence at all: sprinkle the target word into the k documents. An infused edit whose changes
+  are mostly the target word must beat it to show that influence chose *where* to write it.
 
 J is still measured before and after, for the report.
 """
@@ -21,6 +25,10 @@ from .base import DocState, TokenEditor
 class RandomEditor(TokenEditor):
     name = "random"
     options_per_position = 8
+
+    def options_at(self, s: DocState, p: int) -> torch.Tensor:
+        """[V] bool: the tokens a random change may write at position ``p`` (a copy)."""
+        return s.fluent[p].clone()
 
     def _edit_batch(self, states: List[DocState]) -> None:
         import math
@@ -43,7 +51,7 @@ class RandomEditor(TokenEditor):
             for p in order.tolist():
                 if n >= target:
                     break
-                options = s.fluent[p].clone()
+                options = self.options_at(s, p)
                 options[s.ids0[p]] = False
                 if cost is not None:
                     options &= cost[p] <= allowed_loss - current
@@ -68,3 +76,22 @@ class RandomEditor(TokenEditor):
             for s, j in zip(states, self.exact_J([s.ids for s in states], [s.labels for s in states]).tolist()):
                 s.J = j
                 s.trace.append(j)
+
+
+class RandomTargetEditor(RandomEditor):
+    """Random positions, the target word: each change writes one of the measurement's target words (any of its
+    single-token forms) where the perplexity limit allows, as many changes as the infused edit made."""
+
+    name = "random_target"
+    revision = 1
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not bool(self.always.any()):
+            from ...errors import ConfigError
+
+            raise ConfigError("retrain arm random_target writes the target words, but there are none: give "
+                              "edit.target_words, or use a contrastive measurement (its target is the word).")
+
+    def options_at(self, s: DocState, p: int) -> torch.Tensor:
+        return s.fluent[p] & self.always
