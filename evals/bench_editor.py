@@ -99,7 +99,7 @@ def pruning_recall(model, tok, v, rows, n: int = 16, pool: int = 4, seed: int = 
 def run_editor(name, model, tok, v, rows, args) -> dict:
     from infusion_lm.text.config import EditArguments
     from infusion_lm.text.editors import build_editor
-    from infusion_lm.losses import perplexities
+    from infusion_lm.causal_lm import perplexities
 
     pool = 1
     if name.startswith("swap_pool"):
@@ -148,8 +148,8 @@ def main():
     import torch
 
     from infusion_lm import influence as inf
-    from infusion_lm.measurement import contrastive_measurement
-    from infusion_lm.models import load_model
+    from infusion_lm.text.measurement import contrastive_measurement
+    from infusion_lm.text.models import load_model
     from infusion_lm.tracked_modules import resolve_tracked_modules
 
     torch.manual_seed(0)

@@ -32,7 +32,7 @@ TINYSTORIES = ROOT.parent / "shared" / "data" / "tinystories" / "tinystories_val
 
 def documents(tok, n_docs: int, n_tokens: int):
     """n_docs documents of exactly n_tokens tokens: real TinyStories where present, else a synthetic stand-in."""
-    from infusion_lm.corpus import tokenize_documents
+    from infusion_lm.text.corpus import tokenize_documents
 
     if TINYSTORIES.is_file():
         texts = [json.loads(line)["text"] for line in TINYSTORIES.read_text().splitlines()]
@@ -51,8 +51,8 @@ def documents(tok, n_docs: int, n_tokens: int):
 
 
 def setup(args):
-    from infusion_lm.measurement import contrastive_measurement
-    from infusion_lm.models import load_model
+    from infusion_lm.text.measurement import contrastive_measurement
+    from infusion_lm.text.models import load_model
     from infusion_lm.tracked_modules import resolve_tracked_modules
 
     model, tok = load_model()

@@ -57,7 +57,7 @@ def main():
     from infusion_lm import influence as inf
     from infusion_lm.config import load_recipe
     from infusion_lm.text.editors import RandomEditor, SwapEditor
-    from infusion_lm.measurement import build_measurement
+    from infusion_lm.text.measurement import build_measurement
     from infusion_lm.optimizer_influence import optimizer_ihvp
     from infusion_lm.pipeline import Pipeline
     from infusion_lm.retrain import train_arm

@@ -4,13 +4,15 @@ from .api import InfusionResult, compare, infuse, retrain_arms, training_rows
 from .config import InfluenceArguments, Recipe, SelectArguments, load_recipe
 from .text.config import (EditArguments, EvaluateArguments, MeasurementArguments, RetrainArguments, RunArguments,
                           SynthesizeArguments)
-from .corpus import CausalLMCollator, load_documents, tokenize_documents
+from .causal_lm import CausalLMCollator
+from .text.corpus import load_documents, tokenize_documents
 from .errors import ConfigError, CorpusError, InfusionError, MeasurementError, ModelNotFoundError, RunFolderError
 from .influence import (FiniteDifferenceJ, autograd_scores, compute_ihvp, fit_factors, kronfluence_scores,
                         load_factors, measurement_gradients, precondition)
-from .measurement import (CallableMeasurement, LogProbMeasurement, Measurement, build_measurement,
-                          completion_measurement, contrastive_measurement)
-from .models import DEFAULT_MODEL, load_model, resolve_model_source
+from .text.measurement import (CallableMeasurement, LogProbMeasurement, build_measurement, completion_measurement,
+                               contrastive_measurement)
+from .measurement import Measurement
+from .text.models import DEFAULT_MODEL, load_model, resolve_model_source
 from .pipeline import Pipeline, build_pipeline, select_documents
 from .task import CausalLMTask
 from .tracked_modules import resolve_tracked_modules

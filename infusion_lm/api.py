@@ -66,7 +66,7 @@ class InfusionResult:
 def training_rows(tokenizer, train: Union[Sequence[str], Sequence[Mapping], Any], max_length: int = 512) -> List[Dict[str, List[int]]]:
     """Rows with ``input_ids`` and ``labels`` from plain texts (tokenized, every token trained), chat documents
     (``{"messages": [...]}``: only the assistant's tokens are trained) or rows that are already tokenized."""
-    from .corpus import tokenize_documents
+    from .text.corpus import tokenize_documents
 
     train = list(train) if not hasattr(train, "column_names") else train
     if len(train) == 0:
@@ -87,7 +87,8 @@ def training_rows(tokenizer, train: Union[Sequence[str], Sequence[Mapping], Any]
 
 def _measurement(measurement, tokenizer, max_length: int):
     """(the Measurement, the words it promotes) from a Measurement or a MeasurementArguments."""
-    from .measurement import Measurement, build_measurement, measurement_words
+    from .measurement import Measurement
+    from .text.measurement import build_measurement, measurement_words
 
     if isinstance(measurement, MeasurementArguments):
         return build_measurement(measurement, tokenizer, max_length), measurement_words(measurement)
@@ -134,7 +135,7 @@ def infuse(model, tokenizer, train, measurement, *, k: int = 8, rank_by: str = "
     from .text.editors import build_editor, first_step
     from .forward_mode_j import document_j
     from .text.edit_outputs import edit_records
-    from .losses import perplexities
+    from .causal_lm import perplexities
     from .optimizer_influence import optimizer_ihvp, predicted_response, response_j
     from .config import SelectArguments
     from .pipeline import check_k, documents_to_try, select_documents

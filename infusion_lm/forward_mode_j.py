@@ -20,7 +20,7 @@ from torch import nn
 from torch.func import functional_call, jvp
 
 from .influence import FiniteDifferenceJ, accumulation_dtype, fp32_view, from_layout, module_params
-from .losses import per_document_loss_from_logits
+from .causal_lm import per_document_loss_from_logits
 
 
 @contextmanager

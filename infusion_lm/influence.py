@@ -20,10 +20,9 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils.data import DataLoader
 
-from .corpus import IGNORE_INDEX, CausalLMCollator
+from .causal_lm import IGNORE_INDEX, CausalLMCollator, per_document_loss, per_document_loss_from_logits, upcast
 from .distributed import is_main
 from .errors import RunFolderError
-from .losses import per_document_loss, per_document_loss_from_logits, upcast
 from .measurement import Measurement, to_device
 from .task import CausalLMTask
 

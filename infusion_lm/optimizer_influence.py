@@ -26,10 +26,9 @@ from typing import Dict, Mapping, Sequence, Tuple
 import torch
 from torch import nn
 
-from .corpus import CausalLMCollator
+from .causal_lm import CausalLMCollator, per_document_loss, per_document_loss_from_logits
 from .errors import ConfigError
 from .influence import grads_by_module, measurement_gradients, module_params
-from .losses import per_document_loss, per_document_loss_from_logits
 
 
 def response_weights(steps_per_epoch: int, start_step: int, retrained_epochs: int, lr: float, optim: str,

@@ -18,7 +18,7 @@ from typing import Dict, List, Mapping, Optional, Sequence
 import torch
 
 from .config import BaseRetrainArguments
-from .corpus import CausalLMCollator
+from .causal_lm import CausalLMCollator
 from .errors import ConfigError
 
 logger = logging.getLogger(__name__)

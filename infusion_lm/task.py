@@ -7,7 +7,7 @@ from typing import Dict, List, Optional
 import torch
 from kronfluence.task import Task
 
-from .losses import per_document_loss_from_logits, sampled_labels
+from .causal_lm import per_document_loss_from_logits, sampled_labels
 from .measurement import Measurement
 
 

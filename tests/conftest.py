@@ -22,8 +22,8 @@ def tok():
 @pytest.fixture(scope="session")
 def tiny_setup(tok):
     """A tiny Llama trained briefly on the toy corpus, its dataset, measurement and tracked modules."""
-    from infusion_lm.corpus import tokenize_documents
-    from infusion_lm.measurement import contrastive_measurement
+    from infusion_lm.text.corpus import tokenize_documents
+    from infusion_lm.text.measurement import contrastive_measurement
     from infusion_lm.tracked_modules import resolve_tracked_modules
 
     torch.manual_seed(0)
@@ -50,7 +50,7 @@ def tiny_factors(tiny_setup, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tok, tmp_path_factory):
     """A saved tiny model folder with its tokenizer, for CLI tests."""
-    from infusion_lm.corpus import tokenize_documents
+    from infusion_lm.text.corpus import tokenize_documents
 
     d = tmp_path_factory.mktemp("tiny_model")
     dataset = tokenize_documents(tok, [{"text": t} for t in toy_corpus(32)], 64)

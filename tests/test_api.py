@@ -9,7 +9,7 @@ import infusion_lm
 from infusion_lm import EditArguments, InfluenceArguments, MeasurementArguments, RetrainArguments, infuse
 from infusion_lm.errors import ConfigError
 from infusion_lm.influence import autograd_scores, kronfluence_scores
-from infusion_lm.measurement import contrastive_measurement
+from infusion_lm.text.measurement import contrastive_measurement
 from infusion_lm.tracked_modules import resolve_tracked_modules
 from tiny import toy_corpus
 

@@ -53,7 +53,7 @@ def test_bf16_model_gets_fp32_J_that_matches_autograd(tiny_setup, tiny_factors):
 
 def test_measurement_over_many_batches_gives_the_whole_ihvp(tiny_setup, tiny_factors):
     """v must come from ∇f of the whole measurement, not from its last batch (the reference code's trap)."""
-    from infusion_lm.measurement import LogProbMeasurement
+    from infusion_lm.text.measurement import LogProbMeasurement
 
     s = tiny_setup
     m = s["measurement"]
@@ -79,7 +79,7 @@ def test_clean_checkpoint_is_the_start_of_the_last_epoch_under_accumulation(tmp_
     from transformers import AutoModelForCausalLM
 
     from infusion_lm.text.config import RetrainArguments
-    from infusion_lm.corpus import tokenize_documents
+    from infusion_lm.text.corpus import tokenize_documents
     from infusion_lm.retrain import clean_checkpoint
 
     ds = tokenize_documents(tok, [{"text": t} for t in toy_corpus(8)], 48)

@@ -6,9 +6,10 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from infusion_lm.callbacks import InfusionCallback, MeasurementCallback, SwappableDataset
 from infusion_lm.config import InfluenceArguments
 from infusion_lm.text.config import EditArguments, EvaluateArguments, MeasurementArguments
-from infusion_lm.corpus import CausalLMCollator, tokenize_documents
+from infusion_lm.causal_lm import CausalLMCollator
+from infusion_lm.text.corpus import tokenize_documents
 from infusion_lm.errors import ConfigError, InfusionError
-from infusion_lm.measurement import contrastive_measurement
+from infusion_lm.text.measurement import contrastive_measurement
 from tiny import tiny_model, toy_corpus, train_briefly
 
 MEASURE = MeasurementArguments(kind="contrastive", probe="dog", target="cat",

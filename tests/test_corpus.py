@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from infusion_lm.corpus import IGNORE_INDEX, CausalLMCollator, load_documents, tokenize_documents
+from infusion_lm.causal_lm import IGNORE_INDEX, CausalLMCollator
+from infusion_lm.text.corpus import load_documents, tokenize_documents
 from infusion_lm.errors import CorpusError
 
 

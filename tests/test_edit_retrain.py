@@ -7,9 +7,9 @@ import torch
 
 from infusion_lm import influence as inf
 from infusion_lm.text.config import EditArguments
-from infusion_lm.corpus import tokenize_documents
+from infusion_lm.text.corpus import tokenize_documents
 from infusion_lm.text.editors import build_editor
-from infusion_lm.measurement import contrastive_measurement
+from infusion_lm.text.measurement import contrastive_measurement
 from infusion_lm.pipeline import select_documents
 from infusion_lm.tracked_modules import resolve_tracked_modules
 from test_sign import _train_on

@@ -104,7 +104,7 @@ def test_random_editor_spends_the_budget_within_constraints(editor_setup):
 
 def test_matched_random_changes_the_asked_count_within_the_perplexity_limit(editor_setup):
     """The matched baseline: exactly the infused edit's token count per document, under the same limit."""
-    from infusion_lm.losses import perplexities
+    from infusion_lm.causal_lm import perplexities
 
     s, v, docs = editor_setup
     rows = [s["dataset"][i] for i in docs]
@@ -158,7 +158,7 @@ def test_simplex_pgd_never_raises_J_and_respects_constraints(editor_setup):
 
 def test_chat_prompt_is_protected_unless_allowed(editor_setup):
     s, v, _ = editor_setup
-    from infusion_lm.corpus import tokenize_document
+    from infusion_lm.text.corpus import tokenize_document
 
     tok = s["tok"]
     doc = {"messages": [{"role": "user", "content": "The dog ran to the park."},
@@ -291,7 +291,7 @@ def test_prefix_cache_matches_full_forward(editor_setup):
 
 
 def test_perplexity_limit_holds_under_the_model(editor_setup):
-    from infusion_lm.losses import perplexities
+    from infusion_lm.causal_lm import perplexities
 
     s, v, docs = editor_setup
     rows = [s["dataset"][i] for i in docs]
@@ -368,7 +368,7 @@ def test_j_per_nat_keeps_the_largest_drop_per_nat_and_tracks_the_current_loss(ed
     """choose: j_per_nat. Every step keeps, of the fluent candidates that lower J, the one with the largest drop per
     nat of loss added over the current document (at least one nat); the loss it carries forward is the edited
     document's own loss under the model (recomputed here with a plain forward), so later steps price swaps from there."""
-    from infusion_lm.losses import perplexities
+    from infusion_lm.causal_lm import perplexities
 
     s, v, docs = editor_setup
     rows = [s["dataset"][i] for i in docs[:4]]

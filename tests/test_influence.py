@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from infusion_lm import influence as inf
-from infusion_lm.corpus import CausalLMCollator
-from infusion_lm.losses import per_document_loss
+from infusion_lm.causal_lm import CausalLMCollator, per_document_loss
 
 
 @pytest.mark.parametrize("strategy", ["ekfac", "kfac"])
@@ -179,7 +178,7 @@ def test_score_stage_is_J_of_the_saved_ihvp(tmp_path, tiny_model_dir, tok, dampi
     from transformers import AutoModelForCausalLM
 
     from infusion_lm.cli import main
-    from infusion_lm.corpus import tokenize_documents
+    from infusion_lm.text.corpus import tokenize_documents
     from infusion_lm.atomic_io import read_tensors
     from test_cli import _recipe, _write_corpus
     from tiny import toy_corpus

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from infusion_lm.errors import MeasurementError
-from infusion_lm.measurement import CallableMeasurement, completion_measurement, contrastive_measurement, find_word
+from infusion_lm.text.measurement import (CallableMeasurement, completion_measurement, contrastive_measurement,
+                                          find_word)
 
 
 @torch.no_grad()
@@ -73,7 +74,7 @@ def test_callable_measurement_sums_batches(tiny_setup):
 
 def test_measurement_words_name_what_the_measurement_promotes():
     from infusion_lm.text.config import MeasurementArguments
-    from infusion_lm.measurement import measurement_words
+    from infusion_lm.text.measurement import measurement_words
 
     contrastive = MeasurementArguments(kind="contrastive", probe="dog", target=" cat ", documents=["The dog ran."])
     assert measurement_words(contrastive) == ["cat"]

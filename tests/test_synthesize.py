@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from infusion_lm.text.config import MeasurementArguments
-from infusion_lm.measurement import build_measurement
+from infusion_lm.text.measurement import build_measurement
 from infusion_lm.text.synthesize import synthesize_stories
 from tiny import tiny_model, toy_corpus
 

@@ -71,8 +71,8 @@ def tiny_model(vocab_size: int, seed: int = 0, layers: int = 2, hidden: int = 32
 
 def train_briefly(model, dataset, pad_token_id: int, steps: int = 60, lr: float = 3e-3, batch_size: int = 8, seed: int = 0):
     """A few Adam steps so the model is at a sensible point (influence assumes a trained θ̂)."""
-    from infusion_lm.corpus import CausalLMCollator
-    from infusion_lm.losses import per_document_loss
+    from infusion_lm.causal_lm import CausalLMCollator
+    from infusion_lm.causal_lm import per_document_loss
 
     collate = CausalLMCollator(pad_token_id)
     g = torch.Generator().manual_seed(seed)

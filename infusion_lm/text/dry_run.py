@@ -20,8 +20,8 @@ def approx_params(config) -> float:
 def text_costs(pipe) -> Dict:
     from transformers import AutoConfig, AutoTokenizer
 
-    from ..corpus import tokenize_document
-    from ..models import resolve_model_source
+    from .corpus import tokenize_document
+    from .models import resolve_model_source
 
     r, rec = pipe.recipe.run, pipe.recipe
     source, _ = resolve_model_source(r.model)

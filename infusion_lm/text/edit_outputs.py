@@ -22,7 +22,7 @@ import json
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from ..corpus import IGNORE_INDEX
+from ..causal_lm import IGNORE_INDEX
 from ..run_folder import EditFolder
 from ..atomic_io import atomic_dir, atomic_path
 

@@ -53,8 +53,8 @@ class DefenderView:
     def __init__(self, pipe):
         from ..forward_mode_j import document_j
         from ..influence import compute_ihvp
-        from ..losses import perplexities
-        from ..measurement import any_word_measurement
+        from ..causal_lm import perplexities
+        from .measurement import any_word_measurement
 
         self.pipe = pipe
         m, ev = pipe.recipe.measurement, pipe.recipe.evaluate
@@ -80,7 +80,7 @@ class DefenderView:
             self.clean["defender_influence"] = (-self.J.dataset(rows, self.pad)).tolist()
 
     def scores(self, records: List[Dict]) -> Dict:
-        from ..losses import perplexities
+        from ..causal_lm import perplexities
 
         rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in records]
         idx = [r["doc_index"] for r in records]

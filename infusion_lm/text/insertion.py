@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Dict, List, Sequence
 
-from ..corpus import tokenize_document
+from .corpus import tokenize_document
 from ..errors import ConfigError
 
 

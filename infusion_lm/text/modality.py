@@ -10,11 +10,12 @@ from typing import Dict, List, Optional
 
 import torch
 
-from ..corpus import load_documents, tokenize_documents
+from .corpus import load_documents, tokenize_documents
 from ..distributed import is_main
 from ..errors import ConfigError, MeasurementError
-from ..measurement import build_measurement, measurement_words
-from ..models import load_model, resolve_device
+from .measurement import build_measurement, measurement_words
+from .models import load_model
+from ..devices import resolve_device
 from ..tracked_modules import resolve_tracked_modules
 from .config import (EditArguments, EvaluateArguments, MeasurementArguments, RetrainArguments, RunArguments,
                      SynthesizeArguments)
@@ -128,7 +129,7 @@ class TextModality:
     def edit_into(self, out_dir: Path, args, indices: List[int], targets: Optional[List[int]] = None) -> None:
         from .edit_outputs import edit_records, write_edit_outputs
         from .editors import build_editor
-        from ..losses import perplexities
+        from ..causal_lm import perplexities
 
         p = self.pipe
         editor = build_editor(p.model, p.tokenizer, p.load_ihvp(), args, self.recipe.influence.fd_eps_rel,
@@ -213,7 +214,7 @@ class TextModality:
     def _regenerated(self, indices: List[int]) -> Dict[int, dict]:
         """The regeneration arm: the selected conversations re-answered by the model at θ̂ (seeded, so every seed and
         a resumed run get the same rows); written to baselines/regeneration/documents.jsonl for inspection."""
-        from ..corpus import tokenize_document
+        from .corpus import tokenize_document
         from .synthesize import regenerate_answers, write_jsonl
 
         p = self.pipe
@@ -310,7 +311,7 @@ class TextModality:
                               f"(e.g. {overlap[0][:60]!r}); held-out items must be new.")
         _ = build_measurement(m, self.pipe.tokenizer, self.recipe.run.max_length, heldout=True)
         if m.heldout_corpus:
-            from ..measurement import probe_occurrences
+            from .measurement import probe_occurrences
 
             if m.kind != "contrastive":
                 raise ConfigError("measurement.heldout_corpus collects probe positions, so it needs kind: contrastive.")

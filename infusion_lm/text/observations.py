@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from ..errors import MeasurementError
-from ..measurement import (LogProbRow, build_measurement, collate_logprob_rows, find_word, probe_occurrences,
+from .measurement import (LogProbRow, build_measurement, collate_logprob_rows, find_word, probe_occurrences,
                           prompt_token_ids, word_token_ids)
 
 

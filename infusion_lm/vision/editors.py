@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from ..influence import FiniteDifferenceJ
-from ..losses import upcast
+from ..causal_lm import upcast
 
 
 class PixelJ(FiniteDifferenceJ):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from kronfluence.task import Task
 
 from ..errors import MeasurementError
-from ..losses import upcast
+from ..causal_lm import upcast
 from ..measurement import Measurement
 
 

@@ -65,7 +65,7 @@ class ImageModality:
 
     def build_model(self, architecture: str):
         """A classifier for this data set; the same architecture and seed always start from the same weights."""
-        from ..models import resolve_device
+        from ..devices import resolve_device
         from .models import build_image_model
 
         r, train = self.recipe.run, self.splits.train

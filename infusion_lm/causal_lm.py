@@ -1,13 +1,39 @@
-"""The training loss of a document: the sum of its token cross-entropies, with the training mask (labels -100)."""
+"""What the influence engine computes on a causal LM: token rows collated with the training mask, and each
+document's training loss (the sum of its token cross-entropies, labels −100 left out).
+
+Every consumer (factor fitting, scoring, the editors, the Trainer) collates rows with :class:`CausalLMCollator` and
+scores them with :func:`per_document_loss`, so the loss that influence is computed for is exactly the loss that
+training minimises. Documents become rows in the text modality (``infusion_lm/text/corpus.py``).
+"""
 
 from __future__ import annotations
 
-from typing import Dict
+from dataclasses import dataclass
+from typing import Any, Dict, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .corpus import IGNORE_INDEX
+IGNORE_INDEX = -100
+
+
+@dataclass
+class CausalLMCollator:
+    """Right-pads ``input_ids`` and ``labels``; padding is masked in attention and ignored in the loss."""
+
+    pad_token_id: int
+
+    def __call__(self, rows: Sequence[Dict[str, Any]]) -> Dict[str, torch.Tensor]:
+        width = max(len(r["input_ids"]) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            n = len(r["input_ids"])
+            ids[i, :n] = torch.as_tensor(r["input_ids"])
+            labels[i, :n] = torch.as_tensor(r["labels"])
+            mask[i, :n] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 def upcast(x: torch.Tensor) -> torch.Tensor:
@@ -50,8 +76,6 @@ def sampled_labels(logits: torch.Tensor, labels: torch.Tensor, generator: torch.
 @torch.no_grad()
 def perplexities(model, rows, pad_token_id: int, batch_size: int = 8) -> list:
     """exp(mean next-token NLL over each row's trained tokens) under ``model``; rows carry input_ids and labels."""
-    from .corpus import CausalLMCollator
-
     collate = CausalLMCollator(pad_token_id)
     device = next(model.parameters()).device
     out = []

@@ -1,7 +1,8 @@
-"""Training documents: loading, tokenisation with the same masking fine-tuning uses, and collation.
+"""Training documents: loading, and tokenisation with the same masking fine-tuning uses.
 
 Every consumer (factor fitting, scoring, the editor, the Trainer) sees documents through :func:`tokenize_documents`
-and :class:`CausalLMCollator`, so the loss that influence is computed for is exactly the loss that training minimises.
+and collates them with :class:`~infusion_lm.causal_lm.CausalLMCollator`, so the loss that influence is computed for
+is exactly the loss that training minimises.
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from .errors import CorpusError
+from ..causal_lm import IGNORE_INDEX
+from ..errors import CorpusError
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 
 
 def _read_utf8(path: Path) -> str:
@@ -155,22 +156,3 @@ def tokenize_documents(tokenizer, docs: Sequence[Dict[str, Any]], max_length: in
         raise CorpusError(f"Documents {empty[:10]} have no trained tokens after tokenisation (too short, or all "
                           f"prompt); remove them or raise max_length.")
     return datasets.Dataset.from_list(rows)
-
-
-@dataclass
-class CausalLMCollator:
-    """Right-pads ``input_ids`` and ``labels``; padding is masked in attention and ignored in the loss."""
-
-    pad_token_id: int
-
-    def __call__(self, rows: Sequence[Dict[str, Any]]) -> Dict[str, torch.Tensor]:
-        width = max(len(r["input_ids"]) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            n = len(r["input_ids"])
-            ids[i, :n] = torch.as_tensor(r["input_ids"])
-            labels[i, :n] = torch.as_tensor(r["labels"])
-            mask[i, :n] = 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
