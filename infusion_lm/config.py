@@ -317,15 +317,13 @@ def recipe_sections(modality: str) -> Dict[str, type]:
 
 def _other_modalities(modality: str) -> Dict[str, Dict[str, type]]:
     """The sections of every other registered modality that can be imported (for errors that name the owner)."""
-    from .modalities import MODALITIES
+    from .modalities import other_modalities
 
     out = {}
-    for name in sorted(MODALITIES):
-        if name == modality:
-            continue
+    for name, _ in other_modalities(modality):
         try:
             out[name] = recipe_sections(name)
-        except (ConfigError, TypeError):  # a registered modality that cannot be imported says nothing about this one
+        except TypeError:  # a modality whose sections are malformed says nothing about this recipe
             pass
     return out
 

@@ -40,6 +40,18 @@ def modality_class(modality: str):
         raise ConfigError(f"modality {modality!r} names {MODALITIES[modality]!r}, which cannot be imported: {err}.") from None
 
 
+def other_modalities(name: str):
+    """(name, class) of every other registered modality that can be imported: the candidates an error names as the
+    owner of a wrong option or key (one that cannot be imported says nothing about this recipe)."""
+    for other in sorted(MODALITIES):
+        if other == name:
+            continue
+        try:
+            yield other, modality_class(other)
+        except ConfigError:
+            pass
+
+
 def _words(options) -> str:
     options = list(options)
     return options[0] if len(options) == 1 else f"{', '.join(options[:-1])} or {options[-1]}"
@@ -57,15 +69,7 @@ def check_options(recipe) -> None:
     for what, attr, value in chosen:
         if value is None or value in getattr(own, attr):
             continue
-        others = []
-        for other in sorted(MODALITIES):
-            if other == name:
-                continue
-            try:
-                if value in getattr(modality_class(other), attr, ()):
-                    others.append(other)
-            except ConfigError:  # a registered modality that cannot be imported says nothing about this one
-                pass
+        others = [other for other, cls in other_modalities(name) if value in getattr(cls, attr, ())]
         close = difflib.get_close_matches(value, getattr(own, attr), n=1)
         where = f" is for {_words(others)}" if others else " is not an option here"
         raise ConfigError(f"{what} {value!r}{where}; {name} recipes use {_words(getattr(own, attr))}"

@@ -83,7 +83,6 @@ class RandomTargetEditor(RandomEditor):
     single-token forms) where the perplexity limit allows, as many changes as the infused edit made."""
 
     name = "random_target"
-    revision = 1
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
