@@ -54,7 +54,10 @@ class ImageEditArguments(BaseEditArguments):
 
     editor: Optional[str] = field(default="sign_pgd", metadata=described("sign_pgd (default) | noise."))
     linf: float = field(default=8 / 255, metadata=described(
-        "L∞ budget of the pixel change, in [0, 1] pixel units (8/255 ≈ 0.031); pixels are also clamped to [0, 1]."))
+        "L∞ budget of the pixel change, in [0, 1] pixel units (8/255 ≈ 0.031)."))
+    pixel_clamp: bool = field(default=True, metadata=described(
+        "Clamp edited pixels to [0, 1], as a real image must be. false reproduces the paper's code, which did not "
+        "(its budget, 1, never bound either)."))
     pixel_step: Optional[float] = field(default=None, metadata=described(
         "sign_pgd: step size per iteration. Unset: 2.5 · linf / steps (Madry et al.)."))
     pixel_gradient: str = field(default="exact", metadata=described(

@@ -19,7 +19,7 @@ from typing import Dict, List, Sequence
 import torch
 
 from ..run_folder import EditFolder
-from ..atomic_io import atomic_dir, atomic_path, read_tensors, write_json, write_tensors
+from ..atomic_io import atomic_dir, atomic_path, read_json, read_tensors, write_json, write_tensors
 
 
 def image_edit_records(indices: Sequence[int], results, n_docs: int, editor: str, linf: float) -> List[Dict]:
@@ -58,8 +58,11 @@ def load_image_edits(out_dir: Path) -> Dict[int, Dict[str, torch.Tensor]]:
 
 def apply_infused(images: torch.Tensor, out_dir: Path) -> torch.Tensor:
     """The training images with the stored perturbations added: the infused corpus, rebuilt."""
-    t = read_tensors(EditFolder(out_dir).infused_corpus / "perturbations.safetensors")
+    folder = EditFolder(out_dir).infused_corpus
+    t = read_tensors(folder / "perturbations.safetensors")
     out = images.clone()
     if len(t["indices"]):
-        out[t["indices"]] = (out[t["indices"]] + t["delta"]).clamp(0, 1)
+        edited = out[t["indices"]] + t["delta"]
+        # an edit made with `edit.pixel_clamp: false` is rebuilt as it was made, outside [0, 1] where it went there
+        out[t["indices"]] = edited.clamp(0, 1) if read_json(folder / "source.json").get("pixel_clamp", True) else edited
     return out

@@ -140,10 +140,11 @@ class PixelEditor:
     def _exact(self, x, y) -> torch.Tensor:
         return self.J({"pixel_values": x, "labels": y}).double()
 
-    @staticmethod
-    def project(x0: torch.Tensor, delta: torch.Tensor, linf: float) -> torch.Tensor:
-        """δ onto the L∞ ball, then x0 + δ onto [0, 1]; returns the feasible δ."""
+    def project(self, x0: torch.Tensor, delta: torch.Tensor, linf: float) -> torch.Tensor:
+        """δ onto the L∞ ball, then x0 + δ onto [0, 1] (unless `edit.pixel_clamp` is off); returns the feasible δ."""
         delta = delta.clamp(-linf, linf)
+        if not self.args.pixel_clamp:
+            return delta
         return (x0 + delta).clamp(0.0, 1.0) - x0
 
 

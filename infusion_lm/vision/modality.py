@@ -165,7 +165,8 @@ class ImageModality:
         records = image_edit_records(indices, results, len(p.dataset), args.editor, args.linf)
         r = self.recipe.run
         source = {"corpus": r.corpus, "validation_size": r.validation_size, "seed": r.seed,
-                  "max_documents": r.max_documents, "n_documents": len(p.dataset)}
+                  "max_documents": r.max_documents, "n_documents": len(p.dataset),
+                  "pixel_clamp": args.pixel_clamp}
         write_image_edit_outputs(out_dir, indices, results, records, source)
 
     def editor_revision(self, editor: str) -> int:
