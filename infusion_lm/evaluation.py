@@ -12,7 +12,7 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 
-from .stats import auroc, flip_counts, paired_delta, two_level_bootstrap, wilcoxon_greater  # noqa: F401 - re-exported
+from .stats import auroc, flip_counts, paired_delta, seed_item_interval, wilcoxon_greater  # noqa: F401 - re-exported
 
 
 def per_seed(obs: Dict, name: str) -> List[Dict]:
@@ -44,7 +44,7 @@ def compare(arm: Sequence[Dict] | Dict, control: Sequence[Dict] | Dict, samples:
     arm, control, diffs = paired_seeds(arm, control)
 
     def boot(d):
-        return two_level_bootstrap(d, samples, confidence, seed)
+        return seed_item_interval(d, confidence)
 
     out = {"delta_f": boot(diffs("f")), "f_arm": float(np.mean([a["f_mean"] for a in arm])),
            "f_control": float(np.mean([c["f_mean"] for c in control])), "n_seeds": len(arm)}
@@ -102,7 +102,7 @@ def arm_difference(a: Dict, b: Dict, c: Dict, name: str, samples: int, confidenc
     """Arm a minus arm b on one set, paired by seed and item (both against the same control)."""
     da = np.array([np.subtract(x["f"], y["f"]) for x, y in zip(per_seed(a, name), per_seed(c, name))])
     db = np.array([np.subtract(x["f"], y["f"]) for x, y in zip(per_seed(b, name), per_seed(c, name))])
-    return two_level_bootstrap(da - db, samples, confidence, seed)
+    return seed_item_interval(da - db, confidence)
 
 
 def primary_set(sets: Sequence[str]) -> str:

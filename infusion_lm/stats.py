@@ -1,4 +1,4 @@
-"""The statistics every comparison uses: paired and two-level bootstrap CIs, the one-sided Wilcoxon test of
+"""The statistics every comparison uses: the paired bootstrap CI over items, the seed × item interval, the one-sided Wilcoxon test of
 specificity, AUROC with ties, and top-1 flip counts.
 
 Directions are fixed here once: a difference is always *arm minus control*, a specificity test asks whether the
@@ -29,25 +29,66 @@ def paired_delta(arm: Sequence[float], control: Sequence[float], samples: int, c
     return out
 
 
-def two_level_bootstrap(d: np.ndarray, samples: int, confidence: float, seed: int) -> Dict:
-    """Mean of a [seeds, items] matrix of paired differences, with a two-level percentile bootstrap CI.
+def seed_item_interval(d: np.ndarray, confidence: float) -> Dict:
+    """Mean of a [seeds, items] matrix of paired differences, with a CI that carries both noise sources.
 
-    Each resample draws seeds with replacement, then, within each drawn seed, items with replacement, so the CI
-    carries both the retraining noise (seeds) and the choice of items. With one seed it is the item-level
-    bootstrap; with fewer than 2 items and 2 seeds there is nothing to resample and the CI is None.
+    Every seed observes the *same* items, so the model is d[s, i] = μ + a_s + b_i + e_si: a retraining effect a_s
+    shared by a seed's items, an item effect b_i shared by the seeds, and noise. The grand mean's variance is
+    Var(a)/S + Var(b)/n + Var(e)/(S·n), estimated by two pieces:
+
+    - the items: the variance of the n column means (each item averaged over the seeds) over n. Items are resampled
+      as whole columns, never independently within each seed (that divides the item variance by S);
+    - the seeds: the variance of the S seed means over S, with S − 1 degrees of freedom, so that 3 seeds give a
+      t quantile of 4.30, not the [lowest seed, highest seed] a percentile over 3 resampled seeds gives.
+
+    Both pieces contain Var(e)/(S·n), so their sum overstates the variance by that much: conservative by design
+    (e is the smallest term whenever either effect matters). The interval is mean ± t_df · √(V_seeds + V_items), with
+    Welch–Satterthwaite degrees of freedom. One seed: the item piece alone (``"seed noise": "not measured"``); one
+    item: the seed piece alone; one of each: no CI.
+
+    Checked by simulation in tests/test_stats.py: under the null, with seed noise or item noise dominating, for
+    S ∈ {3, 5} and n ∈ {6, 60}, the 95% interval excludes 0 in at most 7% of trials (the bootstrap it replaced:
+    20–33%).
     """
+    from scipy.stats import t as student_t
+
     d = np.atleast_2d(np.asarray(d, dtype=float))
     S, n = d.shape
     out = {"mean": float(d.mean()) if d.size else None, "n_seeds": S, "n_items": n,
-           "per_seed": [float(x) for x in d.mean(axis=1)], "ci": None}
-    if S * n < 2 or (S == 1 and n < 2):
+           "per_seed": [float(x) for x in d.mean(axis=1)], "ci": None, "ci_method": CI_METHOD,
+           "per_seed_item": d.tolist()}
+    parts = []  # (variance of the mean, degrees of freedom)
+    if S >= 2:
+        parts.append((d.mean(axis=1).var(ddof=1) / S, S - 1))
+    if n >= 2:
+        parts.append((d.mean(axis=0).var(ddof=1) / n, n - 1))
+    if not parts:
         return out
-    rng = np.random.default_rng(seed)
-    seeds = rng.integers(0, S, size=(samples, S))
-    items = rng.integers(0, n, size=(samples, S, n))
-    means = d[seeds[:, :, None], items].mean(axis=(1, 2))
-    out["ci"] = percentile_ci(means, confidence)
+    var = sum(v for v, _ in parts)
+    if var == 0:
+        out["ci"] = [out["mean"], out["mean"]]
+        return out
+    df = var ** 2 / sum(v ** 2 / k for v, k in parts if v > 0)
+    half = float(student_t.ppf(0.5 + confidence / 2, df) * np.sqrt(var))
+    out["ci"] = [out["mean"] - half, out["mean"] + half]
+    if S == 1:
+        out["seed_noise"] = "not measured: one retraining seed"
     return out
+
+
+CI_METHOD = "seed_item_t: mean ± t_Satterthwaite · sqrt(var(seed means)/S + var(item means)/n)"
+
+
+def seed_t_interval(seed_means: Sequence[float], confidence: float) -> Optional[list]:
+    """A t-interval on per-seed means alone: what can be recomputed for a result whose per-item data are gone
+    (it leaves out the item variance that every seed shares)."""
+    from scipy.stats import t as student_t
+
+    m = np.asarray(seed_means, dtype=float)
+    if m.size < 2:
+        return None
+    half = float(student_t.ppf(0.5 + confidence / 2, m.size - 1) * m.std(ddof=1) / np.sqrt(m.size))
+    return [float(m.mean()) - half, float(m.mean()) + half]
 
 
 def wilcoxon_greater(diff: Sequence[float]) -> Optional[float]:

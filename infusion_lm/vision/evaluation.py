@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..evaluation import auroc, paired_seeds, per_seed
-from ..stats import two_level_bootstrap
+from ..stats import seed_item_interval
 from ..report import format_ci, format_number, html_page, plots, png_bytes
 from ..run_folder import EditFolder
 from ..atomic_io import atomic_path, read_json, read_tensors, write_json
@@ -28,10 +28,10 @@ def compare_images(arm: Sequence[Dict] | Dict, control: Sequence[Dict] | Dict, s
     off = [i for i, o in enumerate(control[0]["off_diagonal"]) if o]  # the probes' true classes: the same every seed
     flips_to = [sum(a["top1_is_target"][i] and not c["top1_is_target"][i] for i in off) for a, c in zip(arm, control)]
     flips_away = [sum(c["top1_is_target"][i] and not a["top1_is_target"][i] for i in off) for a, c in zip(arm, control)]
-    return {"delta_f": two_level_bootstrap(diffs("f"), samples, confidence, seed),
+    return {"delta_f": seed_item_interval(diffs("f"), confidence),
             "f_arm": float(np.mean([a["f_mean"] for a in arm])),
             "f_control": float(np.mean([c["f_mean"] for c in control])), "n_seeds": len(arm),
-            "delta_p_target": two_level_bootstrap(diffs("p_target"), samples, confidence, seed),
+            "delta_p_target": seed_item_interval(diffs("p_target"), confidence),
             "positive_fraction": float(np.mean(diffs("p_target") > 0)),
             "n_off_diagonal": len(off),
             "top1_flips_to_target": float(np.mean(flips_to)) / len(off) if off else None,
