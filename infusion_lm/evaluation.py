@@ -39,8 +39,8 @@ def compare(arm: Sequence[Dict] | Dict, control: Sequence[Dict] | Dict, samples:
     """One arm against control on one evaluation set, paired by seed and by item.
 
     ``arm`` and ``control`` are lists of observations, one per retraining seed (the same seeds in the same order);
-    a single dict is one seed. Δ = arm − control item by item within a seed; CIs are two-level bootstraps (seeds,
-    then items)."""
+    a single dict is one seed. Δ = arm − control item by item within a seed; CIs are ``stats.seed_item_interval`` (seeds and
+    shared items)."""
     arm, control, diffs = paired_seeds(arm, control)
 
     def boot(d):

@@ -145,6 +145,36 @@ def test_random_target_writes_only_the_target_word_at_the_matched_count(editor_s
         RandomTargetEditor(s["model"], s["tok"], v, _args(target_words=[]), target_words=["cat"])
 
 
+def test_random_target_under_the_perplexity_limit_matches_or_reports_the_shortfall(editor_setup):
+    """With the perplexity limit on, the target word does not fit everywhere: the editor places at most the count
+    (the second pass tries every option at the positions left) and count_match reports each document's shortfall
+    and the total, so no comparison passes an unequal edit off as matched."""
+    from infusion_lm.causal_lm import perplexities
+    from infusion_lm.text.editors import RandomTargetEditor
+    from infusion_lm.text.evaluation import count_match
+
+    s, v, docs = editor_setup
+    rows = [s["dataset"][i] for i in docs]
+    targets = [2, 3, 4, 2, 3, 4]
+    ed = RandomTargetEditor(s["model"], s["tok"], v, _args(max_perplexity_ratio=1.3), eps_rel=1e-3,
+                            target_words=["cat"])
+    results = ed.edit_many(rows, targets=targets)
+    before = perplexities(s["model"], rows, s["tok"].pad_token_id)
+    after = perplexities(s["model"], [{"input_ids": r.input_ids, "labels": r.labels} for r in results],
+                         s["tok"].pad_token_id)
+    infused = [{"doc_index": i, "n_changed": t} for i, t in zip(docs, targets)]
+    arm = [{"doc_index": i, "n_changed": r.n_changed} for i, r in zip(docs, results)]
+    for res, t, b, a in zip(results, targets, before, after):
+        assert a / b <= 1.3 + 1e-3, (a, b)
+        assert res.n_changed <= t
+    assert any(r.n_changed == t for r, t in zip(results, targets))
+    short = {str(i): t - r.n_changed for i, r, t in zip(docs, results, targets) if r.n_changed < t}
+    assert count_match(arm, infused) == {"shortfall_per_document": short,
+                                         "shortfall_total": sum(short.values()), "matched": not short}
+    exact = [{"doc_index": i, "n_changed": t} for i, t in zip(docs, targets)]
+    assert count_match(exact, infused)["matched"] and count_match(exact, infused)["shortfall_total"] == 0
+
+
 def test_simplex_pgd_never_raises_J_and_respects_constraints(editor_setup):
     s, v, docs = editor_setup
     ed = _editor(s, v, SimplexPGDEditor, steps=10, eval_every=2)

@@ -25,6 +25,20 @@ def _edit_summary(records: List[Dict]) -> Dict:
             "perplexity_ratio_max": max(ratios) if ratios else None}
 
 
+MATCHED_ARMS = ("random", "random_target")  # baselines that promise the infused edit's count per document
+
+
+def count_match(records: List[Dict], infused: List[Dict]) -> Dict:
+    """How far a matched baseline fell short of the infused edit's changed-token count, document by document (the
+    perplexity limit can reject every option at the positions left). A comparison is count-matched only where
+    ``matched`` is true; otherwise ``shortfall_total`` says by how many tokens the baseline is smaller."""
+    want = {r["doc_index"]: r["n_changed"] for r in infused}
+    short = {int(r["doc_index"]): want[r["doc_index"]] - r["n_changed"] for r in records if r["doc_index"] in want}
+    return {"shortfall_per_document": {str(k): v for k, v in short.items() if v},
+            "shortfall_total": int(sum(v for v in short.values() if v > 0)),
+            "matched": all(v <= 0 for v in short.values())}
+
+
 def _arm_records(run_dir: Path, arm: str) -> Optional[List[Dict]]:
     import json
 
@@ -120,6 +134,8 @@ def evaluate_run(pipe) -> Dict:
         records = _arm_records(run_dir, arm)
         if records:
             entry["edits"] = _edit_summary(records)
+            if arm in MATCHED_ARMS and _arm_records(run_dir, "infused"):
+                entry["edits"]["count_match"] = count_match(records, _arm_records(run_dir, "infused"))
             entry["predicted_vs_actual"] = {"predicted_delta_f": entry["edits"]["predicted_delta_f"],
                                             "actual_delta_f": entry["measurement"]["delta_f"]["mean"]}
             if defender is not None:

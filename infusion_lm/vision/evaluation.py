@@ -21,8 +21,8 @@ from ..atomic_io import atomic_path, read_json, read_tensors, write_json
 def compare_images(arm: Sequence[Dict] | Dict, control: Sequence[Dict] | Dict, samples: int, confidence: float,
                    seed: int) -> Dict:
     """One arm against control on one probe set, paired by retraining seed and by probe. ``arm`` and ``control``
-    are lists of observations, one per seed (a single dict is one seed); CIs are two-level bootstraps (seeds, then
-    probes); flip rates are averaged over seeds."""
+    are lists of observations, one per seed (a single dict is one seed); CIs are ``stats.seed_item_interval`` (seeds and
+    shared probes); flip rates are averaged over seeds."""
     arm, control, diffs = paired_seeds(arm, control)
 
     off = [i for i, o in enumerate(control[0]["off_diagonal"]) if o]  # the probes' true classes: the same every seed

@@ -46,18 +46,23 @@ class RandomEditor(TokenEditor):
                 allowed_loss = s.L0 + s.n_trained * math.log(s.max_ppl_ratio)
             current = s.L0  # the document's loss at θ̂, updated with each accepted swap
             order = s.editable.nonzero().flatten().cpu()
-            order = order[torch.randperm(len(order), generator=self.gen)]
-            n = 0
-            for p in order.tolist():
+            order = order[torch.randperm(len(order), generator=self.gen)].tolist()
+            n, used = 0, set()
+            # A first pass tries a few random options per position; where that leaves the count short of the
+            # target (the perplexity limit rejected them), a second pass tries every option at the positions left.
+            passes = [(p, self.options_per_position) for p in order] + [(p, None) for p in order]
+            for p, tries in passes:
                 if n >= target:
                     break
+                if p in used:
+                    continue
                 options = self.options_at(s, p)
                 options[s.ids0[p]] = False
                 if cost is not None:
                     options &= cost[p] <= allowed_loss - current
                 options = options.nonzero().flatten().cpu()
                 trials = []
-                for w in options[torch.randperm(len(options), generator=self.gen)][: self.options_per_position].tolist():
+                for w in options[torch.randperm(len(options), generator=self.gen)][:tries].tolist():
                     trial = s.ids.clone()
                     trial[p] = w
                     if self.stable(s, trial):  # a swap the tokenizer would undo is not an edit
@@ -71,6 +76,7 @@ class RandomEditor(TokenEditor):
                         continue
                     trials, current = [kept[0][0]], kept[0][1]
                 s.ids, s.labels = trials[0], s.labels_for(trials[0])
+                used.add(p)
                 n += 1
         if states:
             for s, j in zip(states, self.exact_J([s.ids for s in states], [s.labels for s in states]).tolist()):
