@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, jvp
 
-from .influence import FiniteDifferenceJ, accumulation_dtype, fp32_view, from_layout, module_params
+from .influence import FiniteDifferenceJ, accumulation_dtype, evaluating, fp32_view, from_layout, module_params
 from .causal_lm import per_document_loss_from_logits
 
 
@@ -66,7 +66,7 @@ class ForwardModeJ:
                 "input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}).logits
             return per_document_loss_from_logits(logits, labels)
 
-        with eager_attention(self.model):
+        with eager_attention(self.model), evaluating(self.model):
             loss, j = jvp(losses, (self.primals,), (self.tangents,))
         return j, loss
 

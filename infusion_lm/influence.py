@@ -8,6 +8,7 @@ Conventions:
 
 from __future__ import annotations
 
+
 import hashlib
 import logging
 from contextlib import contextmanager
@@ -372,6 +373,19 @@ def perturbed_params(model: nn.Module, v: Mapping[str, torch.Tensor], step: floa
     return out
 
 
+@contextmanager
+def evaluating(model: nn.Module):
+    """The model in eval mode for the block, every module's own mode restored after: J is a property of θ̂, and a
+    user's model left in train mode would otherwise draw dropout masks (different ones in the ± passes)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.train(training)
+
+
 def fp32_view(model: nn.Module) -> nn.Module:
     """The model itself when its floating weights are fp32 or fp64, else an fp32 copy in eval mode."""
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
@@ -482,6 +496,10 @@ class FiniteDifferenceJ:
     @torch.no_grad()
     def with_loss(self, batch: Dict[str, torch.Tensor]):
         """(J, L): J per row, and L = (L⁺ + L⁻)/2, the loss at θ̂ itself up to O(ε²), for free."""
+        with evaluating(self.model):
+            return self._with_loss(batch)
+
+    def _with_loss(self, batch: Dict[str, torch.Tensor]):
         if self._branch is not None:
             layers, first, deltas = self._branch
             B = batch["input_ids"].shape[0]
@@ -501,6 +519,11 @@ class FiniteDifferenceJ:
     @torch.no_grad()
     def variants_with_loss(self, base_ids: torch.Tensor, base_labels: torch.Tensor, ids: torch.Tensor,
                            labels: torch.Tensor, batch_size: int = 32):
+        with evaluating(self.model):
+            return self._variants_with_loss(base_ids, base_labels, ids, labels, batch_size)
+
+    def _variants_with_loss(self, base_ids: torch.Tensor, base_labels: torch.Tensor, ids: torch.Tensor,
+                            labels: torch.Tensor, batch_size: int = 32):
         """J for many same-length variants of one document ([N, T] ids and labels), reusing the shared prefix.
 
         A variant that first differs from the base document at position p has the same hidden states and the same

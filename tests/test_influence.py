@@ -193,3 +193,27 @@ def test_score_stage_is_J_of_the_saved_ihvp(tmp_path, tiny_model_dir, tok, dampi
     scores = read_tensors(run / "scores.safetensors")["scores"].double()
     assert float(ref.abs().max()) > 0
     torch.testing.assert_close(scores, ref, rtol=1e-3, atol=2e-3 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("method", ["forward_mode", "finite_difference"])
+def test_J_is_computed_in_eval_mode_whatever_mode_the_model_is_in(tiny_setup, tiny_factors, method):
+    """A user's model in train mode with dropout 0.5 gives the same J as in eval mode, and is left in train mode."""
+    from infusion_lm.forward_mode_j import document_j
+
+    s = tiny_setup
+    _, dirs = tiny_factors
+    v = inf.compute_ihvp(s["model"], s["measurement"], s["tracked"], dirs["ekfac"], damping=None)
+    model = copy.deepcopy(s["model"])
+    model.config.attention_dropout = 0.5
+    for m in model.modules():
+        if hasattr(m, "attention_dropout"):
+            m.attention_dropout = 0.5
+    rows = [s["dataset"][i] for i in range(4)]
+    batch = CausalLMCollator(s["tok"].pad_token_id)(rows)
+    model.eval()
+    ref = document_j(model, v, method, eps_rel=1e-3)(batch)
+    model.train()
+    torch.manual_seed(0)
+    got = document_j(model, v, method, eps_rel=1e-3)(batch)
+    torch.testing.assert_close(got, ref)
+    assert all(m.training for m in model.modules())
