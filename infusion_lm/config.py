@@ -347,6 +347,14 @@ class Recipe:
         from .modalities import check_options, modality_class
 
         check_options(self)
+        r, i = self.retrain, self.influence
+        if r.lora and r.influence_at == "model" and "optimizer" in (i.prediction, i.preconditioner):
+            # The optimizer's response models AdamW on θ̂'s own weights; these arms train fresh adapters with B = 0
+            # on top of them, a different update. Refused rather than predicted wrongly.
+            key = "influence.preconditioner" if i.preconditioner == "optimizer" else "influence.prediction"
+            raise ConfigError(f"{key}: optimizer predicts full-weight AdamW on the model, but retrain.lora trains "
+                              "fresh adapters; set retrain.influence_at: checkpoint (influence over the adapters "
+                              "the arms train, needs retrain.epochs >= 2) or influence.prediction: same_v.")
         modality_class(self.run.modality).check_recipe(self)
 
     def sections(self) -> Dict[str, Any]:

@@ -108,7 +108,7 @@ def test_lora_arms_are_paired(tmp_path, tiny_model_dir, from_scratch):
     """A zero-edit LoRA arm ends with control's adapter weights, bit for bit (same init, data order and RNG)."""
     corpus = _write_corpus(tmp_path / "c.jsonl", toy_corpus(12))
     recipe = _recipe(tmp_path, tiny_model_dir, corpus, measurement={"heldout_documents": HELDOUT},
-                     edit={"budget_fraction": 0.0},
+                     edit={"budget_fraction": 0.0}, influence={"prediction": "same_v"},
                      retrain={"arms": ["control", "infused"], "lora": True, "lora_r": 2, "batch_size": 4,
                               "learning_rate": 1e-2, "seeds": [0, 3], "from_scratch": from_scratch,
                               "epochs": 2 if from_scratch else 1},
@@ -199,3 +199,17 @@ def test_lora_run_scores_over_the_adapters_at_the_checkpoint(tmp_path, tiny_mode
     assert main(["edit", str(recipe), "--quiet"]) == 0
     edits = [json.loads(l) for l in (tmp_path / "run" / "edits.jsonl").read_text().splitlines()]
     assert edits and any(e["n_changed"] and e["J_after"] < e["J_before"] for e in edits)
+
+
+def test_lora_from_the_model_refuses_the_optimizer_prediction():
+    """Full-weight AdamW on θ̂ is not what fresh adapters do: refused, naming both fixes."""
+    from infusion_lm.config import load_recipe
+    from infusion_lm.errors import ConfigError
+
+    raw = {"model": "m", "corpus": "c.jsonl", "measurement": {"kind": "contrastive", "probe": "cat", "target": "dog", "documents": ["The cat sat."]},
+           "retrain": {"lora": True, "epochs": 1}}
+    with pytest.raises(ConfigError, match="influence.prediction: optimizer predicts full-weight AdamW.*"
+                                          "influence_at: checkpoint.*same_v"):
+        load_recipe(raw=raw)
+    load_recipe(raw={**raw, "influence": {"prediction": "same_v"}})
+    load_recipe(raw={**raw, "retrain": {"lora": True, "epochs": 2, "influence_at": "checkpoint"}})
