@@ -274,7 +274,9 @@ class BaseRetrainArguments:
 class BaseEvaluateArguments:
     """How the arms are compared with control (section `evaluate`)."""
 
-    bootstrap_samples: int = field(default=2000, metadata=described("Paired bootstrap resamples for each CI."))
+    bootstrap_samples: int = field(default=2000, metadata=described(
+        "Bootstrap resamples where a CI is a bootstrap (the paired item bootstrap); the seed × item CIs of Δf are "
+        "t-intervals and need none (stats.seed_item_interval)."))
     confidence: float = field(default=0.95, metadata=described("CI level."))
     detectors: bool = field(default=True, metadata=described(
         "Defender view: AUROC of detectors a defender can run without the attacker's v (text: perplexity under the "
