@@ -40,6 +40,48 @@ def test_contrastive_is_mean_difference_over_probe_positions(tiny_setup):
     assert m.value(model) == pytest.approx(sum(diffs) / 3, rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.parametrize("batch_size", [2, 16])
+def test_set_contrast_is_target_against_the_log_sum_of_the_set(tiny_setup, batch_size):
+    """f = mean over probe positions of log p(cat) − log(p(dog) + p(bird) + p(hippopotamus)), computed here word by
+    word (one multi-token word included); the same value and the same gradient however the groups are batched."""
+    from math import exp, log
+
+    from infusion_lm.text.measurement import set_contrast_measurement
+
+    tok, model = tiny_setup["tok"], tiny_setup["model"]
+    docs = ["The dog ran. The dog sat.", "A dog."]
+    words = ["bird", "hippopotamus"]
+    m = set_contrast_measurement(tok, docs, "dog", "cat", words, batch_size=batch_size)
+    expect = []
+    for d in docs:
+        for start in find_word(d, "dog"):
+            prefix = tok(d[: start - 1])["input_ids"]
+
+            def lp(w):
+                return _logp_of(model, prefix + tok(" " + w, add_special_tokens=False)["input_ids"], len(prefix))
+
+            expect.append(lp("cat") - log(sum(exp(lp(w)) for w in ["dog"] + words)))
+    assert len(expect) == 3
+    assert m.value(model) == pytest.approx(sum(expect) / 3, rel=1e-5, abs=1e-6)
+    # the gradient of the whole f is the sum of the batches' (kronfluence aggregates them so)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grad = torch.autograd.grad(sum(m(model, b) for b in m.batches), params[-1])[0]
+    ref_m = set_contrast_measurement(tok, docs, "dog", "cat", words, batch_size=64)
+    ref = torch.autograd.grad(ref_m(model, ref_m.batches[0]), params[-1])[0]
+    torch.testing.assert_close(grad, ref, rtol=1e-4, atol=1e-6)
+
+
+def test_contrast_words_are_checked():
+    from infusion_lm.errors import ConfigError
+    from infusion_lm.text.config import MeasurementArguments
+
+    with pytest.raises(ConfigError, match="contrast_words has the target 'cat'"):
+        MeasurementArguments(kind="contrastive", documents=["The dog ran."], probe="dog", target="cat",
+                             contrast_words=["bird", "cat"])
+    with pytest.raises(ConfigError, match="contrast_words is for kind contrastive"):
+        MeasurementArguments(kind="completion", prompts=["Hi"], completions=["cat"], contrast_words=["bird"])
+
+
 def test_multi_token_words_use_every_token(tok, tiny_setup):
     word = "hippopotamus"  # not in the toy BPE vocabulary as one token
     ids = tok(" " + word, add_special_tokens=False)["input_ids"]

@@ -90,6 +90,11 @@ class MeasurementArguments(BaseMeasurementArguments):
     documents: List[str] = field(default_factory=list, metadata=described("contrastive/callable: measurement documents."))
     probe: Optional[str] = field(default=None, metadata=described("contrastive: the word whose positions are measured."))
     target: Optional[str] = field(default=None, metadata=described("contrastive: the word to promote at those positions."))
+    contrast_words: List[str] = field(default_factory=list, metadata=described(
+        "contrastive: contrast the target with a set instead of the probe alone: f = log p(target) − "
+        "log Σ_{w ∈ probe + contrast_words} p(w) at each probe position, so raising the whole class (every animal) "
+        "no longer raises f. Empty (default): f = log p(target) − log p(probe). Held-out sets keep the latter, so "
+        "Δf stays comparable across choices."))
     callable: Optional[str] = field(default=None, metadata=described(
         "callable: `module:function` taking (batch, model) and returning a scalar gain."))
     heldout_prompts: List[str] = field(default_factory=list, metadata=described(
@@ -125,6 +130,11 @@ class MeasurementArguments(BaseMeasurementArguments):
                 raise ConfigError("measurement.kind=contrastive needs measurement.documents, .probe and .target.")
             if self.probe.strip() == self.target.strip():
                 raise ConfigError(f"measurement.probe and .target are the same word ({self.probe!r}); pick two words.")
+            if self.target.strip() in [w.strip() for w in self.contrast_words]:
+                raise ConfigError(f"measurement.contrast_words has the target {self.target!r}; the set is what the "
+                                  f"target is contrasted with: remove it.")
+        elif self.contrast_words:
+            raise ConfigError(f"measurement.contrast_words is for kind contrastive (this is {self.kind}); remove it.")
         if self.kind == "callable" and not self.callable:
             raise ConfigError("measurement.kind=callable needs measurement.callable: `module:function`.")
 

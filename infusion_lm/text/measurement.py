@@ -174,6 +174,47 @@ def contrastive_measurement(tokenizer, documents: Sequence[str], probe: str, tar
     return m
 
 
+class SetContrastMeasurement(Measurement):
+    """f = mean over probe positions of log p(target | prefix) − log Σ_{w ∈ set} p(w | prefix).
+
+    Each position is a group of 1 + m rows (the target, then the m set words, each possibly several tokens); a batch
+    holds whole groups, so each batch returns its share of f and the aggregated gradient is ∇f."""
+
+    def __init__(self, groups: Sequence[Sequence[LogProbRow]], pad_token_id: int, batch_size: int = 16,
+                 description: str = ""):
+        if not groups:
+            raise MeasurementError("The measurement has no probe positions.")
+        self.size = len(groups[0])
+        self.n = len(groups)
+        self.description = description
+        per_batch = max(1, batch_size // self.size)
+        self.batches = [collate_logprob_rows([r for g in groups[i: i + per_batch] for r in g], pad_token_id)
+                        for i in range(0, len(groups), per_batch)]
+
+    def __call__(self, model, batch):
+        lp = row_logprobs(model, batch).view(-1, self.size)
+        return (lp[:, 0] - torch.logsumexp(lp[:, 1:], dim=1)).sum() / self.n
+
+
+def set_contrast_measurement(tokenizer, documents: Sequence[str], probe: str, target: str, words: Sequence[str],
+                             batch_size: int = 16) -> SetContrastMeasurement:
+    """The contrastive measurement against the probe and ``words`` together (``measurement.contrast_words``)."""
+    probe, target = probe.strip(), target.strip()
+    others = [probe] + [w.strip() for w in words if w.strip() and w.strip() not in (probe, target)]
+    groups = []
+    for prefix_ids, lead in probe_occurrences(tokenizer, documents, probe):
+        group = []
+        for w in [target] + others:
+            ids = word_token_ids(tokenizer, lead + w, "target" if w == target else "word")
+            group.append(LogProbRow(prefix_ids + ids, [0] * len(prefix_ids) + [1] * len(ids), 1.0))
+        groups.append(group)
+    m = SetContrastMeasurement(groups, tokenizer.pad_token_id, batch_size,
+                               description=f"mean log p({target}) − log Σ p({', '.join(others)}) over {len(groups)} "
+                                           f"probe positions")
+    m.words = [target]
+    return m
+
+
 def any_word_measurement(tokenizer, documents: Sequence[str], probe: str, words: Sequence[str],
                          batch_size: int = 16) -> LogProbMeasurement:
     """f = mean over probe occurrences of [mean over ``words`` of log p(w | prefix)] − log p(probe | prefix): "say any of
@@ -241,6 +282,8 @@ def build_measurement(args, tokenizer, max_length: int = 512, heldout: bool = Fa
     if args.kind == "completion":
         return completion_measurement(tokenizer, prompts, args.completions, args.chat_template)
     if args.kind == "contrastive":
+        if args.contrast_words and not heldout:  # held-out sets keep the pairwise f: Δf comparable across choices
+            return set_contrast_measurement(tokenizer, documents, args.probe, args.target, args.contrast_words)
         return contrastive_measurement(tokenizer, documents, args.probe, args.target)
     fn = import_callable(args.callable)
     rows = tokenize_documents(tokenizer, [{"text": d} for d in documents], max_length)
