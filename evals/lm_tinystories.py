@@ -70,6 +70,8 @@ def pair_recipe(args, probe: str, target: str) -> dict:
         "seed": 0,
         "measurement": {"kind": "contrastive", "probe": probe, "target": target,
                         "documents": measure,
+                        **({"contrast_words": [w for w in args.contrast_words if w not in (probe, target)]}
+                           if getattr(args, "contrast_words", None) else {}),
                         "heldout_documents": [t.format(w=probe) for t in HELDOUT],
                         "heldout_corpus": str(TINYSTORIES), "heldout_corpus_max_positions": args.heldout_positions},
         "influence": {"strategy": "ekfac", "layers": args.layers, "module_types": ["mlp", "attn"], "batch_size": 8,
@@ -221,6 +223,10 @@ def main():
                    help="select.rank_by: the k most negative J, or the k largest drops in J after one swap step")
     p.add_argument("--pool", type=int, default=None, help="select.pool: documents tried by --rank_by first_step")
     p.add_argument("--choose", default=None, choices=["lowest_j", "j_per_nat"], help="edit.choose")
+    p.add_argument("--contrast_words", nargs="+", default=None, metavar="WORD",
+                   help="measurement.contrast_words: contrast the target with the probe and these words (the probe "
+                        "and target are dropped from the list per pair); keep them apart from the evaluated "
+                        "candidates, or the specificity check grades the objective on its own terms")
     p.add_argument("--rename", action="store_true", help="edit.rename: swap candidates that rename an entity throughout")
     p.add_argument("--work_dir", default=None,
                    help="run folder shared by the pairs (factors, clean checkpoint, control); default out_dir/work. "
