@@ -43,9 +43,17 @@ def test_scores_edits_and_prediction_come_from_the_saved_v(tmp_path, tiny_model_
     scores = read_tensors(run / "scores.safetensors")["scores"].double()
     assert torch.allclose(scores, ref, rtol=2e-2, atol=2e-2 * float(ref.abs().max())), (scores, ref)
     records = [json.loads(line) for line in (run / "edits.jsonl").read_text().splitlines()]
-    for r in records:  # the editing v's own prediction (the default, calibrated one: test_retrain_evaluate.py)
-        assert r["predicted_delta_f_same_v"] == pytest.approx(
-            -(r["J_after"] - r["J_before"]) / measure["prediction_divisor"])
+    # The editing v's own prediction, −ΔJ/divisor, with J of the original and the edited documents recomputed by
+    # autograd on the saved v (not read back from the records it is checked against).
+    rows = []
+    for r in records:  # plain text: every token of the original is trained, so its labels are its ids
+        rows += [{"input_ids": r["original_input_ids"], "labels": r["original_input_ids"]},
+                 {"input_ids": r["input_ids"], "labels": r["labels"]}]
+    J = inf.autograd_scores(model, rows, v, pad_token_id=tok.pad_token_id)
+    for i, r in enumerate(records):
+        expect = -(float(J[2 * i + 1]) - float(J[2 * i])) / measure["prediction_divisor"]
+        assert r["predicted_delta_f_same_v"] == pytest.approx(expect, rel=2e-2, abs=2e-2 * float(J.abs().max())
+                                                              / measure["prediction_divisor"])
     res = read_json(run / "results.json")
     assert "defender_influence_auroc" in res["arms"]["infused"]["detectors"]
 
