@@ -75,7 +75,7 @@ def test_optimizer_v_matches_the_unrolled_metagradient(second_epoch, tok):
     ratio = float((exact / predicted).median())
     # Measured: Spearman 0.83, median exact/predicted 0.83 (the embeddings and norms also train but are not tracked).
     assert rho > 0.6, rho
-    assert 1 / 3 < ratio < 3, ratio
+    assert 0.6 < ratio < 1.4, ratio  # measured 0.83; a factor-of-3 window could not catch a missing term
     # EK-FAC's v (training to convergence) ranks these documents about as well (measured 0.90), but its size,
     # −J/n, is not what these steps do: measured 150x too large here (median exact/predicted 0.0066).
     fdir = inf.fit_factors(s["model"], s["ds"], s["tracked"], s["root"], pad_token_id=tok.pad_token_id, batch_size=8)

@@ -183,8 +183,13 @@ def test_influence_at_the_clean_checkpoint(tmp_path, tiny_model_dir):
     got = torch.tensor([r["predicted_delta_f"] for r in records], dtype=torch.float64)
     assert float(expected.abs().max()) > 0
     torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-4 * float(expected.abs().max()))
-    same_v = [-(r["J_after"] - r["J_before"]) / len(pipe.dataset) for r in records]
-    assert [r["predicted_delta_f_same_v"] for r in records] == pytest.approx(same_v)
+    # The editing v's own −ΔJ/n, with J recomputed by autograd on the saved v (not read back from the records).
+    v_edit = pipe.load_ihvp()
+    after = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in records]
+    same_v = -(inf.autograd_scores(theta, after, v_edit, pad_token_id=pad)
+               - inf.autograd_scores(theta, before, v_edit, pad_token_id=pad)) / len(pipe.dataset)
+    got_same = torch.tensor([r["predicted_delta_f_same_v"] for r in records], dtype=torch.float64)
+    torch.testing.assert_close(got_same, same_v.double(), rtol=2e-2, atol=2e-2 * float(same_v.abs().max()))
 
 
 def test_retrain_stage_infused_arm_raises_f_over_control(tmp_path, tok):
