@@ -134,7 +134,7 @@ def test_sign_pgd_respects_the_linf_bound_and_the_clamp_and_lowers_J(trained_cnn
 
 def test_noise_editor_spends_the_same_linf_and_is_seeded(trained_cnn):
     from infusion_lm.vision.config import ImageEditArguments
-    from infusion_lm.vision.editors import NoiseEditor
+    from infusion_lm.vision.editors import NoiseEditor, SignPGDEditor
 
     model, v, train = trained_cnn
     args = ImageEditArguments(editor="noise", linf=0.05, seed=3)
@@ -144,6 +144,17 @@ def test_noise_editor_spends_the_same_linf_and_is_seeded(trained_cnn):
         assert torch.equal(ra.pixel_values, rb.pixel_values)
         assert float(ra.delta.abs().max()) == pytest.approx(0.05, abs=1e-6)
         assert 0 <= float(ra.pixel_values.min()) and float(ra.pixel_values.max()) <= 1
+    # The paper's protocol: a budget of 1 that never binds (α 0.001 × 50 steps, no clamp). Sign-PGD and the noise
+    # both reach 0.05, not 1, and neither is clamped to [0, 1].
+    paper = ImageEditArguments(editor="sign_pgd", linf=1.0, steps=50, pixel_step=0.001, pixel_clamp=False)
+    x = train.images[:3]
+    pgd = SignPGDEditor(model, v, paper).edit_many(x, train.labels[:3])
+    noise = NoiseEditor(model, v, ImageEditArguments(**{**paper.__dict__, "editor": "noise"})).edit_many(
+        x, train.labels[:3])
+    assert max(float(r.delta.abs().max()) for r in pgd) <= 0.05 + 1e-6
+    for r in noise:
+        assert float(r.delta.abs().max()) == pytest.approx(0.05, abs=1e-6)
+    assert any(float(r.pixel_values.max()) > 1 or float(r.pixel_values.min()) < 0 for r in noise + pgd)
 
 
 # ---------------------------------------------------------------------------------------------------- the effect

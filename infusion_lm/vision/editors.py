@@ -170,15 +170,21 @@ class SignPGDEditor(PixelEditor):
 
 
 class NoiseEditor(PixelEditor):
-    """Random ±linf noise per pixel (clamped): the same L∞ as sign-PGD, with no knowledge of v."""
+    """Random ± noise per pixel at the L∞ sign-PGD can reach (clamped unless `edit.pixel_clamp` is off), with no
+    knowledge of v."""
 
     def __init__(self, model, v, args, eps_rel: float = 1e-4):
         super().__init__(model, v, args, eps_rel)
         self.gen = torch.Generator().manual_seed(args.seed)
 
     def _edit(self, x0, y):
+        a = self.args
+        # The L∞ sign-PGD can reach: steps × step, or the budget where that is smaller (the paper's α 0.001 × 50 steps
+        # under a budget of 1 reaches 0.05). Noise at the full budget would not be the same L∞ as the infused edit.
+        step = a.pixel_step if a.pixel_step is not None else 2.5 * a.linf / a.steps
+        amp = min(a.linf, a.steps * step)
         signs = torch.randint(0, 2, x0.shape, generator=self.gen).to(x0) * 2 - 1
-        x = x0 + self.project(x0, signs * self.args.linf, self.args.linf)
+        x = x0 + self.project(x0, signs * amp, amp)
         j0, j1 = self._exact(x0, y), self._exact(x, y)
         return [PixelEditResult(x[i].cpu(), x0[i].cpu(), int(y[i]), float(j0[i]), float(j1[i]), [float(j0[i]), float(j1[i])])
                 for i in range(len(x0))]
