@@ -1,9 +1,9 @@
-"""Every arm against control, for any modality: Δf with paired bootstrap CIs (by seed, then item), target
+"""Every arm against control, for any modality: Δf with seed × item CIs (``stats.seed_item_interval``), target
 probabilities, flips, specificity and completion rates; one arm against another; the detectors' AUROC; the verdict
 and the headline a run ends with. The text modality's evaluation stage is in infusion_lm/text/evaluation.py.
 
 All comparisons are paired by measurement item (probe position or prompt): both arms saw the same items, so each
-Δ is computed item by item and the CI resamples items.
+Δ is computed item by item, and the CI treats the items as shared by every seed.
 """
 
 from __future__ import annotations
@@ -39,17 +39,17 @@ def compare(arm: Sequence[Dict] | Dict, control: Sequence[Dict] | Dict, samples:
     """One arm against control on one evaluation set, paired by seed and by item.
 
     ``arm`` and ``control`` are lists of observations, one per retraining seed (the same seeds in the same order);
-    a single dict is one seed. Δ = arm − control item by item within a seed; CIs are ``stats.seed_item_interval`` (seeds and
-    shared items)."""
+    a single dict is one seed. Δ = arm − control item by item within a seed; CIs are ``stats.seed_item_interval``
+    (seeds and shared items)."""
     arm, control, diffs = paired_seeds(arm, control)
 
-    def boot(d):
+    def interval(d):
         return seed_item_interval(d, confidence)
 
-    out = {"delta_f": boot(diffs("f")), "f_arm": float(np.mean([a["f_mean"] for a in arm])),
+    out = {"delta_f": interval(diffs("f")), "f_arm": float(np.mean([a["f_mean"] for a in arm])),
            "f_control": float(np.mean([c["f_mean"] for c in control])), "n_seeds": len(arm)}
     if arm[0].get("kind") == "contrastive":
-        out["delta_p_target"] = boot(diffs("p_target"))
+        out["delta_p_target"] = interval(diffs("p_target"))
         flips = [flip_counts(a["top1_is_target"], c["top1_is_target"]) for a, c in zip(arm, control)]
         n = flips[0]["n"]
         out["top1_flips_to_target"] = float(np.mean([f["to_target"] for f in flips])) / n
@@ -68,7 +68,7 @@ def compare(arm: Sequence[Dict] | Dict, control: Sequence[Dict] | Dict, samples:
             specific = d_target - d_others  # [seeds, items]: the target's rise beyond the other words'
             out["specificity"] = {"delta_logp_target": float(d_target.mean()),
                                   "delta_logp_others": float(d_others.mean()), "others": others,
-                                  "target_specific_gain": boot(specific),
+                                  "target_specific_gain": interval(specific),
                                   "wilcoxon_p": wilcoxon_greater(specific.mean(axis=0))}
     if arm[0].get("kind") == "completion":
         out["greedy_rate"] = {"arm": float(np.mean([np.mean(a["greedy_hit"]) for a in arm])),
@@ -76,7 +76,7 @@ def compare(arm: Sequence[Dict] | Dict, control: Sequence[Dict] | Dict, samples:
         if arm[0].get("sampled_hit_rate"):
             out["sampled_rate"] = {"arm": float(np.mean([np.mean(a["sampled_hit_rate"]) for a in arm])),
                                    "control": float(np.mean([np.mean(c["sampled_hit_rate"]) for c in control])),
-                                   "delta": boot(diffs("sampled_hit_rate"))}
+                                   "delta": interval(diffs("sampled_hit_rate"))}
     return out
 
 

@@ -8,7 +8,6 @@ Conventions:
 
 from __future__ import annotations
 
-
 import hashlib
 import logging
 from contextlib import contextmanager

@@ -1,5 +1,5 @@
-"""The statistics every comparison uses: the paired bootstrap CI over items, the seed × item interval, the one-sided Wilcoxon test of
-specificity, AUROC with ties, and top-1 flip counts.
+"""The statistics every comparison uses: the paired bootstrap CI over items, the seed × item interval, the one-sided
+Wilcoxon test of specificity, AUROC with ties, and top-1 flip counts.
 
 Directions are fixed here once: a difference is always *arm minus control*, a specificity test asks whether the
 target rose *more* than the other words, and an AUROC is the chance that an edited document scores *higher* than a
@@ -27,6 +27,9 @@ def paired_delta(arm: Sequence[float], control: Sequence[float], samples: int, c
         means = d[rng.integers(0, d.size, size=(samples, d.size))].mean(axis=1)
         out["ci"] = percentile_ci(means, confidence)
     return out
+
+
+CI_METHOD = "seed_item_t: mean ± t_Satterthwaite · sqrt(var(seed means)/S + var(item means)/n)"
 
 
 def seed_item_interval(d: np.ndarray, confidence: float) -> Dict:
@@ -76,19 +79,10 @@ def seed_item_interval(d: np.ndarray, confidence: float) -> Dict:
     return out
 
 
-CI_METHOD = "seed_item_t: mean ± t_Satterthwaite · sqrt(var(seed means)/S + var(item means)/n)"
-
-
 def seed_t_interval(seed_means: Sequence[float], confidence: float) -> Optional[list]:
-    """A t-interval on per-seed means alone: what can be recomputed for a result whose per-item data are gone
-    (it leaves out the item variance that every seed shares)."""
-    from scipy.stats import t as student_t
-
-    m = np.asarray(seed_means, dtype=float)
-    if m.size < 2:
-        return None
-    half = float(student_t.ppf(0.5 + confidence / 2, m.size - 1) * m.std(ddof=1) / np.sqrt(m.size))
-    return [float(m.mean()) - half, float(m.mean()) + half]
+    """A t-interval on per-seed means alone (the seed piece of ``seed_item_interval``, one item per seed): what can be
+    recomputed for a result whose per-item data are gone. It leaves out the item variance every seed shares."""
+    return seed_item_interval(np.asarray(seed_means, dtype=float)[:, None], confidence)["ci"]
 
 
 def wilcoxon_greater(diff: Sequence[float]) -> Optional[float]:

@@ -125,6 +125,7 @@ def evaluate_run(pipe) -> Dict:
                      "n_documents": len(pipe.dataset), "k": pipe.recipe.select.k, "arms": {},
                      "detector_assumptions": DETECTOR_ASSUMPTIONS}
     defender = DefenderView(pipe) if ev.detectors and any(_arm_records(run_dir, a) for a in arms) else None
+    infused_records = _arm_records(run_dir, "infused")
     for arm in arms:
         if arm == "control":
             continue
@@ -134,8 +135,8 @@ def evaluate_run(pipe) -> Dict:
         records = _arm_records(run_dir, arm)
         if records:
             entry["edits"] = _edit_summary(records)
-            if arm in MATCHED_ARMS and _arm_records(run_dir, "infused"):
-                entry["edits"]["count_match"] = count_match(records, _arm_records(run_dir, "infused"))
+            if arm in MATCHED_ARMS and infused_records:
+                entry["edits"]["count_match"] = count_match(records, infused_records)
             entry["predicted_vs_actual"] = {"predicted_delta_f": entry["edits"]["predicted_delta_f"],
                                             "actual_delta_f": entry["measurement"]["delta_f"]["mean"]}
             if defender is not None:

@@ -148,10 +148,15 @@ class PixelEditor:
         return (x0 + delta).clamp(0.0, 1.0) - x0
 
 
+def pgd_step(args) -> float:
+    """sign-PGD's step: `edit.pixel_step`, or 2.5 · linf / steps (Madry et al.)."""
+    return args.pixel_step if args.pixel_step is not None else 2.5 * args.linf / args.steps
+
+
 class SignPGDEditor(PixelEditor):
     def _edit(self, x0, y):
         a = self.args
-        step = a.pixel_step if a.pixel_step is not None else 2.5 * a.linf / a.steps
+        step = pgd_step(a)
         j0 = self._exact(x0, y)
         best_j, best_x = j0.clone(), x0.clone()
         traces = [[float(j)] for j in j0]
@@ -181,8 +186,7 @@ class NoiseEditor(PixelEditor):
         a = self.args
         # The L∞ sign-PGD can reach: steps × step, or the budget where that is smaller (the paper's α 0.001 × 50 steps
         # under a budget of 1 reaches 0.05). Noise at the full budget would not be the same L∞ as the infused edit.
-        step = a.pixel_step if a.pixel_step is not None else 2.5 * a.linf / a.steps
-        amp = min(a.linf, a.steps * step)
+        amp = min(a.linf, a.steps * pgd_step(a))
         signs = torch.randint(0, 2, x0.shape, generator=self.gen).to(x0) * 2 - 1
         x = x0 + self.project(x0, signs * amp, amp)
         j0, j1 = self._exact(x0, y), self._exact(x, y)
