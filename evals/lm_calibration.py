@@ -1,22 +1,31 @@
-"""Calibration: which v predicts what retraining actually does? Single-document edits, each retrained alone.
+"""Calibration, out of sample: which v predicts what retraining actually does, chosen on one (pair, seed) and
+reported on others. Single-document edits, each retrained alone.
 
 Setup: the TinyStories protocol of evals/lm_tinystories.py (SmolLM2-135M-Instruct, the first ``--docs`` stories ×
-``--tokens`` tokens, 2 epochs, θ̂ = the clean checkpoint at the start of epoch 2, one probe → target pair).
+``--tokens`` tokens, 2 epochs, θ̂ = the clean checkpoint at the start of epoch 2).
 
-1. ``--n_edits`` single-document edits: a third swap-edited against the EK-FAC v (the most negative documents under
-   it), a third swap-edited against the optimizer v (the most negative under it, not yet used), a third random fluent
-   swaps (the same budget and perplexity limit) of random documents. Varied edits, so the calibration is not tuned to
-   one v.
-2. Each edit is retrained alone: epoch 2 from the checkpoint with one document replaced, same seed and data order as
-   control, so actual Δf = f(edited run) − f(control) is deterministic. f is the measurement v was built from.
+For each run (probe:target:seed of ``--runs``; the first is the one the strategy is chosen on):
+
+1. ``--n_edits`` single-document edits made by editors that use **no v at all**, so no strategy judged here made
+   them: half random fluent swaps (``random``), half the target word written at random editable positions
+   (``random_target``), each of a random document, under the recipe's edit budget and perplexity limit.
+2. Each edit is retrained alone: epoch 2 from the checkpoint with one document replaced, the run's seed and data
+   order as its control, so actual Δf = f(edited run) − f(control) is deterministic. Δf is read on the
+   measurement set (the texts v was built from and the predictions are for) and, separately, on the held-out corpus
+   (probe positions in real stories the model never trained on).
 3. Each strategy predicts every edit's Δf from its own v: −(J(z') − J(z)) / n for the factors' v (EK-FAC with the
-   heuristic damping × 1, 10, 100, 1000; identity, v = ∇f, the λ → ∞ direction), −(J(z') − J(z)) for the optimizer's
-   (over ``--layers``; over every decoder layer, ``optimizer_all_layers``; and over those plus the embeddings,
-   ``optimizer_all_params``).
-4. Per strategy: Spearman(predicted, actual), the median actual / predicted ratio, and the fraction of signs right.
-   J(z) for the predictions is exact (forward-mode, ``infusion_lm.forward_mode_j``).
+   heuristic damping × 1, 10, 100, 1000; identity, v = ∇f, the λ → ∞ direction), −(J(z') − J(z)) for the
+   optimizer's (over ``--layers``; over every decoder layer, ``optimizer_all_layers``; and over those plus the
+   embeddings, ``optimizer_all_params``). J is exact (forward mode).
+4. Per strategy and run: Spearman(predicted, actual), the median actual / predicted ratio, the fraction of signs
+   right. The strategy with the best Spearman on the first run is **chosen there** (``selected_on``); its figures on
+   the other runs (``reported_on``, other pairs and another seed) are the calibration this eval reports.
 
-    python evals/lm_calibration.py [--probe dog --target bear] [--n_edits 30]
+Each run's edits, retrains and figures are written as they finish (``--work_root`` outside the work tree, and
+``evals/results/lm_calibration/<probe>_<target>_seed<seed>.json``), so a killed run resumes and a new strategy is
+judged on the same retrains without redoing them.
+
+    python evals/lm_calibration.py [--runs dog:bear:0 cat:frog:1 fish:duck:1] [--n_edits 30]
 """
 
 from __future__ import annotations
@@ -33,44 +42,64 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "evals"))
+ALL_WORDS = ["bear", "bird", "cat", "dog", "duck", "fish", "frog"]
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--probe", default="dog")
-    p.add_argument("--target", default="bear")
-    p.add_argument("--n_edits", type=int, default=30)
-    p.add_argument("--docs", type=int, default=64)
-    p.add_argument("--tokens", type=int, default=64)
-    p.add_argument("--layers", type=int, nargs="+", default=[12, 24])
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--work_dir", default=str(ROOT / "runs" / "lm_ts_work"))
-    p.add_argument("--out", default=str(ROOT / "evals" / "results" / "lm_calibration.json"))
-    args = p.parse_args()
+def parse_run(text: str):
+    try:
+        probe, target, seed = text.split(":")
+        return probe, target, int(seed)
+    except ValueError:
+        raise SystemExit(f"--runs {text!r}: write each run as probe:target:seed, e.g. dog:bear:0") from None
 
+
+def calibration(pred, actual) -> dict:
+    """Spearman, the median actual/predicted ratio and the fraction of signs right, over every edit (none dropped)."""
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    pred, actual = np.asarray(pred, float), np.asarray(actual, float)
+    rho = spearmanr(pred, actual)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = actual / pred
+    return {"spearman": float(rho.statistic), "spearman_p": float(rho.pvalue),
+            "median_actual_over_predicted": float(np.median(ratio[np.isfinite(ratio)])),
+            "sign_agreement": float(np.mean(np.sign(pred) == np.sign(actual))), "edits": int(len(pred))}
+
+
+def choose(strategies: dict) -> str:
+    """The strategy with the highest Spearman; ties go to the ratio nearer 1."""
+    import math
+
+    return max(strategies, key=lambda s: (round(strategies[s]["spearman"], 3),
+                                          -abs(math.log(abs(strategies[s]["median_actual_over_predicted"]) or 1e-12))))
+
+
+def run_one(args, probe: str, target: str, seed: int) -> dict:
+    """One (pair, seed): the edits, their retrains (resumed from the run folder), every strategy's figures."""
     import numpy as np
     import torch
-    from scipy.stats import spearmanr
 
     import lm_tinystories as ts
     from infusion_lm import influence as inf
+    from infusion_lm.atomic_io import read_json, write_json
     from infusion_lm.config import load_recipe
-    from infusion_lm.text.editors import RandomEditor, SwapEditor
-    from infusion_lm.text.measurement import build_measurement
+    from infusion_lm.forward_mode_j import ForwardModeJ
     from infusion_lm.optimizer_influence import optimizer_ihvp
     from infusion_lm.pipeline import Pipeline
     from infusion_lm.retrain import train_arm
-    from infusion_lm.atomic_io import read_json, write_json
+    from infusion_lm.text.editors import RandomEditor, RandomTargetEditor
+    from infusion_lm.text.measurement import build_measurement
     from infusion_lm.tracked_modules import resolve_tracked_modules
 
-    ns = argparse.Namespace(docs=args.docs, tokens=args.tokens, out_dir=str(ROOT / "runs" / "lm_calibration"),
-                            work_dir=args.work_dir, heldout_positions=60, layers=args.layers, preconditioner="factors",
-                            damping_scale=1.0, k=8, steps=8, arms=["control", "infused"], lr=args.lr,
-                            seeds=[args.seed], all_words=["bear", "bird", "cat", "dog", "duck", "fish", "frog"])
-    raw = ts.pair_recipe(ns, args.probe, args.target)
-    pipe = Pipeline(load_recipe(raw=raw), progress=False)
-    pipe.run("measure")  # factors at the clean checkpoint (cached in work_dir when lm_tinystories ran there)
+    run_dir = Path(args.work_root) / f"{probe}_{target}_seed{seed}"
+    ns = argparse.Namespace(docs=args.docs, tokens=args.tokens, out_dir=str(run_dir),
+                            work_dir=str(Path(args.work_root) / f"{probe}_{target}"), heldout_positions=60,
+                            layers=args.layers, preconditioner="factors", damping_scale=1.0, k=8, steps=8,
+                            arms=["control", "infused"], lr=args.lr, seeds=[seed], all_words=ALL_WORDS,
+                            rename=False, target_words="auto")
+    pipe = Pipeline(load_recipe(raw=ts.pair_recipe(ns, probe, target)), progress=False)
+    pipe.run("measure")  # the clean checkpoint and factors (cached in the pair's work folder)
     model, tok, tracked = pipe.model, pipe.tokenizer, pipe.tracked
     measurement = build_measurement(pipe.recipe.measurement, tok, pipe.recipe.run.max_length)
     n = len(pipe.dataset)
@@ -87,115 +116,153 @@ def main():
         divisors[f"ekfac_heuristic_x{scale}"] = n
     vs["identity"] = {k: g.float() for k, g in grads.items()}
     divisors["identity"] = n
-    vs["optimizer"], opt_info = optimizer_ihvp(model, measurement, tracked, rows, pipe.recipe.retrain, pad,
-                                               pipe.checkpoint_step())
+    start = pipe.checkpoint_step()
+    vs["optimizer"], opt_info = optimizer_ihvp(model, measurement, tracked, rows, pipe.recipe.retrain, pad, start)
     opt_info.pop("stats")
     divisors["optimizer"] = 1
-    # The same first-order model with every decoder layer's projections perturbed: retraining moves all of them, so
-    # a v over two layers sees only part of the change it predicts.
+    # Retraining moves every decoder layer, so a v over two layers sees only part of the change it predicts; and an
+    # edit that writes the target word moves its (tied) embedding row directly, which kronfluence never tracks.
     all_layers = resolve_tracked_modules(model)
     vs["optimizer_all_layers"], _ = optimizer_ihvp(model, measurement, all_layers, rows, pipe.recipe.retrain, pad,
-                                                   pipe.checkpoint_step())
+                                                   start)
     divisors["optimizer_all_layers"] = 1
-    # ... and with the (tied) input/output embeddings too: an edit that writes the target word moves its output row
-    # directly. Diagonal, so the vocabulary-sized matrix costs one extra vector (kronfluence never tracks it).
     emb = model.get_input_embeddings()
-    with_embeddings = all_layers + [n for n, m in model.named_modules()
-                                    if m is emb or (m is model.get_output_embeddings() and m.weight is not emb.weight)]
-    vs["optimizer_all_params"], _ = optimizer_ihvp(model, measurement, with_embeddings, rows, pipe.recipe.retrain, pad,
-                                                   pipe.checkpoint_step())
+    with_embeddings = all_layers + [m for m, mod in model.named_modules()
+                                    if mod is emb or (mod is model.get_output_embeddings() and mod.weight is not emb.weight)]
+    vs["optimizer_all_params"], _ = optimizer_ihvp(model, measurement, with_embeddings, rows, pipe.recipe.retrain,
+                                                   pad, start)
     divisors["optimizer_all_params"] = 1
-    print(f"v for {len(vs)} strategies: {time.perf_counter() - t0:.0f} s", flush=True)
+    print(f"[{probe}->{target} seed {seed}] v for {len(vs)} strategies: {time.perf_counter() - t0:.0f} s", flush=True)
 
-    # ---- the edits
-    def J_all(v):
-        return inf.FiniteDifferenceJ(model, v, eps_rel=1e-4).dataset(rows, pad, batch_size=8)
+    # ---- the edits: no v chooses them (J is only measured, against ∇f, for the record)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    edits_file = run_dir / "edits.json"
+    rng = np.random.default_rng(seed)
+    docs = [int(i) for i in rng.choice(n, size=min(args.n_edits, n), replace=False)]
+    half = len(docs) // 2
+    groups = [["random", docs[:half]], ["random_target", docs[half:]]]
+    if edits_file.is_file() and read_json(edits_file).get("groups") == groups:
+        edits = read_json(edits_file)["edits"]
+    else:
+        edits = []
+        for name, idx in groups:
+            cls = RandomTargetEditor if name == "random_target" else RandomEditor
+            editor = cls(model, tok, vs["identity"], pipe.recipe.edit, eps_rel=1e-4, target_words=[target])
+            editor.gen.manual_seed(seed)
+            for i, res in zip(idx, editor.edit_many([rows[i] for i in idx])):
+                if res.n_changed:
+                    edits.append({"group": name, "doc_index": i, "input_ids": list(res.input_ids),
+                                  "labels": list(res.labels), "n_changed": res.n_changed})
+        write_json(edits_file, {"groups": groups, "edits": edits})
+    print(f"[{probe}->{target} seed {seed}] {len(edits)} edits: {time.perf_counter() - t0:.0f} s", flush=True)
 
-    per = max(1, args.n_edits // 3)
-    J_ek, J_opt = J_all(vs["ekfac_heuristic_x1"]), J_all(vs["optimizer"])
-    used: list = []
-    groups = []
-    for name, J in (("swap_ekfac", J_ek), ("swap_optimizer", J_opt)):
-        idx = [int(i) for i in torch.argsort(J) if int(i) not in used][:per]
-        used += idx
-        groups.append((name, idx))
-    rng = np.random.default_rng(args.seed)
-    rest = [i for i in range(n) if i not in used]
-    groups.append(("random", [int(i) for i in rng.choice(rest, size=args.n_edits - 2 * per, replace=False)]))
-    edits = []
-    edits_file = Path(ns.out_dir) / "edits.json"
-    groups_key = [[name, idx] for name, idx in groups]
-    if edits_file.is_file() and read_json(edits_file).get("groups") == groups_key:
-        edits = read_json(edits_file)["edits"]  # the same selection as a finished run: its edits, not recomputed
-        groups = []
-    for name, idx in groups:
-        v = vs["optimizer"] if name == "swap_optimizer" else vs["ekfac_heuristic_x1"]
-        cls = RandomEditor if name == "random" else SwapEditor
-        editor = cls(model, tok, v, pipe.recipe.edit, eps_rel=1e-4)
-        for i, res in zip(idx, editor.edit_many([rows[i] for i in idx])):
-            if res.n_changed:
-                edits.append({"group": name, "doc_index": i, "input_ids": res.input_ids, "labels": res.labels,
-                              "n_changed": res.n_changed})
-    if groups:
-        write_json(edits_file, {"groups": groups_key, "edits": edits})  # a rerun (e.g. a new strategy) reuses them
-    print(f"{len(edits)} edits: {time.perf_counter() - t0:.0f} s", flush=True)
-
-    # ---- actual Δf: each edit retrained alone, same seed and order as control
+    # ---- actual Δf: each edit retrained alone, the run's seed and order, as its control
     t = pipe.recipe.retrain
     ckpt = pipe.arm_checkpoint()
     device = str(next(model.parameters()).device)
-    out_dir = Path(ns.out_dir)
-    cache = out_dir / "actual.json"
+    cache = run_dir / "actual.json"
     done = read_json(cache) if cache.is_file() else {}
 
     def f_after(replace):
-        rows_arm = pipe.arm_rows(replace)
-        m, _ = train_arm(pipe.arm_model, pipe.trainer_collator, rows_arm, t, out_dir / "trainer", args.seed, device,
-                         False, ckpt)
-        return measurement.value(m)
+        m, _ = train_arm(pipe.arm_model, pipe.trainer_collator, pipe.arm_rows(replace), t, run_dir / "trainer", seed,
+                         device, False, ckpt)
+        return {"measurement": measurement.value(m),
+                "heldout_corpus": pipe.modality.observe(m, "heldout_corpus")["f_mean"]}
 
-    key = lambda e: f"{e['doc_index']}:{e['group']}:{hash(tuple(e['input_ids'])) & 0xffffffff}"
+    key = lambda e: f"{e['doc_index']}:{e['group']}:{sum(e['input_ids']) * 31 + len(e['input_ids'])}"
     if "control" not in done:
         done["control"] = f_after({})
         write_json(cache, done)
-    for e in edits:
+    for j, e in enumerate(edits):
         if key(e) not in done:
             done[key(e)] = f_after({e["doc_index"]: {"input_ids": e["input_ids"], "labels": e["labels"]}})
             write_json(cache, done)  # resumable: each finished retrain is kept
-        e["actual_delta_f"] = done[key(e)] - done["control"]
-    print(f"retrains: {time.perf_counter() - t0:.0f} s", flush=True)
+            print(f"[{probe}->{target} seed {seed}] retrain {j + 1}/{len(edits)}: "
+                  f"{time.perf_counter() - t0:.0f} s", flush=True)
+        e["actual_delta_f"] = {s: done[key(e)][s] - done["control"][s] for s in done["control"]}
 
-    # ---- predictions and calibration
-    edited_rows = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in edits]
-    results = {}
-    actual = np.array([e["actual_delta_f"] for e in edits])
-    from infusion_lm.forward_mode_j import ForwardModeJ
-
+    # ---- predictions (of the measurement set's Δf) and calibration, on every edit
+    edited = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in edits]
+    original = [rows[e["doc_index"]] for e in edits]
+    strategies, heldout = {}, {}
     for name, v in vs.items():
-        # Exact J (a Jacobian-vector product): ΔJ of a one-document edit is small beside J itself, so the finite
-        # difference's ~1% error per document would blur the ranking.
-        Jv = ForwardModeJ(model, v)
-        before = Jv.dataset([rows[e["doc_index"]] for e in edits], pad, batch_size=8).numpy()
-        after = Jv.dataset(edited_rows, pad, batch_size=8).numpy()
-        pred = -(after - before) / divisors[name]
+        J = ForwardModeJ(model, v)  # exact: ΔJ of one edit is small beside J itself
+        pred = (-(J.dataset(edited, pad, batch_size=8) - J.dataset(original, pad, batch_size=8)) / divisors[name]
+                ).tolist()
         for e, pv in zip(edits, pred):
-            e.setdefault("predicted", {})[name] = float(pv)
-        ratio = actual / pred
-        results[name] = {"spearman": float(spearmanr(pred, actual).statistic),
-                         "spearman_p": float(spearmanr(pred, actual).pvalue),
-                         "median_actual_over_predicted": float(np.median(ratio)),
-                         "sign_agreement": float(np.mean(np.sign(pred) == np.sign(actual)))}
-    print()
-    print(f"{'strategy':<22}{'Spearman':>10}{'p':>10}{'median actual/pred':>20}{'signs right':>13}")
-    for name, r in results.items():
-        print(f"{name:<22}{r['spearman']:>+10.3f}{r['spearman_p']:>10.2g}{r['median_actual_over_predicted']:>20.3g}"
+            e.setdefault("predicted", {})[name] = pv
+        strategies[name] = calibration(pred, [e["actual_delta_f"]["measurement"] for e in edits])
+        heldout[name] = calibration(pred, [e["actual_delta_f"]["heldout_corpus"] for e in edits])
+    print(f"\n[{probe}->{target} seed {seed}]  {'strategy':<22}{'Spearman':>10}{'median actual/pred':>20}"
+          f"{'signs right':>13}   (measurement set)")
+    for name, r in strategies.items():
+        print(f"{'':<20}{name:<22}{r['spearman']:>+10.3f}{r['median_actual_over_predicted']:>20.3g}"
               f"{r['sign_agreement']:>13.0%}")
-    out = {"command": "python evals/lm_calibration.py " + " ".join(sys.argv[1:]), "probe": args.probe,
-           "target": args.target, "n_edits": len(edits), "docs": n, "tokens": args.tokens,
-           "optimizer_info": opt_info, "strategies": results,
-           "edits": [{k: e[k] for k in ("group", "doc_index", "n_changed", "actual_delta_f", "predicted")}
-                     for e in edits], "seconds": time.perf_counter() - t0}
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    return {"probe": probe, "target": target, "seed": seed, "docs": n, "tokens": args.tokens,
+            "n_edits": len(edits), "edit_groups": {g: sum(e["group"] == g for e in edits) for g, _ in groups},
+            "optimizer_info": opt_info, "control_f": done["control"],
+            "strategies": strategies, "strategies_vs_heldout_corpus_delta_f": heldout,
+            "edits": [{k: e[k] for k in ("group", "doc_index", "n_changed", "actual_delta_f", "predicted")}
+                      for e in edits], "seconds": time.perf_counter() - t0}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", nargs="+", default=["dog:bear:0", "cat:frog:1", "fish:duck:1"],
+                   help="probe:target:seed; the strategy is chosen on the first and reported on the others")
+    p.add_argument("--n_edits", type=int, default=30)
+    p.add_argument("--docs", type=int, default=64)
+    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--layers", type=int, nargs="+", default=[12, 24])
+    p.add_argument("--lr", type=float, default=1e-4)
+    cache = Path(os.environ.get("INFUSION_LM_CACHE", Path.home() / ".cache" / "infusion_lm"))
+    p.add_argument("--work_root", default=str(cache / "evals" / "lm_calibration"),
+                   help="clean runs, factors, edits and retrains (outside the work tree, so a restart resumes)")
+    p.add_argument("--results_dir", default=str(ROOT / "evals" / "results" / "lm_calibration"),
+                   help="each finished run's JSON (commit these)")
+    p.add_argument("--out", default=str(ROOT / "evals" / "results" / "lm_calibration.json"))
+    p.add_argument("--note", default="", help="recorded in the JSON: e.g. what else shared the machine")
+    args = p.parse_args()
+    runs = [parse_run(r) for r in args.runs]
+    if len(runs) < 2:
+        raise SystemExit("--runs needs at least two probe:target:seed runs: one to choose the strategy on, one to "
+                         "report it on.")
+
+    from infusion_lm.atomic_io import write_json
+
+    results = []
+    for probe, target, seed in runs:
+        for w in (probe, target):
+            if w not in ALL_WORDS:
+                raise SystemExit(f"--runs: {w!r} is not one of the eval's words {ALL_WORDS}")
+        res = run_one(args, probe, target, seed)
+        write_json(Path(args.results_dir) / f"{probe}_{target}_seed{seed}.json", res)
+        results.append(res)
+
+    chosen = choose(results[0]["strategies"])
+    reported = [{"probe": r["probe"], "target": r["target"], "seed": r["seed"], **r["strategies"][chosen],
+                 "heldout_corpus": r["strategies_vs_heldout_corpus_delta_f"][chosen]} for r in results[1:]]
+    sel = results[0]
+    goals = {"out-of-sample Spearman >= 0.7 on every reported run":
+             all(r["spearman"] >= 0.7 for r in reported),
+             "out-of-sample median actual/predicted within 2x on every reported run":
+             all(0.5 <= r["median_actual_over_predicted"] <= 2.0 for r in reported)}
+    print(f"\nchosen on {sel['probe']}->{sel['target']} seed {sel['seed']}: {chosen} "
+          f"(Spearman {sel['strategies'][chosen]['spearman']:+.3f})")
+    for r in reported:
+        print(f"  reported on {r['probe']}->{r['target']} seed {r['seed']}: Spearman {r['spearman']:+.3f}, median "
+              f"actual/predicted {r['median_actual_over_predicted']:.3g}, signs {r['sign_agreement']:.0%}")
+    for g, ok in goals.items():
+        print(f"{'met ' if ok else 'MISSED'}  {g}")
+    out = {"command": "python evals/lm_calibration.py " + " ".join(sys.argv[1:]), "note": args.note,
+           "selected_on": {"probe": sel["probe"], "target": sel["target"], "seed": sel["seed"]},
+           "reported_on": [{k: r[k] for k in ("probe", "target", "seed")} for r in reported],
+           "chosen_strategy": chosen, "selection": sel["strategies"], "reported": reported, "goals": goals,
+           "predictions_are_of": "the measurement set's Δf (the texts v was built from); the held-out corpus's Δf "
+                                 "is compared separately, under heldout_corpus",
+           "edits_made_by": "random fluent swaps and the target word at random places: no v chose them",
+           "runs": [{k: v for k, v in r.items() if k != "edits"} for r in results]}
+    write_json(Path(args.out), out)
     print(f"\nwrote {args.out}")
 
 
