@@ -170,15 +170,16 @@ def predicted_response(J, before: Sequence[Mapping], after: Sequence[Mapping], p
 
 
 def unrolled_document_effects(model: nn.Module, rows: Sequence[Mapping], measurement, order: Sequence[Sequence[int]],
-                              lr: float, optim: str = "adamw", state: Dict | None = None, betas=(0.9, 0.999),
-                              eps: float = 1e-8, pad_token_id: int = 0) -> torch.Tensor:
+                              lr, optim: str = "adamw", state: Dict | None = None, betas=(0.9, 0.999),
+                              eps: float = 1e-8, pad_token_id: int = 0, max_grad_norm: float = 0.0) -> torch.Tensor:
     """The exact first-order answer on a small model: d f(θ_T) / d w_z for every document z, by differentiating
     through the retraining steps themselves (a metagradient, as MAGIC does). Upweighting z by dw changes f by
     dw · effect[z]; so the factors' and the optimizer's predictions are compared with it (−J/n and −J).
 
     ``order`` lists the row indices of each optimizer step's batch; the loss of a step is Σ_z (1 + w_z) L(z) / tokens,
     as the Trainer's. ``state`` (Adam: ``{"m", "v", "step"}`` dicts of tensors by parameter name) continues an
-    optimizer run instead of starting a fresh one. Every parameter trains. The whole unrolled graph is kept in
+    optimizer run instead of starting a fresh one. ``lr`` is one rate or one per step; ``max_grad_norm`` > 0 clips
+    each step's gradient as the Trainer does (``clip_grad_norm_``), differentiably. Every parameter trains. The whole unrolled graph is kept in
     memory: meant for tiny models and a few steps (tests and calibration), not for SmolLM2.
     """
     from torch.func import functional_call
@@ -192,6 +193,7 @@ def unrolled_document_effects(model: nn.Module, rows: Sequence[Mapping], measure
     m = {n: (state["m"][n].clone() if state else torch.zeros_like(params[n])) for n in names}
     v = {n: (state["v"][n].clone() if state else torch.zeros_like(params[n])) for n in names}
     step = int(state["step"]) if state else 0
+    lrs = list(lr) if isinstance(lr, (list, tuple)) else [lr] * len(order)
     was_training = model.training
     model.eval()
     # Fused attention kernels have no double backward: differentiate through the eager implementation.
@@ -207,6 +209,11 @@ def unrolled_document_effects(model: nn.Module, rows: Sequence[Mapping], measure
             per_doc = per_document_loss_from_logits(logits, batch["labels"])
             loss = ((1 + w[list(batch_idx)]).to(per_doc.dtype) * per_doc).sum() / max(n_tok, 1)
             grads = torch.autograd.grad(loss, [theta[n] for n in names], create_graph=True)
+            if max_grad_norm > 0:
+                norm = torch.sqrt(sum((g * g).sum() for g in grads))
+                coef = torch.clamp(max_grad_norm / (norm + 1e-6), max=1.0)
+                grads = [g * coef for g in grads]
+            lr_step = lrs[step - (int(state["step"]) if state else 0)]
             step += 1
             new = {}
             for n, g in zip(names, grads):
@@ -215,9 +222,9 @@ def unrolled_document_effects(model: nn.Module, rows: Sequence[Mapping], measure
                     v[n] = betas[1] * v[n] + (1 - betas[1]) * g * g
                     m_hat = m[n] / (1 - betas[0] ** step)
                     v_hat = v[n] / (1 - betas[1] ** step)
-                    new[n] = theta[n] - lr * m_hat / ((v_hat + 1e-30).sqrt() + eps)  # +1e-30: no inf gradient at v = 0
+                    new[n] = theta[n] - lr_step * m_hat / ((v_hat + 1e-30).sqrt() + eps)  # +1e-30: no inf gradient at v = 0
                 else:
-                    new[n] = theta[n] - lr * g
+                    new[n] = theta[n] - lr_step * g
             theta = new
 
         class _View(nn.Module):  # the measurement calls model(...); route it through the unrolled parameters

@@ -202,6 +202,40 @@ def train_arm(load_model, tokenizer, rows, args: BaseRetrainArguments, out_dir: 
     return model, trainer
 
 
+def batch_order(n: int, args: BaseRetrainArguments, seed: int, epochs: Sequence[int]) -> List[List[int]]:
+    """The global batches (row indices, one list per optimizer step) that ``train_arm``'s Trainer draws from ``n``
+    rows in each of ``epochs`` (0-based): the same Trainer, sampler, seed and data_seed, iterated without training.
+    One process: the batches of every device and accumulation step of one optimizer step, together."""
+    import tempfile
+
+    from transformers import Trainer
+
+    class _Indices(torch.utils.data.Dataset):
+        def __len__(self):
+            return n
+
+        def __getitem__(self, i):
+            return {"i": int(i)}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(model=torch.nn.Linear(1, 1), args=training_arguments(args, Path(tmp), seed, "cpu", False,
+                                                                                args.epochs),
+                          train_dataset=_Indices(), data_collator=lambda b: {"i": torch.tensor([x["i"] for x in b])})
+        loader = trainer.get_train_dataloader()
+        out = []
+        for epoch in epochs:
+            # as Trainer.train does at each epoch: the loader and the sampler inside its batch sampler both
+            if hasattr(loader, "set_epoch"):
+                loader.set_epoch(epoch)
+            inner = getattr(getattr(loader, "batch_sampler", None), "batch_sampler", None)
+            if hasattr(inner, "set_epoch"):
+                inner.set_epoch(epoch)
+            micro = [b["i"].tolist() for b in loader]
+            ga = args.gradient_accumulation_steps
+            out += [sum(micro[j: j + ga], []) for j in range(0, len(micro), ga)]
+    return out
+
+
 def save_weights(model, directory: Path) -> None:
     """The model's weights alone, as safetensors (HF folder layout for HF models); no pickled training arguments."""
     directory = Path(directory)

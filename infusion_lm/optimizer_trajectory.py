@@ -1,0 +1,225 @@
+"""The retraining's first-order response per document, along the steps that actually run: both of Adam's moments,
+each batch's clip factor, and the step at which each document is seen.
+
+Upweighting document z (loss weight 1 + w_z) at the step s where it is drawn changes that step's gradient by
+δg_s = w_z ∇L(z) / N_s (the Trainer's loss is the summed token loss over the N_s tokens of the global batch). To first
+order, and holding every later gradient at its value (no curvature along the trajectory), the change reaches the
+end of the run through
+
+- the clip: g̃_s = c_s g_s with c_s = min(1, C / ‖g_s‖), so δg̃_s = c_s (δg_s − ĝ_s ⟨ĝ_s, δg_s⟩) when the batch is
+  clipped (ĝ = g / ‖g‖; the inner product runs over the tracked parameters);
+- Adam's moments at every later step u ≥ s: δm_u = (1 − β1) β1^(u−s) δg̃_s and δv_u = 2 (1 − β2) β2^(u−s) g̃_s δg̃_s;
+- each update −lr_u m̂_u / (√v̂_u + ε), whose derivative is
+  lr_u [ δm_u / ((1 − β1^t) D_u) − m̂_u δv_u / (2 (1 − β2^t) √v̂_u D_u²) ], D_u = √v̂_u + ε, t the optimizer's step.
+
+So d f(θ_T) / d w_z = −⟨∇L(z), v_s⟩ with, per parameter,
+
+    v_s = c_s/N_s · P_c[ ∇f ⊙ ((1 − β1) A_s − (1 − β2) g̃_s B_s) ],
+    A_s = Σ_{u≥s} β1^(u−s) lr_u / ((1 − β1^t_u) D_u),   B_s = Σ_{u≥s} β2^(u−s) lr_u m̂_u / ((1 − β2^t_u) √v̂_u D_u²),
+
+P_c the clip's projection. The second-moment term is first order, not a correction: at the first step of a fresh
+optimizer (m̂ = g̃, v̂ = g̃²) the two terms cancel exactly, as they must, since that update is lr · sign(g̃).
+SGD: v_s = lr_s c_s P_c[∇f] / N_s. A document drawn in several epochs sums its steps' v.
+
+The gradients g_u are those of θ̂ on the batches the seeded sampler draws (:func:`infusion_lm.retrain.batch_order`);
+m and v start from the checkpoint's ``optimizer.pt`` (:func:`checkpoint_moments`) or at zero for a fresh optimizer.
+A and B are accumulated from the last step backwards while m and v are rolled back in float64, so memory is one
+tensor per step (the v_s themselves) plus a few of the parameters' size.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .causal_lm import CausalLMCollator, per_document_loss
+from .errors import ConfigError
+from .influence import grads_by_module, measurement_gradients, module_params
+
+
+class TrajectoryResponse:
+    """Per-step v of one retraining (:func:`trajectory_response`) and the steps each document is drawn at."""
+
+    def __init__(self, model: nn.Module, v_steps: List[Dict[str, torch.Tensor]], order: Sequence[Sequence[int]],
+                 info: dict):
+        self.model, self.v_steps, self.order, self.info = model, v_steps, [list(b) for b in order], info
+        self.doc_steps: Dict[int, List[int]] = {}
+        for s, batch in enumerate(self.order):
+            for i in batch:
+                self.doc_steps.setdefault(int(i), []).append(s)
+
+    def j(self, indices: Sequence[int], rows: Sequence[Mapping], pad_token_id: int) -> torch.Tensor:
+        """J(z) = Σ over the steps that draw document indices[i] of ⟨∇L(rows[i]), v_s⟩ (rows may be edited texts)."""
+        from .forward_mode_j import ForwardModeJ
+
+        out = torch.zeros(len(rows), dtype=torch.float64)
+        by_step: Dict[int, List[int]] = {}
+        for pos, i in enumerate(indices):
+            for s in self.doc_steps.get(int(i), []):
+                by_step.setdefault(s, []).append(pos)
+        strip = lambda r: {"input_ids": list(r["input_ids"]), "labels": list(r["labels"])}
+        for s, positions in sorted(by_step.items()):
+            js = ForwardModeJ(self.model, self.v_steps[s]).dataset([strip(rows[p]) for p in positions], pad_token_id)
+            out[positions] += js.double()
+        return out
+
+    def effects(self, rows: Sequence[Mapping], pad_token_id: int) -> torch.Tensor:
+        """d f(θ_T) / d w_z for every document of the corpus (rows in corpus order): −J(z)."""
+        return -self.j(range(len(rows)), rows, pad_token_id)
+
+    def predicted(self, indices: Sequence[int], before: Sequence[Mapping], after: Sequence[Mapping],
+                  pad_token_id: int) -> List[float]:
+        """Predicted Δf of replacing document indices[i] (before[i]) by after[i]: −(J(after) − J(before))."""
+        return (-(self.j(indices, after, pad_token_id) - self.j(indices, before, pad_token_id))).tolist()
+
+
+def _schedule(lr: float, name: str, total_steps: int) -> list:
+    from .optimizer_influence import _schedule as schedule
+
+    return schedule(lr, name, total_steps)
+
+
+def trajectory_response(model: nn.Module, measurement, rows: Sequence[Mapping], order: Sequence[Sequence[int]],
+                        retrain, tracked: Sequence[str], pad_token_id: int, start_step: int = 0,
+                        state: Optional[Mapping] = None, betas=(0.9, 0.999), eps: float = 1e-8,
+                        progress: bool = False) -> TrajectoryResponse:
+    """The per-step v of the retraining ``retrain`` (a RetrainArguments) that runs the global batches ``order``
+    (row indices of each optimizer step, after ``start_step`` steps already taken), from θ̂ = ``model``.
+
+    ``state``: Adam's moments at the start, ``{"m": {name: tensor}, "v": {...}, "step": int}`` with parameter names
+    as in ``model.named_parameters()`` (:func:`checkpoint_moments` reads them from a Trainer checkpoint); None starts
+    a fresh optimizer (m = v = 0, its step counter at 0, while the learning-rate schedule continues from
+    ``start_step``). Weight decay is left out (first order it only shrinks later changes by (1 − lr·wd) per step)."""
+    from tqdm.auto import tqdm
+
+    optim = retrain.optim
+    adam = optim.startswith("adam")
+    if not (adam or optim.startswith("sgd")):
+        raise ConfigError(f"influence.prediction=optimizer models AdamW and SGD, not retrain.optim={optim!r}; "
+                          f"use influence.prediction: same_v.")
+    total = max(start_step + len(order), math.ceil(len(rows) / retrain.batch_size) * retrain.epochs)
+    lrs = _schedule(retrain.learning_rate, retrain.lr_scheduler_type, total)
+    b1, b2 = betas
+    device = next(model.parameters()).device
+    collate = CausalLMCollator(pad_token_id)
+    params = {n: module_params(model, n) for n in tracked}
+    leaves = [p for pair in params.values() for p in pair if p is not None]
+    trainable = [p for p in model.parameters() if p.requires_grad] or list(model.parameters())
+    trainable += [p for p in leaves if not any(p is q for q in trainable)]
+    names = {id(p): n for n, p in model.named_parameters()}
+    flags = {p: p.requires_grad for p in model.parameters()}
+    grad_f = {k: g.double() for k, g in measurement_gradients(model, measurement, tracked).items()}
+
+    # the clipped batch gradients g̃_s of θ̂ at every step (module layout), their clip factors and token counts
+    g_steps, clips, norms, tokens = [], [], [], []
+    was_training = model.training
+    model.eval()
+    for p in trainable:
+        p.requires_grad_(True)
+    try:
+        for batch_idx in tqdm(order, desc="optimizer trajectory", disable=not progress):
+            batch = {k: v.to(device) for k, v in collate([rows[i] for i in batch_idx]).items()}
+            n_tok = int((batch["labels"][:, 1:] != -100).sum())
+            loss = per_document_loss(model, batch).sum() / max(n_tok, 1)
+            grads = torch.autograd.grad(loss, trainable, allow_unused=True)
+            norm = math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads if g is not None))
+            c = min(1.0, retrain.max_grad_norm / (norm + 1e-6)) if retrain.max_grad_norm > 0 else 1.0
+            by_param = {id(p): g for p, g in zip(trainable, grads)}
+            g = grads_by_module(params, [by_param[id(p)] if by_param[id(p)] is not None else torch.zeros_like(p)
+                                         for p in leaves])
+            g_steps.append({k: (c * x.double()).float() for k, x in g.items()})
+            clips.append(c)
+            norms.append(norm)
+            tokens.append(max(n_tok, 1))
+    finally:
+        for p, f in flags.items():
+            p.requires_grad_(f)
+        model.train(was_training)
+
+    S = len(order)
+    v_steps: List[Dict[str, torch.Tensor]] = [{} for _ in range(S)]
+    t0 = int(state["step"]) if state is not None else 0  # a fresh optimizer counts its steps from 0
+    for k in grad_f:  # module by module: the float64 moments and sums are one module's size at a time
+        if not adam:
+            for s in range(S):
+                v_steps[s][k] = (lrs[start_step + s] * grad_f[k]).float()
+            continue
+        m, v = _initial_moments(k, params[k], names, state)
+        for s in range(S):  # forward: the moments after the last step
+            gd = g_steps[s][k].double()
+            m = b1 * m + (1 - b1) * gd
+            v = b2 * v + (1 - b2) * gd * gd
+        A, B = torch.zeros_like(m), torch.zeros_like(m)
+        for s in reversed(range(S)):
+            t = t0 + s + 1
+            lr = lrs[start_step + s]
+            bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
+            sq = (v.clamp_min(0) / bc2).sqrt()
+            D = sq + eps
+            A = lr / (bc1 * D) + b1 * A
+            B = torch.where(sq > 0, lr * (m / bc1) / (bc2 * sq.clamp_min(1e-300) * D * D), torch.zeros_like(sq)) + b2 * B
+            g = g_steps[s][k].double()
+            v_steps[s][k] = (grad_f[k] * ((1 - b1) * A - (1 - b2) * g * B)).float()
+            # roll the moments back to the step before s (float64: the error grows as 1/β per step)
+            m = (m - (1 - b1) * g) / b1 if b1 > 0 else torch.zeros_like(m)
+            v = (v - (1 - b2) * g * g) / b2 if b2 > 0 else torch.zeros_like(v)
+    for s in range(S):
+        c = clips[s]
+        out = v_steps[s]
+        if c < 1.0:  # the clip factor moves with the gradient: project out the batch gradient's own direction
+            g_hat_norm2 = sum(float((g_steps[s][k].double() ** 2).sum()) for k in out) / (c * c)
+            dot = sum(float((out[k] * g_steps[s][k].double()).sum()) for k in out) / c
+            for k in out:
+                out[k] = out[k] - (dot / g_hat_norm2) * (g_steps[s][k].double() / c)
+        v_steps[s] = {k: (c * x / tokens[s]).float().cpu() for k, x in out.items()}
+        g_steps[s] = None  # free as we go
+    info = {"steps": S, "start_step": start_step, "optimizer_state": "checkpoint" if state is not None else "fresh",
+            "clip_factors": clips, "gradient_norms": norms, "tokens_per_batch": tokens, "optim": optim}
+    return TrajectoryResponse(model, v_steps, order, info)
+
+
+def _initial_moments(name: str, module: tuple, names: Mapping[int, str], state: Optional[Mapping]):
+    """Adam's m and v at the start for one tracked module, in kronfluence's layout (float64); zeros when fresh."""
+    w, b = module
+    parts = [p for p in (w, b) if p is not None]
+    if state is None:
+        zero = grads_by_module({name: module}, [torch.zeros_like(p) for p in parts])[name].double()
+        return zero, zero.clone()
+    m, v = ({name: grads_by_module({name: module}, [state[which][names[id(p)]].to(p.device) for p in parts])[name]
+             .double()} for which in ("m", "v"))
+    return m[name], v[name]
+
+
+def checkpoint_moments(model: nn.Module, checkpoint: str | Path, retrain) -> Optional[dict]:
+    """Adam's moments saved in a Trainer checkpoint's ``optimizer.pt``, by parameter name: the optimizer the arms
+    resume with. The Trainer's own optimizer is built on ``model`` and loads the file, so the parameter groups (decay
+    and no decay) map the saved indices to parameters exactly as ``Trainer.train(resume_from_checkpoint=...)`` does.
+    None when the checkpoint holds no optimizer state."""
+    import tempfile
+
+    from transformers import Trainer
+
+    from .retrain import training_arguments
+
+    path = Path(checkpoint) / "optimizer.pt"
+    if not path.is_file():
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(model=model, args=training_arguments(retrain, Path(tmp), 0, str(next(model.parameters()).device),
+                                                               False, retrain.epochs))
+        trainer.create_optimizer()
+        trainer.optimizer.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        opt = trainer.optimizer
+        names = {id(p): n for n, p in model.named_parameters()}
+        out = {"m": {}, "v": {}, "step": 0}
+        for p, st in opt.state.items():
+            if "exp_avg" not in st:
+                return None  # not Adam
+            out["m"][names[id(p)]] = st["exp_avg"].detach().clone()
+            out["v"][names[id(p)]] = st["exp_avg_sq"].detach().clone()
+            out["step"] = int(st["step"])
+    return out

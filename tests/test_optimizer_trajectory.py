@@ -1,0 +1,156 @@
+"""The per-document optimizer response along the retraining that runs (both Adam moments, each batch's clip factor,
+each document's own step) against the exact metagradient d f(θ_T) / d w_z through the same steps, on a tiny model;
+and the data order it reads against the one the Trainer draws."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from infusion_lm import influence as inf
+from infusion_lm.causal_lm import CausalLMCollator, per_document_loss
+from infusion_lm.optimizer_influence import optimizer_ihvp, unrolled_document_effects
+from infusion_lm.optimizer_trajectory import checkpoint_moments, trajectory_response
+from infusion_lm.retrain import batch_order, clean_checkpoint, train_arm
+from infusion_lm.text.config import RetrainArguments
+from infusion_lm.text.corpus import tokenize_documents
+from infusion_lm.text.measurement import contrastive_measurement
+from tiny import tiny_model, toy_corpus, train_briefly
+
+N, BATCH, LR = 16, 4, 1e-4  # the learning rate of the TinyStories evals
+# The first-order model holds every later gradient at θ̂ (no curvature along the trajectory), so its error grows with
+# the distance the run travels. Measured median relative error per document, fresh / continued Adam, 4 steps:
+# lr 1e-5: 0.9% / 0.4%; lr 1e-4: 4.1% / 3.4%; lr 1e-3: 40% / 11% (a fresh Adam moves every weight by ~lr a step).
+
+
+def every_weight(model):
+    """Every module that owns a weight (embeddings and norms too): the unrolled reference trains them all."""
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    return [n for n, m in model.named_modules()
+            if isinstance(getattr(m, "weight", None), nn.Parameter) and not (tied and m is model.get_output_embeddings())]
+
+
+@pytest.fixture(scope="module")
+def setup(tok):
+    torch.manual_seed(0)
+    ds = tokenize_documents(tok, [{"text": t} for t in toy_corpus(N)], 48)
+    rows = [ds[i] for i in range(N)]
+    model = train_briefly(tiny_model(len(tok)), ds, tok.pad_token_id, steps=60)
+    g = torch.Generator().manual_seed(0)
+    order1 = torch.randperm(N, generator=g).view(N // BATCH, BATCH).tolist()
+    order2 = torch.randperm(N, generator=g).view(N // BATCH, BATCH).tolist()
+    collate = CausalLMCollator(tok.pad_token_id)
+    opt = torch.optim.Adam(model.parameters(), lr=LR, eps=1e-8)
+    continued = copy.deepcopy(model)  # θ̂ after one epoch of Adam, its moments kept
+    opt = torch.optim.Adam(continued.parameters(), lr=LR, eps=1e-8)
+    continued.eval()
+    for b in order1:
+        batch = collate([rows[i] for i in b])
+        loss = per_document_loss(continued, batch).sum() / int((batch["labels"][:, 1:] != -100).sum())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    state = {"m": {}, "v": {}, "step": len(order1)}
+    for n, p in continued.named_parameters():
+        state["m"][n] = opt.state[p]["exp_avg"].detach().clone()
+        state["v"][n] = opt.state[p]["exp_avg_sq"].detach().clone()
+    measurement = contrastive_measurement(tok, ["The dog ran to the park. The dog was happy.",
+                                                "The dog sat in the garden."], "dog", "cat")
+    return {"fresh": model, "continued": continued, "state": state, "rows": rows, "order": order2,
+            "measurement": measurement}
+
+
+def median_relative_error(pred, exact):
+    pred, exact = np.asarray(pred, float), np.asarray(exact, float)
+    return float(np.median(np.abs(pred - exact) / np.abs(exact)))
+
+
+@pytest.mark.parametrize("start,clip", [("fresh", 0.0), ("continued", 0.0), ("fresh", 0.3), ("continued", 0.3)])
+def test_per_document_response_matches_the_unrolled_metagradient(setup, tok, start, clip):
+    s = setup
+    model = s[start]
+    state = s["state"] if start == "continued" else None
+    pad = tok.pad_token_id
+    exact = unrolled_document_effects(model, s["rows"], s["measurement"], s["order"], LR, "adamw", state=state,
+                                      pad_token_id=pad, max_grad_norm=clip)
+    args = RetrainArguments(epochs=1, batch_size=BATCH, learning_rate=LR, max_grad_norm=clip,
+                            lr_scheduler_type="constant", influence_at="model", arms=["control"])
+    tracked = every_weight(model)
+    resp = trajectory_response(model, s["measurement"], s["rows"], s["order"], args, tracked, pad,
+                               start_step=0, state=state)
+    if clip:
+        assert min(resp.info["clip_factors"]) < 0.9, resp.info["clip_factors"]  # the clip is active
+    pred = resp.effects(s["rows"], pad)
+    err = median_relative_error(pred, exact)
+    # the stationary response (one v for every step, the second moment held fixed) on the same documents
+    old_v, _ = optimizer_ihvp(model, s["measurement"], tracked, s["rows"], args, pad, start_step=0)
+    old = -inf.autograd_scores(model, s["rows"], old_v, pad_token_id=pad)
+    err_old = median_relative_error(old, exact)
+    print(f"{start}, clip {clip}: median relative error {err:.3f} (stationary response {err_old:.3f})")
+    assert err <= 0.20, (err, err_old)
+    assert err < err_old, (err, err_old)
+
+
+def test_response_without_the_second_moment_fails_on_a_fresh_optimizer(setup, tok):
+    """Mutation: with β2's term dropped (B = 0) the fresh optimizer's first step no longer cancels, and the error
+    leaves the tolerance. β2 → 1 keeps v̂ = g̃² at step 1 but freezes it after; the check is on the same steps."""
+    s = setup
+    pad = tok.pad_token_id
+    exact = unrolled_document_effects(s["fresh"], s["rows"], s["measurement"], s["order"], LR, "adamw",
+                                      pad_token_id=pad)
+    args = RetrainArguments(epochs=1, batch_size=BATCH, learning_rate=LR, max_grad_norm=0.0,
+                            lr_scheduler_type="constant", influence_at="model", arms=["control"])
+    import infusion_lm.optimizer_trajectory as ot
+
+    real = torch.where
+    calls = {"n": 0}
+
+    def no_second_moment(cond, a, b):  # the only torch.where in trajectory_response builds B's term
+        calls["n"] += 1
+        return torch.zeros_like(b)
+
+    ot.torch.where = no_second_moment
+    try:
+        resp = trajectory_response(s["fresh"], s["measurement"], s["rows"], s["order"], args,
+                                   every_weight(s["fresh"]), pad)
+    finally:
+        ot.torch.where = real
+    assert calls["n"] > 0
+    assert median_relative_error(resp.effects(s["rows"], pad), exact) > 0.20
+
+
+def test_batch_order_is_the_one_the_trainer_draws(tok, tmp_path):
+    """The batches a real Trainer run draws, from the model and resumed from the clean checkpoint, recorded by the
+    dataset itself, against ``batch_order``."""
+    ds = tokenize_documents(tok, [{"text": t} for t in toy_corpus(10)], 32)
+
+    class Recording(list):
+        seen: list = []
+
+        def __getitem__(self, i):
+            Recording.seen.append(int(i))
+            return list.__getitem__(self, i)
+
+    rows = Recording(ds[i] for i in range(len(ds)))
+    args = RetrainArguments(epochs=2, batch_size=4, learning_rate=1e-3, influence_at="checkpoint", arms=["control"])
+    load = lambda: tiny_model(len(tok))
+    Recording.seen = []
+    train_arm(load, tok, rows, args, tmp_path / "a", 3, "cpu", False, None)
+    expect = batch_order(len(rows), args, 3, [0, 1])
+    assert [len(b) for b in expect] == [4, 4, 2, 4, 4, 2]
+    assert Recording.seen == sum(expect, [])
+    assert sorted(sum(expect[:3], [])) == list(range(10)) and expect[:3] != expect[3:]
+    # resumed from the checkpoint at the start of the last epoch, as the arms are
+    ckpt = clean_checkpoint(load, tok, list(rows), args, tmp_path / "clean", 3, "cpu", False)
+    Recording.seen = []
+    train_arm(load, tok, rows, args, tmp_path / "b", 3, "cpu", False, ckpt)
+    assert Recording.seen == sum(batch_order(len(rows), args, 3, [1]), [])
+    # and the checkpoint's optimizer state reads back by parameter name
+    state = checkpoint_moments(load(), ckpt, args)
+    assert state["step"] == 3
+    model = load()
+    assert set(state["m"]) == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all(float(v.min()) >= 0 for v in state["v"].values()) and any(float(m.abs().max()) > 0
+                                                                        for m in state["m"].values())
