@@ -184,8 +184,16 @@ def infuse(model, tokenizer, train, measurement, *, k: int = 8, rank_by: str = "
         after = [{"input_ids": list(r.input_ids), "labels": list(r.labels)} for r in results]
         predicted = None
         if retrain is not None and i.prediction == "optimizer":
-            J = response_j(model, m, rows, retrain, pad, start_step, progress)
-            predicted = predicted_response(J, before, after, pad)
+            from .optimizer_trajectory import predict_edits
+
+            # along the retraining's own steps, averaged over its seeds (a fresh optimizer: no checkpoint here)
+            res = predict_edits(model, m, rows, retrain, resolve_tracked_modules(model), pad, list(chosen), before,
+                                after, start_step, None, progress=progress)
+            if res is not None:
+                predicted = res[0]
+            else:
+                J = response_j(model, m, rows, retrain, pad, start_step, progress)
+                predicted = predicted_response(J, before, after, pad)
         records = edit_records(tokenizer, chosen, results, divisor, e.editor, perplexities(model, before, pad),
                                perplexities(model, after, pad), predicted)
     finally:

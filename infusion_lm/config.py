@@ -108,13 +108,16 @@ class InfluenceArguments:
     preconditioner: str = field(default="factors", metadata=described(
         "What v models. `factors`: v = (G+λI)⁻¹∇f from kronfluence's factors (`strategy`, `damping`), the response "
         "of training to convergence. `optimizer`: v = steps · lr · ∇f / (√v̂ + ε) / tokens per batch, the "
-        "first-order effect of the retraining that actually runs (AdamW's step scale; v̂ from the clean "
-        "checkpoint's optimizer state, or, without one, the mean squared mini-batch gradient over the corpus). "
-        "Scores are then ⟨∇L(z), v⟩ for every document, without kronfluence."))
+        "first-order effect of the retraining that actually runs, one v for every document (AdamW's step scale "
+        "averaged over the step a document is seen at; v̂ = the mean squared mini-batch gradient of θ̂ over the "
+        "corpus, Adam's second moment held fixed). Scores are then ⟨∇L(z), v⟩ for every document, without kronfluence."))
     prediction: str = field(default="optimizer", metadata=described(
         "What each edit's predicted_delta_f models. `optimizer` (default): the first-order effect of the retraining "
-        "that runs, v = the AdamW/SGD response over every decoder layer's projections (retraining moves all of "
-        "them), predicted Δf = −(J(z') − J(z)); on single-document edits retrained alone it gets the size right "
+        "that runs over every decoder layer's projections (retraining moves all of them), along its own steps: "
+        "both of Adam's moments to first order, each batch's clip factor, each document's step in run.seed's "
+        "data order (the retraining seed unless retrain.seeds lists others), Adam's moments from the clean checkpoint's optimizer.pt (zero for a fresh "
+        "optimizer); predicted Δf = −(J_s(z') − J_s(z)). With LoRA or from_scratch, the stationary response "
+        "(`preconditioner: optimizer`'s v) instead. On single-document edits retrained alone it gets the size right "
         "(evals/lm_calibration.py). `same_v`: −(J(z') − J(z)) / n with the v that selected and edited, which ranks "
         "edits well but, for the factors' v, overstates the size. Text only."))
     damping_scale: float = field(default=1.0, metadata=described(

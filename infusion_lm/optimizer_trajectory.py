@@ -223,3 +223,35 @@ def checkpoint_moments(model: nn.Module, checkpoint: str | Path, retrain) -> Opt
             out["v"][names[id(p)]] = st["exp_avg_sq"].detach().clone()
             out["step"] = int(st["step"])
     return out
+
+
+def predict_edits(model: nn.Module, measurement, rows: Sequence[Mapping], retrain, tracked: Sequence[str],
+                  pad_token_id: int, indices: Sequence[int], before: Sequence[Mapping], after: Sequence[Mapping],
+                  start_step: int = 0, checkpoint: Optional[str | Path] = None, seeds: Sequence[int] = (),
+                  progress: bool = False) -> Optional[tuple]:
+    """Predicted Δf of replacing rows[indices[i]] (``before[i]``) by ``after[i]`` in the retraining ``retrain``
+    describes, averaged over its seeds (each seed draws its own batches): (predictions, info), or None where this model
+    does not apply (LoRA adapters, whose optimizer state is not over the tracked weights, and ``from_scratch``).
+
+    The retraining replays the epochs after ``start_step`` (all of them from the model, the last from a clean
+    checkpoint), with Adam's moments from the checkpoint's ``optimizer.pt`` when there is one. One seed's per-step v
+    lives at a time: memory is (steps per retrained epoch × epochs) × the tracked parameters."""
+    from .retrain import batch_order
+
+    if retrain.lora or retrain.from_scratch:
+        return None
+    steps_per_epoch = math.ceil(len(rows) / retrain.batch_size)
+    first_epoch = start_step // steps_per_epoch if start_step else 0
+    state = checkpoint_moments(model, checkpoint, retrain) if checkpoint is not None and start_step else None
+    per_seed, infos = [], []
+    for seed in (list(seeds) or list(retrain.seeds) or [0]):
+        order = batch_order(len(rows), retrain, seed, range(first_epoch, retrain.epochs))
+        resp = trajectory_response(model, measurement, rows, order, retrain, tracked, pad_token_id, start_step,
+                                   state, progress=progress)
+        per_seed.append(resp.predicted(indices, before, after, pad_token_id))
+        infos.append({"seed": seed, **{k: resp.info[k] for k in ("steps", "optimizer_state")},
+                      "mean_clip_factor": sum(resp.info["clip_factors"]) / max(len(resp.info["clip_factors"]), 1)})
+        del resp
+    mean = [sum(p[i] for p in per_seed) / len(per_seed) for i in range(len(indices))]
+    return mean, {"model": "trajectory (both Adam moments, per-batch clip, each document's step)",
+                  "per_seed_predicted": per_seed, "seeds": infos}

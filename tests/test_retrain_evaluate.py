@@ -1,6 +1,7 @@
 """Retrain (HF Trainer, every arm from the same clean checkpoint), evaluate and report, end to end on a tiny model."""
 
 import json
+import math
 
 import pytest
 
@@ -161,28 +162,49 @@ def test_influence_at_the_clean_checkpoint(tmp_path, tiny_model_dir):
     obs = read_json(run / "retrain" / "infused" / "observations.json")
     assert obs["checkpoint"] == str(ckpts[0])
 
-    # predicted_delta_f (influence.prediction: optimizer) is −(J(z') − J(z)) for the optimizer's v over every layer at
-    # the checkpoint's step, recomputed here with per-document autograd; the editing v's −ΔJ/n is kept beside it.
+    # predicted_delta_f (influence.prediction: optimizer) is the response along the arms' own steps: the last epoch's
+    # batches in the first seed's order, from the checkpoint's Adam moments. Against what retraining did: the
+    # infused arm's actual Δf (same seed and order as control) is the sum of its documents' effects to first order.
+    records = [json.loads(line) for line in (run / "edits.jsonl").read_text().splitlines()]
+    got = torch.tensor([r["predicted_delta_f"] for r in records], dtype=torch.float64)
+    seed = str(pipe.seeds[0])
+    f = lambda arm: read_json(run / "retrain" / arm / "observations.json")["per_seed"][seed]["measurement"]["f_mean"]
+    actual = f("infused") - f("control")
+    print(f"predicted {float(got.sum()):+.5f}, actual {actual:+.5f}")
+    assert float(got.abs().max()) > 0
+    # the stationary response (one v, Adam's second moment held fixed) on the same edits, for comparison
     from infusion_lm import influence as inf
     from infusion_lm.optimizer_influence import optimizer_ihvp
     from infusion_lm.tracked_modules import resolve_tracked_modules
 
-    records = [json.loads(line) for line in (run / "edits.jsonl").read_text().splitlines()]
-    v, info = optimizer_ihvp(theta, pipe.measurement, resolve_tracked_modules(theta), pipe.arm_rows({}),
-                             pipe.recipe.retrain, pipe.tokenizer.pad_token_id, pipe.checkpoint_step())
-    assert info["start_step"] == 3
     pad = pipe.tokenizer.pad_token_id
-    def J(rows):
-        return inf.autograd_scores(theta, rows, v, pad_token_id=pad)
-
+    v, info = optimizer_ihvp(theta, pipe.measurement, resolve_tracked_modules(theta), pipe.arm_rows({}),
+                             pipe.recipe.retrain, pad, pipe.checkpoint_step())
+    assert info["start_step"] == 3
     # Plain text: the labels are the ids wherever the training mask keeps them.
     before = [{"input_ids": r["original_input_ids"],
                "labels": [-100 if l == -100 else t for l, t in zip(r["labels"], r["original_input_ids"])]}
               for r in records]
-    expected = -(J([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in records]) - J(before))
-    got = torch.tensor([r["predicted_delta_f"] for r in records], dtype=torch.float64)
-    assert float(expected.abs().max()) > 0
-    torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-4 * float(expected.abs().max()))
+    after = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in records]
+    stationary = -(inf.autograd_scores(theta, after, v, pad_token_id=pad)
+                   - inf.autograd_scores(theta, before, v, pad_token_id=pad))
+    # Measured: predicted +0.024, actual +0.011, stationary +0.035 (lr 1e-3 on the tiny model: several tokens of
+    # k documents at once is past first order). Right sign, and nearer the actual change than the stationary one.
+    pred = float(got.sum())
+    assert actual > 0 and pred > 0, (pred, actual)
+    assert abs(math.log(pred / actual)) < abs(math.log(float(stationary.sum()) / actual)), (pred, actual)
+    # The wiring: the records are the response of the arms' own retraining (the first seed's last-epoch batches,
+    # run.seed's order, the checkpoint's moments; the response itself is checked against the unrolled metagradient elsewhere).
+    from infusion_lm.optimizer_trajectory import checkpoint_moments, trajectory_response
+    from infusion_lm.retrain import batch_order
+
+    t = pipe.recipe.retrain
+    order = batch_order(len(pipe.dataset), t, pipe.recipe.run.seed, [1])
+    resp = trajectory_response(theta, pipe.measurement, pipe.arm_rows({}), order, t, resolve_tracked_modules(theta),
+                               pad, 3, checkpoint_moments(theta, ckpts[0], t))
+    assert resp.info["optimizer_state"] == "checkpoint"
+    direct = torch.tensor(resp.predicted([r["doc_index"] for r in records], before, after, pad), dtype=torch.float64)
+    torch.testing.assert_close(got, direct, rtol=1e-3, atol=1e-4 * float(direct.abs().max()))
     # The editing v's own −ΔJ/n, with J recomputed by autograd on the saved v (not read back from the records).
     v_edit = pipe.load_ihvp()
     after = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in records]

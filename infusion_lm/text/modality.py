@@ -140,7 +140,7 @@ class TextModality:
         after = [{"input_ids": r.input_ids, "labels": r.labels} for r in results]
         records = edit_records(p.tokenizer, indices, results, p.prediction_divisor, args.editor,
                                perplexities(p.model, rows, pad), perplexities(p.model, after, pad),
-                               self._predicted_response(rows, after))
+                               self._predicted_response(indices, rows, after))
         write_edit_outputs(out_dir, p.tokenizer, p.dataset, records, p.documents)
 
     def _first_steps(self, args, indices: List[int]) -> Optional[List[Optional[list]]]:
@@ -164,11 +164,16 @@ class TextModality:
                              self.recipe.influence.fd_eps_rel, measurement_words(self.recipe.measurement), p.progress)
         return [(r.J_before - r.J_after, r.input_ids) for r in results]
 
-    def _predicted_response(self, before: List[dict], after: List[dict]) -> Optional[List[float]]:
+    def _predicted_response(self, indices: List[int], before: List[dict], after: List[dict]) -> Optional[List[float]]:
         """Predicted Δf of each edit (``influence.prediction: optimizer``): the first-order response of the retraining
-        that runs (``optimizer_influence.response_j``). None (the editing v's own −ΔJ/n is used) for `same_v` or
-        another optimizer. The response's J is built once per pipeline: one gradient pass over the corpus."""
+        that runs, along its own steps (``optimizer_trajectory``: both Adam moments, each batch's clip, each
+        document's step in run.seed's data order, the checkpoint's optimizer state), built once per
+        pipeline; the stationary response (``optimizer_influence.response_j``) where that does not apply (LoRA,
+        from_scratch). None (the editing v's own −ΔJ/n is used) for `same_v` or another optimizer."""
         from ..optimizer_influence import predicted_response, response_j
+        from ..optimizer_trajectory import trajectory_response
+        from ..retrain import batch_order
+        from ..tracked_modules import resolve_tracked_modules
 
         p, i, t = self.pipe, self.recipe.influence, self.recipe.retrain
         if i.prediction != "optimizer":
@@ -178,8 +183,23 @@ class TextModality:
                            "uses the editing v instead (influence.prediction: same_v).", t.optim)
             return None
         pad = p.tokenizer.pad_token_id
+        rows = self.arm_rows({})
+        if not (t.lora or t.from_scratch):
+            if "_trajectory" not in self.__dict__:
+                from ..optimizer_trajectory import checkpoint_moments
+
+                start, ckpt = p.checkpoint_step(), p.clean_checkpoint()
+                steps_per_epoch = -(-len(rows) // t.batch_size)
+                state = checkpoint_moments(p.model, ckpt, t) if ckpt is not None and start else None
+                # run.seed's data order: the retraining seed when retrain.seeds is empty, and otherwise one draw of the
+                # order like any seed's (so adding seeds does not redo the edits)
+                order = batch_order(len(rows), t, p.recipe.run.seed, range(start // steps_per_epoch, t.epochs))
+                self.__dict__["_trajectory"] = trajectory_response(
+                    p.model, p.measurement, rows, order, t, resolve_tracked_modules(p.model), pad, start, state,
+                    progress=p.progress)
+            return self.__dict__["_trajectory"].predicted(indices, before, after, pad)
         if "_prediction_J" not in self.__dict__:
-            self.__dict__["_prediction_J"] = response_j(p.model, p.measurement, self.arm_rows({}), t, pad,
+            self.__dict__["_prediction_J"] = response_j(p.model, p.measurement, rows, t, pad,
                                                         p.checkpoint_step(), progress=p.progress)
         return predicted_response(self.__dict__["_prediction_J"], before, after, pad)
 
