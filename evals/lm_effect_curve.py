@@ -6,10 +6,12 @@ each point: the tokens changed, −ΔJ = J_before − J_after summed over the k 
 over seeds, with its CI) and the target-specific gain. Then:
 
 1. Spearman and Pearson of −ΔJ against Δf, pooled and per arm;
-2. a power law Δf = c · (−ΔJ)^α, fitted in log-log on the points with −ΔJ > 0 and Δf > 0 (least squares);
+2. a power law Δf = c · sign(−ΔJ) |−ΔJ|^α, fitted by least squares on every point, negative Δf included (the
+   log-log fit on the positive points alone, which drops the arms that went the wrong way, is kept beside it);
 3. per pair, the −ΔJ the fit says infused would need for 2× simplex PGD's Δf, against the −ΔJ it reached;
 4. Δf per changed token, per arm;
-5. the calibrated prediction (``predicted_delta_f``) against the actual Δf: Spearman and median actual/predicted.
+5. the calibrated prediction (``predicted_delta_f``, a prediction for the measurement texts) against the actual Δf
+   of those same texts, and separately against the held-out Δf: Spearman and median actual/predicted, every point.
 
 Prints a table, writes JSON and a scatter plot (−ΔJ against Δf, coloured by arm, with the fit).
 
@@ -45,20 +47,35 @@ def points(label: str, result: dict) -> list:
                          "minus_delta_J": e["J_before"] - e["J_after"], "J_before": e["J_before"],
                          "delta_f": h["delta_f"]["mean"], "ci": h["delta_f"].get("ci"),
                          "target_specific_gain": h["specificity"]["target_specific_gain"]["mean"],
-                         "predicted_delta_f": e.get("predicted_delta_f")})
+                         "predicted_delta_f": e.get("predicted_delta_f"),
+                         "measurement_delta_f": (a.get("measurement") or {}).get("delta_f", {}).get("mean")})
     return rows
 
 
 def power_fit(rows: list) -> dict:
-    """Δf = c · (−ΔJ)^α by least squares in log-log."""
+    """Δf = c · sign(x) |x|^α with x = −ΔJ, by least squares on every point (negatives included); and, for
+    reference, the log-log fit on the points with x > 0 and Δf > 0 alone."""
     import numpy as np
+    from scipy.optimize import curve_fit
 
-    pts = [(r["minus_delta_J"], r["delta_f"]) for r in rows if r["minus_delta_J"] > 0 and r["delta_f"] > 0]
-    x, y = np.log([p[0] for p in pts]), np.log([p[1] for p in pts])
-    alpha, logc = np.polyfit(x, y, 1)
-    resid = y - (alpha * x + logc)
-    return {"alpha": float(alpha), "c": float(np.exp(logc)), "n_points": len(pts),
-            "r2_loglog": float(1 - resid.var() / y.var()), "residual_sd_loglog": float(resid.std(ddof=2))}
+    x = np.array([r["minus_delta_J"] for r in rows], float)
+    y = np.array([r["delta_f"] for r in rows], float)
+    pos = (x > 0) & (y > 0)
+    loglog = None
+    a0, c0 = 0.5, float(np.median(np.abs(y)) / max(np.median(np.abs(x)), 1e-12) ** 0.5)
+    if pos.sum() >= 3:
+        lx, ly = np.log(x[pos]), np.log(y[pos])
+        alpha, logc = np.polyfit(lx, ly, 1)
+        resid = ly - (alpha * lx + logc)
+        loglog = {"alpha": float(alpha), "c": float(np.exp(logc)), "n_points": int(pos.sum()),
+                  "points_dropped": int((~pos).sum()), "r2_loglog": float(1 - resid.var() / ly.var())}
+        a0, c0 = float(alpha), float(np.exp(logc))
+    model = lambda t, c, a: c * np.sign(t) * np.abs(t) ** a
+    (c, alpha), _ = curve_fit(model, x, y, p0=[c0, a0], maxfev=20000)
+    resid = y - model(x, c, alpha)
+    return {"alpha": float(alpha), "c": float(c), "n_points": int(len(x)),
+            "r2": float(1 - resid.var() / y.var()), "residual_sd": float(resid.std(ddof=2)),
+            "loglog_positive_points_only": loglog}
 
 
 def correlations(rows: list) -> dict:
@@ -125,16 +142,22 @@ def main():
                          "infused_minus_delta_J": arm["infused"]["minus_delta_J"], "minus_delta_J_needed": needed,
                          "factor": needed / arm["infused"]["minus_delta_J"]})
 
-    with_pred = [r for r in rows if r.get("predicted_delta_f") and r["predicted_delta_f"] > 0 and r["arm"] != "random"]
+    with_pred = [r for r in rows if r.get("predicted_delta_f") is not None and r["arm"] != "random"]
     calibration = None
     if len(with_pred) >= 4:
         from scipy.stats import spearmanr
 
-        calibration = {"n_points": len(with_pred),
-                       "spearman": float(spearmanr([r["predicted_delta_f"] for r in with_pred],
-                                                   [r["delta_f"] for r in with_pred]).statistic),
-                       "median_actual_over_predicted": statistics.median(r["delta_f"] / r["predicted_delta_f"]
-                                                                         for r in with_pred)}
+        def versus(key):
+            pts = [r for r in with_pred if r.get(key) is not None and r["predicted_delta_f"] != 0]
+            if len(pts) < 4:
+                return None
+            return {"n_points": len(pts),
+                    "spearman": float(spearmanr([r["predicted_delta_f"] for r in pts], [r[key] for r in pts]).statistic),
+                    "median_actual_over_predicted": statistics.median(r[key] / r["predicted_delta_f"] for r in pts)}
+
+        calibration = {"against_measurement_delta_f": versus("measurement_delta_f"),
+                       "against_heldout_delta_f": versus("delta_f"),
+                       "note": "predicted_delta_f predicts the measurement texts' Δf; the held-out Δf is another set"}
 
     runs = " ".join(r.replace(f"{ROOT}/", "") for r in args.runs)
     out = {"command": "python evals/lm_effect_curve.py --runs " + runs,
@@ -147,8 +170,11 @@ def main():
     print(f"{len(rows)} edited arms from {len(args.runs)} runs")
     c = out["correlation_pooled"]
     print(f"−ΔJ against Δf, pooled: Spearman {c['spearman']:.3f}, Pearson {c['pearson']:.3f}")
-    print(f"fit (random left out): Δf = {fit['c']:.4g} · (−ΔJ)^{fit['alpha']:.3f}   R² (log-log) {fit['r2_loglog']:.3f}, "
+    print(f"fit (random left out, every point): Δf = {fit['c']:.4g} · (−ΔJ)^{fit['alpha']:.3f}   R² {fit['r2']:.3f}, "
           f"{fit['n_points']} points")
+    if fit["loglog_positive_points_only"]:
+        ll = fit["loglog_positive_points_only"]
+        print(f"  (log-log on the positive points only: α {ll['alpha']:.3f}, {ll['points_dropped']} points dropped)")
     print(f"\n{'run/arm':<28}{'pairs':>6}{'Δf mean':>9}{'−ΔJ mean':>10}{'tokens':>8}{'Δf/token':>10}{'specific':>10}")
     for name, s in by_group.items():
         print(f"{name:<28}{s['n_pairs']:>6}{s['delta_f_mean']:>+9.3f}{s['minus_delta_J_mean']:>10.0f}{s['tokens_changed']:>8}"
@@ -161,8 +187,10 @@ def main():
                   f"{n['minus_delta_J_needed']:>9.0f}{n['factor']:>7.1f}×")
         print(f"median factor of −ΔJ needed for 2× PGD: {statistics.median(n['factor'] for n in need):.1f}×")
     if calibration:
-        print(f"\nprediction vs actual ({calibration['n_points']} edited arms): Spearman {calibration['spearman']:.3f}, "
-              f"median actual/predicted {calibration['median_actual_over_predicted']:.2f}")
+        for key, c in calibration.items():
+            if isinstance(c, dict):
+                print(f"\nprediction vs actual, {key} ({c['n_points']} edited arms): Spearman {c['spearman']:.3f}, "
+                      f"median actual/predicted {c['median_actual_over_predicted']:.2f}")
 
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
