@@ -23,8 +23,9 @@ SGD: v_s = lr_s c_s P_c[∇f] / N_s. A document drawn in several epochs sums its
 
 The gradients g_u are those of θ̂ on the batches the seeded sampler draws (:func:`infusion_lm.retrain.batch_order`);
 m and v start from the checkpoint's ``optimizer.pt`` (:func:`checkpoint_moments`) or at zero for a fresh optimizer.
-A and B are accumulated from the last step backwards while m and v are rolled back in float64, so memory is one
-tensor per step (the v_s themselves) plus a few of the parameters' size.
+A and B are accumulated from the last step backwards while m and v are rolled back in float64, one module at a
+time, so memory is the per-step v_s (float32) and, while they are built, the per-step gradients (float32, then bf16
+for the clipped steps' projection): about 1.5–2 × steps × tracked parameters × 4 bytes.
 """
 
 from __future__ import annotations
@@ -147,6 +148,7 @@ def trajectory_response(model: nn.Module, measurement, rows: Sequence[Mapping], 
         if not adam:
             for s in range(S):
                 v_steps[s][k] = (lrs[start_step + s] * grad_f[k]).float()
+                g_steps[s][k] = g_steps[s][k].bfloat16() if clips[s] < 1.0 else None
             continue
         m, v = _initial_moments(k, params[k], names, state)
         for s in range(S):  # forward: the moments after the last step
@@ -164,6 +166,8 @@ def trajectory_response(model: nn.Module, measurement, rows: Sequence[Mapping], 
             B = torch.where(sq > 0, lr * (m / bc1) / (bc2 * sq.clamp_min(1e-300) * D * D), torch.zeros_like(sq)) + b2 * B
             g = g_steps[s][k].double()
             v_steps[s][k] = (grad_f[k] * ((1 - b1) * A - (1 - b2) * g * B)).float()
+            # kept only for the clip's rank-one projection below, in bf16: memory peaks near 1.5 × steps × params
+            g_steps[s][k] = g_steps[s][k].bfloat16() if clips[s] < 1.0 else None
             # roll the moments back to the step before s (float64: the error grows as 1/β per step)
             m = (m - (1 - b1) * g) / b1 if b1 > 0 else torch.zeros_like(m)
             v = (v - (1 - b2) * g * g) / b2 if b2 > 0 else torch.zeros_like(v)
