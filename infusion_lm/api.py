@@ -163,10 +163,17 @@ def infuse(model, tokenizer, train, measurement, *, k: int = 8, rank_by: str = "
             divisor = 1  # the batch weighting is inside the optimizer's v
         else:
             root = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="infusion_"))
-            fdir = inf.fit_factors(model, datasets.Dataset.from_list(rows), tracked, root, pad_token_id=pad, strategy=i.strategy,
-                                   use_empirical_fisher=i.use_empirical_fisher, batch_size=i.batch_size,
-                                   covariance_max_examples=i.covariance_max_examples, overwrite=True)
-            v = inf.compute_ihvp(model, m, tracked, fdir, i.damping, i.damping_scale)
+            try:
+                fdir = inf.fit_factors(model, datasets.Dataset.from_list(rows), tracked, root, pad_token_id=pad,
+                                       strategy=i.strategy, use_empirical_fisher=i.use_empirical_fisher,
+                                       batch_size=i.batch_size, covariance_max_examples=i.covariance_max_examples,
+                                       overwrite=True)
+                v = inf.compute_ihvp(model, m, tracked, fdir, i.damping, i.damping_scale)
+            finally:
+                if not work_dir:  # the factors were only needed for v: a temporary folder goes once v is built
+                    import shutil
+
+                    shutil.rmtree(root, ignore_errors=True)
             divisor = len(rows)  # v models one document of n
         scores = document_j(model, v, i.j_method, i.fd_eps_rel).dataset(
             rows, pad, batch_size=i.batch_size, progress=progress).float()

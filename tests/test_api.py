@@ -157,3 +157,15 @@ def test_retrain_arms_pairs_arms_and_compare_reads_them(tiny_setup, result, tmp_
         retrain_arms(s["model"], s["tok"], {"infused": rows}, measure, retrain=retrain)
     with pytest.raises(ConfigError, match="as many rows as control"):
         retrain_arms(s["model"], s["tok"], {"control": rows, "short": rows[:-1]}, measure, retrain=retrain)
+
+
+def test_no_temporary_folder_is_left_behind(tiny_setup, tmp_path, monkeypatch):
+    """Without work_dir, infuse() fits its factors in a temporary folder and removes it once v is built."""
+    import tempfile
+
+    s = tiny_setup
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    r = infuse(s["model"], s["tok"], s["dataset"], MEASURE, k=2, edit=EditArguments(steps=1, n_candidates=4),
+               progress=False, influence=InfluenceArguments(batch_size=8))
+    assert len(r.indices) == 2
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("infusion_")], list(tmp_path.iterdir())
