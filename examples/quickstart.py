@@ -21,7 +21,7 @@ for rec in result.records:
     print(f"#{rec['doc_index']}: J {rec['J_before']:+.1f} -> {rec['J_after']:+.1f}, {rec['n_changed']} tokens changed: "
           f"{rec['text'][:160]!r}")
 
-arms = {"control": result.rows, "infused": result.apply(result.rows)}
+arms = {"control": result.rows, "infused": result.apply()}
 observed = retrain_arms(model, tokenizer, arms, behaviour, retrain=training, seeds=(0, 1))
 for name, d in compare(observed)["infused"].items():
     lo, hi = d["delta_f"]["ci"]

@@ -8,7 +8,7 @@ factors. :class:`~infusion_lm.callbacks.InfusionCallback` calls it inside a runn
     from infusion_lm import infuse, EditArguments, InfluenceArguments, MeasurementArguments
     result = infuse(model, tokenizer, texts, MeasurementArguments(kind="contrastive", probe="dog", target="cat",
                     documents=["The dog ran to the park."]), k=8)
-    new_rows = result.apply(result.rows)         # the training set with the edited documents in place
+    new_rows = result.apply()                    # the training set with the edited documents in place
 """
 
 from __future__ import annotations
@@ -54,10 +54,13 @@ class InfusionResult:
     ihvp: Dict[str, torch.Tensor] = field(repr=False)
     rows: List[Dict[str, List[int]]] = field(repr=False)
 
-    def apply(self, rows: Sequence[Mapping]) -> List[Dict[str, List[int]]]:
-        """``rows`` with each selected row replaced by its edit (a new list; ``rows`` is not modified)."""
+    def apply(self, rows: Optional[Sequence[Mapping]] = None) -> List[Dict[str, List[int]]]:
+        """The training rows with each selected row replaced by its edit: a new list, nothing modified. ``rows``
+        (default: the rows this result was computed on) may be another copy of the same training set, e.g. with
+        extra columns."""
         from .retrain import arm_rows
 
+        rows = self.rows if rows is None else rows
         if len(rows) != len(self.rows):
             raise ConfigError(f"apply() got {len(rows)} rows; this result edits a training set of {len(self.rows)}.")
         return arm_rows(rows, dict(zip(self.indices, self.edited_rows)))

@@ -58,6 +58,7 @@ def test_apply_replaces_only_the_selected_rows(tiny_setup, result):
     s, (r, _) = tiny_setup, result
     rows = [dict(s["dataset"][i]) for i in range(len(s["dataset"]))]
     new = r.apply(rows)
+    assert r.apply() == new  # by default, the rows the result was computed on
     changed = [i for i in range(len(rows)) if new[i]["input_ids"] != rows[i]["input_ids"]]
     assert changed and set(changed) <= set(r.indices)
     assert all(new[i]["input_ids"] == rows[i]["input_ids"] for i in range(len(rows)) if i not in r.indices)
