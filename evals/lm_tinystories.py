@@ -12,10 +12,15 @@ Protocol, per pair (recipes/tinystories_contrastive.yaml with the pair's words):
 Every arm, control included, is retrained once per seed (``--seeds``); within a seed the arms share the checkpoint,
 the data order and the RNG, and control is trained once per seed for all pairs. Evaluation sets: the templated
 measurement documents, templated held-out documents, and ``heldout_corpus``: up to ``--heldout_positions`` probe
-positions in real TinyStories stories outside the training slice (the primary set). CIs are two-level bootstraps
-(seeds, then items). ``random`` is matched to the infused edit (same tokens changed per document, same fluency
-filter and perplexity limit); ``random_target`` (add it to --arms) is matched the same way but writes only the target
-word, at random positions: the attack that needs no influence.
+positions in real TinyStories stories outside the training slice (the primary set). CIs are t-intervals that
+combine the seed and item variance (``infusion_lm.stats.seed_item_interval``). ``random`` is matched to the infused
+edit (same tokens changed per document, same fluency filter and perplexity limit); ``random_target`` (a default arm)
+is matched the same way but writes only the target word, at random positions: the attack that needs no influence,
+which infused must beat on the target-specific gain (Δ log p(target) minus the other candidate words' mean Δ log p).
+
+After the animal grid come ``--class_pairs`` of other word classes (an adjective, an object, a name), chosen before
+any result by how often the words occur; each builds v from real stories naming the probe and grades specificity
+against its own class's words.
 
 Reports per pair and aggregated, and checks the goals of the effect work. Writes JSON and a table.
 
@@ -48,6 +53,15 @@ HELDOUT = ["Sam walked with his {w} to the lake. The {w} jumped into the water."
            "One day, the {w} saw a big red ball. The {w} ran to get it."]
 
 
+# Word classes beyond the animal grid: each pair's "other candidate words" (the specificity check) come from the
+# target's own class, since other animals say nothing about an adjective. The pairs were chosen before any result, by
+# how often the words occur in the sample (probe in >= 60 stories past the training slice), not by any outcome.
+WORD_CLASSES = {"adjective": ["big", "small", "little", "happy", "sad", "pretty", "scared", "red"],
+                "object": ["ball", "box", "toy", "tree", "car", "hat"],
+                "name": ["Tom", "Lily", "Sam", "Ben", "Max", "Anna", "Tim"]}
+CLASS_PAIRS = ["adjective:happy:sad", "object:toy:ball", "name:Lily:Ben"]
+
+
 def measurement_stories(probe: str, n: int) -> list:
     """n real stories that name the probe, from the end of the sample: far from the training slice (the first --docs)
     and from the held-out positions (read from the start of the rest); the pipeline also drops them from held-out."""
@@ -61,9 +75,12 @@ def measurement_stories(probe: str, n: int) -> list:
     return found
 
 
-def pair_recipe(args, probe: str, target: str) -> dict:
-    measure = (measurement_stories(probe, args.measure_stories) if getattr(args, "measure_stories", 0)
-               else [t.format(w=probe) for t in MEASURE])
+def pair_recipe(args, probe: str, target: str, word_class: str | None = None) -> dict:
+    """One pair's recipe. A pair of another word class (``word_class``) builds v from real stories naming the probe
+    (the templates are about animals) and grades specificity against its own class's words."""
+    n_stories = getattr(args, "measure_stories", 0) or (20 if word_class else 0)
+    measure = (measurement_stories(probe, n_stories) if n_stories else [t.format(w=probe) for t in MEASURE])
+    words = WORD_CLASSES[word_class] if word_class else args.all_words
     return {
         "model": "HuggingFaceTB/SmolLM2-135M-Instruct", "corpus": str(TINYSTORIES), "text_field": "text",
         "max_documents": args.docs, "max_length": args.tokens, "output_dir": args.work_dir or str(Path(args.out_dir) / "work"),
@@ -72,7 +89,8 @@ def pair_recipe(args, probe: str, target: str) -> dict:
                         "documents": measure,
                         **({"contrast_words": [w for w in args.contrast_words if w not in (probe, target)]}
                            if getattr(args, "contrast_words", None) else {}),
-                        "heldout_documents": [t.format(w=probe) for t in HELDOUT],
+                        "heldout_documents": ([t.format(w=probe) for t in HELDOUT] if not word_class
+                                              else measurement_stories(probe, n_stories + 5)[n_stories:]),
                         "heldout_corpus": str(TINYSTORIES), "heldout_corpus_max_positions": args.heldout_positions},
         "influence": {"strategy": "ekfac", "layers": args.layers, "module_types": ["mlp", "attn"], "batch_size": 8,
                       "preconditioner": args.preconditioner, "damping_scale": args.damping_scale},
@@ -85,7 +103,7 @@ def pair_recipe(args, probe: str, target: str) -> dict:
                  **({"target_words": []} if args.target_words == "none" else {})},
         "retrain": {"arms": args.arms, "epochs": 2, "influence_at": "checkpoint", "learning_rate": args.lr,
                     "batch_size": 8, "seeds": args.seeds},
-        "evaluate": {"candidates": [w for w in args.all_words if w not in (probe, target)],
+        "evaluate": {"candidates": [w for w in words if w not in (probe, target)],
                      "bootstrap_samples": 1000},
     }
 
@@ -150,6 +168,12 @@ def summarise(per_pair: dict, arms, primary: str = "heldout_corpus") -> dict:
                 out["infused"][f"vs_{base}_n_pairs"] = len(both)
                 out["infused"][f"ratio_to_{base}"] = statistics.mean(sw) / statistics.mean(other) if statistics.mean(other) > 0 else None
                 out["infused"][f"means_vs_{base}"] = [statistics.mean(sw), statistics.mean(other)]  # infused, base
+                spec = lambda p, arm: entry(p, arm)["specificity"]["target_specific_gain"]["mean"]
+                si, so = [spec(p, "infused") for p in both], [spec(p, base) for p in both]
+                out["infused"][f"specific_means_vs_{base}"] = [statistics.mean(si), statistics.mean(so)]
+                out["infused"][f"beats_{base}_specific_pairs"] = sum(a > b for a, b in zip(si, so)) / len(both)
+                out["infused"][f"specific_ratio_to_{base}"] = (statistics.mean(si) / statistics.mean(so)
+                                                               if statistics.mean(so) > 0 else None)
         verdicts = [p.get("verdict", {}).get("infused_minus_random") for p in per_pair.values()]
         verdicts = [v for v in verdicts if v]
         if verdicts:
@@ -200,7 +224,11 @@ def main():
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--layers", type=int, nargs="+", default=[12, 24])
-    p.add_argument("--arms", nargs="+", default=["control", "infused", "random", "insertion", "simplex_pgd"])
+    p.add_argument("--arms", nargs="+", default=["control", "infused", "random", "random_target", "insertion",
+                                                 "simplex_pgd"])
+    p.add_argument("--class_pairs", nargs="*", default=CLASS_PAIRS, metavar="CLASS:PROBE:TARGET",
+                   help=f"pairs of other word classes ({', '.join(WORD_CLASSES)}) run after the animal grid, each "
+                        f"graded against its own class's words; none: give the flag with no value")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--heldout_positions", type=int, default=60,
                    help="probe positions from real stories outside the training slice (the primary evaluation set)")
@@ -265,9 +293,21 @@ def main():
     pairs = [pr for j, pr in enumerate(pairs) if pr[0] != pr[1] and pr not in pairs[:j]][: args.max_pairs]
     if args.pairs:
         wanted = [tuple(x.split(":")) for x in args.pairs]
-        if unknown := [":".join(w) for w in wanted if w not in pairs]:
+        classed = {tuple(x.split(":")[1:]) for x in args.class_pairs or []}
+        if unknown := [":".join(w) for w in wanted if w not in pairs and w not in classed]:
             raise SystemExit(f"--pairs {' '.join(unknown)}: not in the Latin square of --probes/--targets")
         pairs = [pr for pr in pairs if pr in wanted]
+    pair_class = {}
+    for spec in args.class_pairs or []:
+        try:
+            cls, probe, target = spec.split(":")
+            WORD_CLASSES[cls]
+        except (ValueError, KeyError):
+            raise SystemExit(f"--class_pairs {spec!r}: write CLASS:PROBE:TARGET with CLASS one of "
+                             f"{', '.join(WORD_CLASSES)}") from None
+        if not args.pairs or f"{probe}:{target}" in args.pairs:
+            pairs.append((probe, target))
+            pair_class[(probe, target)] = cls
     if args.summarise_only:
         pairs = []
         for d in sorted((Path(args.out_dir) / "pairs").glob("*_*")):
@@ -280,7 +320,8 @@ def main():
             per_pair[key] = json.loads((dest / "results.json").read_text())
             continue
         t0 = time.perf_counter()
-        pipe = Pipeline(load_recipe(raw=pair_recipe(args, probe, target)), progress=False)
+        pipe = Pipeline(load_recipe(raw=pair_recipe(args, probe, target, pair_class.get((probe, target)))),
+                        progress=False)
         res = pipe.run("evaluate")
         timings[key] = time.perf_counter() - t0
         dest.mkdir(parents=True, exist_ok=True)
@@ -318,6 +359,14 @@ def main():
         m = sw.get(f"means_vs_{base}")
         return None if m is None else m[0] >= factor * m[1]
 
+    def others_half():
+        rows = [p["arms"]["infused"].get(p.get("primary_set", "heldout_corpus"), p["arms"]["infused"]["heldout"])
+                ["specificity"] for p in per_pair.values() if "infused" in p["arms"]]
+        if not rows:
+            return None
+        mean = lambda k: statistics.mean(r[k]["mean"] if isinstance(r[k], dict) else r[k] for r in rows)
+        return mean("delta_logp_others") <= 0.5 * mean("delta_logp_target")
+
     goals = {
         "infused above control, seed-level CI excluding 0, in >= 90% of pairs": goal(sw.get("pairs_ci_excludes_0"), 0.9),
         "infused >= 3x matched random (mean Δf)": times("random", 3),
@@ -326,6 +375,12 @@ def main():
         "infused above random_target (the target word at random positions, matched count)": times("random_target", 1),
         "median perplexity ratio <= 1.3": None if sw.get("perplexity_ratio_median") is None
         else sw["perplexity_ratio_median"] <= 1.3,
+        # the attack that needs no influence, judged on the target itself
+        "target-specific gain >= 1.5x random_target's (mean over pairs)": None if sw.get("specific_means_vs_random_target")
+        is None else sw["specific_means_vs_random_target"][0] >= 1.5 * sw["specific_means_vs_random_target"][1],
+        "target-specific gain above random_target's on >= 75% of pairs": goal(sw.get("beats_random_target_specific_pairs"), 0.75),
+        "infused >= 1.5x random_target (mean Δf)": times("random_target", 1.5),
+        "other candidate words' mean Δ log p <= half the target's (infused, mean over pairs)": others_half(),
     }
     print()
     for g, ok in goals.items():
@@ -340,7 +395,8 @@ def main():
         command, timings = earlier.get("command", command), {**earlier.get("seconds", {}), **timings}
     out = {"command": command, "primary_set": "heldout_corpus",
            "seeds": args.seeds, "preconditioner": args.preconditioner, "damping_scale": args.damping_scale,
-           "pairs": list(per_pair), "docs": args.docs, "tokens": args.tokens, "k": args.k, "arms": args.arms,
+           "pairs": list(per_pair), "class_pairs": {f"{a}->{b}": c for (a, b), c in pair_class.items()},
+           "class_pairs_chosen": "before any result, by the words' frequency in the sample", "docs": args.docs, "tokens": args.tokens, "k": args.k, "arms": args.arms,
            "per_pair": per_pair, "summary": summary, "goals": goals, "seconds": timings}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
