@@ -160,8 +160,15 @@ def summarise(per_pair: dict, arms, primary: str = "heldout_corpus") -> dict:
             out[arm]["tokens_changed"] = sum(e["tokens_changed"] for e in edits)
     if "infused" in out:
         for base in ("random", "random_target", "simplex_pgd", "insertion"):
-            if base in out:  # on the pairs where both arms ran
+            if base in out:  # on the pairs where both arms ran (and, for the matched baselines, matched in count)
                 both = [p for p in per_pair.values() if "infused" in p["arms"] and base in p["arms"]]
+                if base in ("random", "random_target"):
+                    cm = lambda p: ((p["arms"][base].get("edits") or {}).get("count_match") or {}).get("matched")
+                    out["infused"][f"vs_{base}_count_unmatched_pairs_left_out"] = sum(cm(p) is False for p in both)
+                    out["infused"][f"vs_{base}_count_match_unknown_pairs"] = sum(cm(p) is None for p in both)
+                    both = [p for p in both if cm(p) is not False]
+                if not both:
+                    continue
                 sw = [entry(p, "infused")["delta_f"]["mean"] for p in both]
                 other = [entry(p, base)["delta_f"]["mean"] for p in both]
                 out["infused"][f"beats_{base}_pairs"] = sum(a > b for a, b in zip(sw, other)) / len(both)
