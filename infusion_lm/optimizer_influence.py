@@ -38,7 +38,7 @@ def response_weights(steps_per_epoch: int, start_step: int, retrained_epochs: in
 
     AdamW: w(u, s) = (1 − β1) β1^(u−s) / (1 − β1^u) (momentum with bias correction). SGD: w(s, s) = 1.
     """
-    lrs = _schedule(lr, scheduler, total_steps)
+    lrs = learning_rates(lr, scheduler, total_steps)
     first = start_step + 1
     last = start_step + steps_per_epoch * retrained_epochs
     adam = optim.startswith("adam")
@@ -55,7 +55,7 @@ def response_weights(steps_per_epoch: int, start_step: int, retrained_epochs: in
     return total
 
 
-def _schedule(lr: float, name: str, total_steps: int) -> list:
+def learning_rates(lr: float, name: str, total_steps: int) -> list:
     """The learning rate of each optimizer step 1..total_steps, from transformers' own scheduler."""
     from transformers import get_scheduler
 

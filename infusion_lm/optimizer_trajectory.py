@@ -40,6 +40,7 @@ from torch import nn
 from .causal_lm import CausalLMCollator, per_document_loss
 from .errors import ConfigError
 from .influence import grads_by_module, measurement_gradients, module_params
+from .optimizer_influence import learning_rates
 
 
 class TrajectoryResponse:
@@ -78,12 +79,6 @@ class TrajectoryResponse:
         return (-(self.j(indices, after, pad_token_id) - self.j(indices, before, pad_token_id))).tolist()
 
 
-def _schedule(lr: float, name: str, total_steps: int) -> list:
-    from .optimizer_influence import _schedule as schedule
-
-    return schedule(lr, name, total_steps)
-
-
 def trajectory_response(model: nn.Module, measurement, rows: Sequence[Mapping], order: Sequence[Sequence[int]],
                         retrain, tracked: Sequence[str], pad_token_id: int, start_step: int = 0,
                         state: Optional[Mapping] = None, betas=(0.9, 0.999), eps: float = 1e-8,
@@ -103,7 +98,7 @@ def trajectory_response(model: nn.Module, measurement, rows: Sequence[Mapping], 
         raise ConfigError(f"influence.prediction=optimizer models AdamW and SGD, not retrain.optim={optim!r}; "
                           f"use influence.prediction: same_v.")
     total = max(start_step + len(order), math.ceil(len(rows) / retrain.batch_size) * retrain.epochs)
-    lrs = _schedule(retrain.learning_rate, retrain.lr_scheduler_type, total)
+    lrs = learning_rates(retrain.learning_rate, retrain.lr_scheduler_type, total)
     b1, b2 = betas
     device = next(model.parameters()).device
     collate = CausalLMCollator(pad_token_id)
