@@ -70,12 +70,11 @@ def learning_rates(lr: float, name: str, total_steps: int) -> list:
     return out
 
 
-def gradient_statistics(model: nn.Module, rows: Sequence[Mapping], tracked: Sequence[str], batch_size: int,
-                        pad_token_id: int, max_grad_norm: float, progress: bool = False
-                        ) -> Tuple[Dict[str, torch.Tensor], float, float]:
-    """Over the corpus in global batches: mean squared gradient per tracked parameter (kronfluence layout), the mean
-    clip factor, and the mean number of trained tokens per batch. Gradients are of the Trainer's loss (summed token
-    loss / tokens in the batch) with respect to every trainable parameter (the clip norm spans them all)."""
+def batch_gradients(model: nn.Module, rows: Sequence[Mapping], batches: Sequence[Sequence[int]], tracked: Sequence[str],
+                    pad_token_id: int, desc: str, progress: bool = False):
+    """For each global batch (row indices) at θ̂, in eval mode: (the gradient of every tracked weight and bias, in
+    ``module_params`` order, zeros where unused; the gradient norm over every trainable parameter, which the
+    Trainer's clip spans; the batch's trained tokens). The loss is the Trainer's: summed token loss / tokens."""
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
@@ -87,32 +86,39 @@ def gradient_statistics(model: nn.Module, rows: Sequence[Mapping], tracked: Sequ
     flags = {p: p.requires_grad for p in model.parameters()}
     for p in trainable:
         p.requires_grad_(True)
-    sq = [torch.zeros_like(p, dtype=torch.float32) for p in leaves]
-    clips, tokens, n_batches = 0.0, 0.0, 0
     was_training = model.training
-    model.eval()  # no dropout: the statistics of θ̂ itself
+    model.eval()  # no dropout: the gradients of θ̂ itself
     try:
-        starts = range(0, len(rows), batch_size)
-        for i in tqdm(starts, desc="optimizer statistics", disable=not progress):
-            batch = {k: v.to(device) for k, v in collate(list(rows[i: i + batch_size])).items()}
+        for batch_idx in tqdm(batches, desc=desc, disable=not progress):
+            batch = {k: v.to(device) for k, v in collate([rows[i] for i in batch_idx]).items()}
             n_tok = int((batch["labels"][:, 1:] != -100).sum())
             loss = per_document_loss(model, batch).sum() / max(n_tok, 1)
             grads = torch.autograd.grad(loss, trainable, allow_unused=True)
-            norm = math.sqrt(sum(float((g.float() ** 2).sum()) for g in grads if g is not None))
+            norm = math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads if g is not None))
             by_param = {id(p): g for p, g in zip(trainable, grads)}
-            for acc, p in zip(sq, leaves):
-                g = by_param[id(p)]
-                if g is not None:
-                    acc.add_(g.float() ** 2)
-            clips += min(1.0, max_grad_norm / norm) if max_grad_norm > 0 and norm > 0 else 1.0
-            tokens += n_tok
-            n_batches += 1
+            yield ([by_param[id(p)] if by_param[id(p)] is not None else torch.zeros_like(p) for p in leaves], norm,
+                   max(n_tok, 1))
     finally:
         for p, f in flags.items():
             p.requires_grad_(f)
         model.train(was_training)
-    mean_sq = [s / n_batches for s in sq]
-    return grads_by_module(params, mean_sq), clips / n_batches, tokens / n_batches
+
+
+def gradient_statistics(model: nn.Module, rows: Sequence[Mapping], tracked: Sequence[str], batch_size: int,
+                        pad_token_id: int, max_grad_norm: float, progress: bool = False
+                        ) -> Tuple[Dict[str, torch.Tensor], float, float]:
+    """Over the corpus in global batches: mean squared gradient per tracked parameter (kronfluence layout), the mean
+    clip factor, and the mean number of trained tokens per batch (:func:`batch_gradients`)."""
+    params = {n: module_params(model, n) for n in tracked}
+    batches = [range(i, min(i + batch_size, len(rows))) for i in range(0, len(rows), batch_size)]
+    sq, clips, tokens = None, 0.0, 0.0
+    for grads, norm, n_tok in batch_gradients(model, rows, batches, tracked, pad_token_id, "optimizer statistics",
+                                              progress):
+        sq = [g.float() ** 2 for g in grads] if sq is None else [a.add_(g.float() ** 2) for a, g in zip(sq, grads)]
+        clips += min(1.0, max_grad_norm / norm) if max_grad_norm > 0 and norm > 0 else 1.0
+        tokens += n_tok
+    n_batches = len(batches)
+    return grads_by_module(params, [a / n_batches for a in sq]), clips / n_batches, tokens / n_batches
 
 
 def optimizer_ihvp(model: nn.Module, measurement, tracked: Sequence[str], rows: Sequence[Mapping], retrain,

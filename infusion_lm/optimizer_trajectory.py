@@ -37,10 +37,9 @@ from typing import Dict, List, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from .causal_lm import CausalLMCollator, per_document_loss
 from .errors import ConfigError
 from .influence import grads_by_module, measurement_gradients, module_params
-from .optimizer_influence import learning_rates
+from .optimizer_influence import batch_gradients, learning_rates
 
 
 class TrajectoryResponse:
@@ -90,8 +89,6 @@ def trajectory_response(model: nn.Module, measurement, rows: Sequence[Mapping], 
     as in ``model.named_parameters()`` (:func:`checkpoint_moments` reads them from a Trainer checkpoint); None starts
     a fresh optimizer (m = v = 0, its step counter at 0, while the learning-rate schedule continues from
     ``start_step``). Weight decay is left out (first order it only shrinks later changes by (1 − lr·wd) per step)."""
-    from tqdm.auto import tqdm
-
     optim = retrain.optim
     adam = optim.startswith("adam")
     if not (adam or optim.startswith("sgd")):
@@ -100,41 +97,19 @@ def trajectory_response(model: nn.Module, measurement, rows: Sequence[Mapping], 
     total = max(start_step + len(order), math.ceil(len(rows) / retrain.batch_size) * retrain.epochs)
     lrs = learning_rates(retrain.learning_rate, retrain.lr_scheduler_type, total)
     b1, b2 = betas
-    device = next(model.parameters()).device
-    collate = CausalLMCollator(pad_token_id)
     params = {n: module_params(model, n) for n in tracked}
-    leaves = [p for pair in params.values() for p in pair if p is not None]
-    trainable = [p for p in model.parameters() if p.requires_grad] or list(model.parameters())
-    trainable += [p for p in leaves if not any(p is q for q in trainable)]
     names = {id(p): n for n, p in model.named_parameters()}
-    flags = {p: p.requires_grad for p in model.parameters()}
     grad_f = {k: g.double() for k, g in measurement_gradients(model, measurement, tracked).items()}
 
     # the clipped batch gradients g̃_s of θ̂ at every step (module layout), their clip factors and token counts
     g_steps, clips, norms, tokens = [], [], [], []
-    was_training = model.training
-    model.eval()
-    for p in trainable:
-        p.requires_grad_(True)
-    try:
-        for batch_idx in tqdm(order, desc="optimizer trajectory", disable=not progress):
-            batch = {k: v.to(device) for k, v in collate([rows[i] for i in batch_idx]).items()}
-            n_tok = int((batch["labels"][:, 1:] != -100).sum())
-            loss = per_document_loss(model, batch).sum() / max(n_tok, 1)
-            grads = torch.autograd.grad(loss, trainable, allow_unused=True)
-            norm = math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads if g is not None))
-            c = min(1.0, retrain.max_grad_norm / (norm + 1e-6)) if retrain.max_grad_norm > 0 else 1.0
-            by_param = {id(p): g for p, g in zip(trainable, grads)}
-            g = grads_by_module(params, [by_param[id(p)] if by_param[id(p)] is not None else torch.zeros_like(p)
-                                         for p in leaves])
-            g_steps.append({k: (c * x.double()).float() for k, x in g.items()})
-            clips.append(c)
-            norms.append(norm)
-            tokens.append(max(n_tok, 1))
-    finally:
-        for p, f in flags.items():
-            p.requires_grad_(f)
-        model.train(was_training)
+    for grads, norm, n_tok in batch_gradients(model, rows, order, tracked, pad_token_id, "optimizer trajectory",
+                                              progress):
+        c = min(1.0, retrain.max_grad_norm / (norm + 1e-6)) if retrain.max_grad_norm > 0 else 1.0
+        g_steps.append({k: (c * x.double()).float() for k, x in grads_by_module(params, grads).items()})
+        clips.append(c)
+        norms.append(norm)
+        tokens.append(n_tok)
 
     S = len(order)
     v_steps: List[Dict[str, torch.Tensor]] = [{} for _ in range(S)]

@@ -14,7 +14,7 @@ from infusion_lm.text.corpus import tokenize_documents
 from infusion_lm.text.measurement import contrastive_measurement
 from infusion_lm.optimizer_influence import optimizer_ihvp, response_weights, unrolled_document_effects
 from infusion_lm.tracked_modules import resolve_tracked_modules
-from tiny import tiny_model, toy_corpus, train_briefly
+from tiny import adam_epoch, tiny_model, toy_corpus, train_briefly
 
 
 def test_response_weights_by_hand():
@@ -43,19 +43,7 @@ def second_epoch(tok, tmp_path_factory):
     order1 = torch.randperm(16, generator=g).view(4, 4).tolist()
     order2 = torch.randperm(16, generator=g).view(4, 4).tolist()
     lr = 1e-3
-    opt = torch.optim.Adam(model.parameters(), lr=lr, eps=1e-8)
-    collate = CausalLMCollator(tok.pad_token_id)
-    model.eval()
-    for b in order1:
-        batch = collate([rows[i] for i in b])
-        loss = per_document_loss(model, batch).sum() / int((batch["labels"][:, 1:] != -100).sum())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    state = {"m": {}, "v": {}, "step": 4}
-    for n, p in model.named_parameters():
-        state["m"][n] = opt.state[p]["exp_avg"].detach().clone()
-        state["v"][n] = opt.state[p]["exp_avg_sq"].detach().clone()
+    state = adam_epoch(model, rows, order1, lr, tok.pad_token_id)
     measurement = contrastive_measurement(tok, ["The dog ran to the park. The dog was happy.",
                                                 "The dog sat in the garden."], "dog", "cat")
     return {"model": model, "rows": rows, "ds": ds, "order": order2, "state": state, "lr": lr,

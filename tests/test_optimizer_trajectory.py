@@ -10,14 +10,13 @@ import torch
 from torch import nn
 
 from infusion_lm import influence as inf
-from infusion_lm.causal_lm import CausalLMCollator, per_document_loss
 from infusion_lm.optimizer_influence import optimizer_ihvp, unrolled_document_effects
 from infusion_lm.optimizer_trajectory import checkpoint_moments, trajectory_response
 from infusion_lm.retrain import batch_order, clean_checkpoint, train_arm
 from infusion_lm.text.config import RetrainArguments
 from infusion_lm.text.corpus import tokenize_documents
 from infusion_lm.text.measurement import contrastive_measurement
-from tiny import tiny_model, toy_corpus, train_briefly
+from tiny import adam_epoch, tiny_model, toy_corpus, train_briefly
 
 N, BATCH, LR = 16, 4, 1e-4  # the learning rate of the TinyStories evals
 # The first-order model holds every later gradient at θ̂ (no curvature along the trajectory), so its error grows with
@@ -41,21 +40,8 @@ def setup(tok):
     g = torch.Generator().manual_seed(0)
     order1 = torch.randperm(N, generator=g).view(N // BATCH, BATCH).tolist()
     order2 = torch.randperm(N, generator=g).view(N // BATCH, BATCH).tolist()
-    collate = CausalLMCollator(tok.pad_token_id)
-    opt = torch.optim.Adam(model.parameters(), lr=LR, eps=1e-8)
     continued = copy.deepcopy(model)  # θ̂ after one epoch of Adam, its moments kept
-    opt = torch.optim.Adam(continued.parameters(), lr=LR, eps=1e-8)
-    continued.eval()
-    for b in order1:
-        batch = collate([rows[i] for i in b])
-        loss = per_document_loss(continued, batch).sum() / int((batch["labels"][:, 1:] != -100).sum())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    state = {"m": {}, "v": {}, "step": len(order1)}
-    for n, p in continued.named_parameters():
-        state["m"][n] = opt.state[p]["exp_avg"].detach().clone()
-        state["v"][n] = opt.state[p]["exp_avg_sq"].detach().clone()
+    state = adam_epoch(continued, rows, order1, LR, tok.pad_token_id)
     measurement = contrastive_measurement(tok, ["The dog ran to the park. The dog was happy.",
                                                 "The dog sat in the garden."], "dog", "cat")
     return {"fresh": model, "continued": continued, "state": state, "rows": rows, "order": order2,

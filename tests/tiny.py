@@ -95,3 +95,24 @@ def last_token_logit(batch, model):
     """An example user measurement for `measurement.callable: tiny:last_token_logit`."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     return logits[:, -1, 5].sum()
+
+
+def adam_epoch(model, rows, order, lr: float, pad_token_id: int) -> dict:
+    """Trains ``model`` in place with Adam over the batches ``order`` (row indices) and returns its moments by
+    parameter name, ``{"m", "v", "step"}``: a continued optimizer for the first-order checks."""
+    from infusion_lm.causal_lm import CausalLMCollator, per_document_loss
+
+    opt = torch.optim.Adam(model.parameters(), lr=lr, eps=1e-8)
+    collate = CausalLMCollator(pad_token_id)
+    model.eval()
+    for b in order:
+        batch = collate([rows[i] for i in b])
+        loss = per_document_loss(model, batch).sum() / int((batch["labels"][:, 1:] != -100).sum())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    state = {"m": {}, "v": {}, "step": len(order)}
+    for n, p in model.named_parameters():
+        state["m"][n] = opt.state[p]["exp_avg"].detach().clone()
+        state["v"][n] = opt.state[p]["exp_avg_sq"].detach().clone()
+    return state
