@@ -197,14 +197,11 @@ def run_one(args, probe: str, target: str, seed: int) -> dict:
         heldout[name] = calibration(pred, [e["actual_delta_f"]["heldout_corpus"] for e in edits])
     # The response along this run's own steps (both Adam moments, each batch's clip, each document's step in this
     # seed's order, the checkpoint's moments): what influence.prediction: optimizer reports.
-    from infusion_lm.optimizer_trajectory import checkpoint_moments, trajectory_response
-    from infusion_lm.retrain import batch_order
+    from infusion_lm.optimizer_trajectory import retraining_response
 
-    state = checkpoint_moments(model, ckpt, t) if ckpt is not None and start else None
-    order = batch_order(n, t, seed, range(start // -(-n // t.batch_size), t.epochs))
     for name, trk in (("optimizer_trajectory_all_layers", all_layers),
                       ("optimizer_trajectory_all_params", with_embeddings)):
-        resp = trajectory_response(model, measurement, rows, order, t, trk, pad, start, state)
+        resp = retraining_response(model, measurement, rows, t, trk, pad, seed, start, ckpt)
         pred = resp.predicted([e["doc_index"] for e in edits], original, edited, pad)
         del resp
         for e, pv in zip(edits, pred):

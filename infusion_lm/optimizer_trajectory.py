@@ -199,6 +199,21 @@ def checkpoint_moments(model: nn.Module, checkpoint: str | Path, retrain) -> Opt
     return out
 
 
+def retraining_response(model: nn.Module, measurement, rows: Sequence[Mapping], retrain, tracked: Sequence[str],
+                        pad_token_id: int, seed: int, start_step: int = 0, checkpoint: Optional[str | Path] = None,
+                        progress: bool = False) -> TrajectoryResponse:
+    """:func:`trajectory_response` for the retraining the arms run with ``seed``: the epochs after ``start_step``
+    (all of them from the model, the last from a clean checkpoint) in the Trainer's data order, from Adam's moments
+    in the checkpoint's ``optimizer.pt`` when there is one."""
+    from .retrain import batch_order
+
+    steps_per_epoch = math.ceil(len(rows) / retrain.batch_size)
+    state = checkpoint_moments(model, checkpoint, retrain) if checkpoint is not None and start_step else None
+    order = batch_order(len(rows), retrain, seed, range(start_step // steps_per_epoch, retrain.epochs))
+    return trajectory_response(model, measurement, rows, order, retrain, tracked, pad_token_id, start_step, state,
+                               progress=progress)
+
+
 def predict_edits(model: nn.Module, measurement, rows: Sequence[Mapping], retrain, tracked: Sequence[str],
                   pad_token_id: int, indices: Sequence[int], before: Sequence[Mapping], after: Sequence[Mapping],
                   start_step: int = 0, checkpoint: Optional[str | Path] = None, seeds: Sequence[int] = (),
@@ -210,18 +225,12 @@ def predict_edits(model: nn.Module, measurement, rows: Sequence[Mapping], retrai
     The retraining replays the epochs after ``start_step`` (all of them from the model, the last from a clean
     checkpoint), with Adam's moments from the checkpoint's ``optimizer.pt`` when there is one. One seed's per-step v
     lives at a time: memory is (steps per retrained epoch × epochs) × the tracked parameters."""
-    from .retrain import batch_order
-
     if retrain.lora or retrain.from_scratch:
         return None
-    steps_per_epoch = math.ceil(len(rows) / retrain.batch_size)
-    first_epoch = start_step // steps_per_epoch if start_step else 0
-    state = checkpoint_moments(model, checkpoint, retrain) if checkpoint is not None and start_step else None
     per_seed, infos = [], []
     for seed in (list(seeds) or list(retrain.seeds) or [0]):
-        order = batch_order(len(rows), retrain, seed, range(first_epoch, retrain.epochs))
-        resp = trajectory_response(model, measurement, rows, order, retrain, tracked, pad_token_id, start_step,
-                                   state, progress=progress)
+        resp = retraining_response(model, measurement, rows, retrain, tracked, pad_token_id, seed, start_step,
+                                   checkpoint, progress)
         per_seed.append(resp.predicted(indices, before, after, pad_token_id))
         infos.append({"seed": seed, **{k: resp.info[k] for k in ("steps", "optimizer_state")},
                       "mean_clip_factor": sum(resp.info["clip_factors"]) / max(len(resp.info["clip_factors"]), 1)})

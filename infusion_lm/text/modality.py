@@ -171,8 +171,7 @@ class TextModality:
         pipeline; the stationary response (``optimizer_influence.response_j``) where that does not apply (LoRA,
         from_scratch). None (the editing v's own −ΔJ/n is used) for `same_v` or another optimizer."""
         from ..optimizer_influence import predicted_response, response_j
-        from ..optimizer_trajectory import trajectory_response
-        from ..retrain import batch_order
+        from ..optimizer_trajectory import retraining_response
         from ..tracked_modules import resolve_tracked_modules
 
         p, i, t = self.pipe, self.recipe.influence, self.recipe.retrain
@@ -186,17 +185,11 @@ class TextModality:
         rows = self.arm_rows({})
         if not (t.lora or t.from_scratch):
             if "_trajectory" not in self.__dict__:
-                from ..optimizer_trajectory import checkpoint_moments
-
-                start, ckpt = p.checkpoint_step(), p.clean_checkpoint()
-                steps_per_epoch = -(-len(rows) // t.batch_size)
-                state = checkpoint_moments(p.model, ckpt, t) if ckpt is not None and start else None
                 # run.seed's data order: the retraining seed when retrain.seeds is empty, and otherwise one draw of the
                 # order like any seed's (so adding seeds does not redo the edits)
-                order = batch_order(len(rows), t, p.recipe.run.seed, range(start // steps_per_epoch, t.epochs))
-                self.__dict__["_trajectory"] = trajectory_response(
-                    p.model, p.measurement, rows, order, t, resolve_tracked_modules(p.model), pad, start, state,
-                    progress=p.progress)
+                self.__dict__["_trajectory"] = retraining_response(
+                    p.model, p.measurement, rows, t, resolve_tracked_modules(p.model), pad, p.recipe.run.seed,
+                    p.checkpoint_step(), p.clean_checkpoint(), p.progress)
             return self.__dict__["_trajectory"].predicted(indices, before, after, pad)
         if "_prediction_J" not in self.__dict__:
             self.__dict__["_prediction_J"] = response_j(p.model, p.measurement, rows, t, pad,
