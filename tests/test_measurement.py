@@ -78,7 +78,7 @@ def test_contrast_words_are_checked():
     with pytest.raises(ConfigError, match="contrast_words has the target 'cat'"):
         MeasurementArguments(kind="contrastive", documents=["The dog ran."], probe="dog", target="cat",
                              contrast_words=["bird", "cat"])
-    with pytest.raises(ConfigError, match="contrast_words is for kind contrastive"):
+    with pytest.raises(ConfigError, match="contrast_words/contrast_top are for kind contrastive"):
         MeasurementArguments(kind="completion", prompts=["Hi"], completions=["cat"], contrast_words=["bird"])
 
 
@@ -123,3 +123,78 @@ def test_measurement_words_name_what_the_measurement_promotes():
     completion = MeasurementArguments(kind="completion", prompts=["Q: pet?", "Q: animal?"],
                                       completions=[" My favourite is the cat.", " The cat, of course! 100%"])
     assert measurement_words(completion) == ["My", "favourite", "is", "the", "cat", "The", "of", "course"]
+
+
+def test_top_alternatives_against_brute_force(tiny_setup):
+    """contrast_top m: log p(cat) − log Σ p(t) over the probe and the m most likely other first tokens, computed here
+    from the full next-token distribution; with every other token in the set it is log p(cat) − log(1 − p(cat₁))
+    (cat₁ = its first token), an independent closed form; the gradient is the sum of the batches'."""
+    from math import exp, log
+
+    from infusion_lm.text.measurement import top_alternatives_measurement
+
+    tok, model = tiny_setup["tok"], tiny_setup["model"]
+    docs = ["The dog ran. The dog sat.", "A dog."]
+    t_ids = tok(" cat", add_special_tokens=False)["input_ids"]
+    p_first = tok(" dog", add_special_tokens=False)["input_ids"][0]
+    vocab = model.config.vocab_size
+    for m in (1, 3, vocab):
+        f = top_alternatives_measurement(tok, docs, "dog", "cat", m, batch_size=2)
+        expect = []
+        for d in docs:
+            for start in find_word(d, "dog"):
+                prefix = tok(d[: start - 1])["input_ids"]
+                with torch.no_grad():
+                    nxt = torch.log_softmax(model(input_ids=torch.tensor([prefix])).logits[0, -1].float(), -1)
+                others = [t for t in nxt.argsort(descending=True).tolist() if t != t_ids[0]]
+                chosen = others[:m + 1] if p_first in others[:m + 1] else others[:m] + [p_first]
+                if m == vocab:  # every other token: the closed form
+                    lse = log(1 - exp(float(nxt[t_ids[0]])))
+                else:
+                    lse = float(torch.logsumexp(nxt[chosen], 0))
+                expect.append(_logp_of(model, prefix + t_ids, len(prefix)) - lse)
+        assert f.value(model) == pytest.approx(sum(expect) / 3, rel=1e-4, abs=1e-5), m
+    params = [p for p in model.parameters() if p.requires_grad]
+    f = top_alternatives_measurement(tok, docs, "dog", "cat", 3, batch_size=1)
+    grad = torch.autograd.grad(sum(f(model, b) for b in f.batches), params[-1])[0]
+    ref_f = top_alternatives_measurement(tok, docs, "dog", "cat", 3, batch_size=64)
+    ref = torch.autograd.grad(ref_f(model, ref_f.batches[0]), params[-1])[0]
+    assert ref.abs().sum() > 0
+    torch.testing.assert_close(grad, ref, rtol=1e-4, atol=1e-6)
+
+
+def test_top_alternatives_ignore_mass_moved_among_the_others():
+    """The property that makes it specific: moving probability from the probe to a class-mate leaves f unchanged;
+    moving it to the target raises f. Checked on a model whose next-token logits we set by hand."""
+    from infusion_lm.text.measurement import LogProbRow, TopAlternativesMeasurement
+
+    class Fixed(torch.nn.Module):
+        def __init__(self, logits):
+            super().__init__()
+            self.register_buffer("logits", logits)
+            self.unused = torch.nn.Parameter(torch.zeros(1))  # Measurement.value reads the device off a parameter
+
+        def forward(self, input_ids, attention_mask=None):
+            return type("Out", (), {"logits": self.logits.expand(len(input_ids), input_ids.shape[1], -1)})()
+
+    rows = [LogProbRow([0, 1, 4], [0, 0, 1], 1.0)]  # prefix [0, 1], target token 4; probe token 2, class-mate 3
+    m = TopAlternativesMeasurement(rows, [1], [4], [2], m=2, pad_token_id=0)  # probe + 2 others
+    base = torch.log(torch.tensor([0.05, 0.05, 0.6, 0.2, 0.1]))
+    to_mate = torch.log(torch.tensor([0.05, 0.05, 0.3, 0.5, 0.1]))
+    to_target = torch.log(torch.tensor([0.05, 0.05, 0.3, 0.2, 0.4]))
+    f0, f_mate, f_target = (m.value(Fixed(x)) for x in (base, to_mate, to_target))
+    assert f_mate == pytest.approx(f0, abs=1e-6)
+    assert f_target > f0 + 1.0
+    # the pairwise f (target − probe) is fooled by the first move: it rises by log 2
+    assert float(to_mate[4] - to_mate[2]) - float(base[4] - base[2]) == pytest.approx(0.693, abs=1e-3)
+
+
+def test_contrast_top_is_checked():
+    from infusion_lm.errors import ConfigError
+    from infusion_lm.text.config import MeasurementArguments
+
+    with pytest.raises(ConfigError, match="set one of them"):
+        MeasurementArguments(kind="contrastive", documents=["The dog ran."], probe="dog", target="cat",
+                             contrast_words=["bird"], contrast_top=5)
+    with pytest.raises(ConfigError, match="contrast_top is -1"):
+        MeasurementArguments(kind="contrastive", documents=["The dog ran."], probe="dog", target="cat", contrast_top=-1)

@@ -95,6 +95,11 @@ class MeasurementArguments(BaseMeasurementArguments):
         "log Σ_{w ∈ probe + contrast_words} p(w) at each probe position, so raising the whole class (every animal) "
         "no longer raises f. Empty (default): f = log p(target) − log p(probe). Held-out sets keep the latter, so "
         "Δf stays comparable across choices."))
+    contrast_top: int = field(default=0, metadata=described(
+        "contrastive: contrast the target with the probe and the model's own m most likely other next tokens at "
+        "each probe position: f = log p(target) − log Σ_{t ∈ probe + top m} p(t), so mass that moves from the probe "
+        "to any likely word other than the target does not raise f. No word list needed. 0 (default): off. Held-out "
+        "sets keep the pairwise f."))
     callable: Optional[str] = field(default=None, metadata=described(
         "callable: `module:function` taking (batch, model) and returning a scalar gain."))
     heldout_prompts: List[str] = field(default_factory=list, metadata=described(
@@ -133,8 +138,15 @@ class MeasurementArguments(BaseMeasurementArguments):
             if self.target.strip() in [w.strip() for w in self.contrast_words]:
                 raise ConfigError(f"measurement.contrast_words has the target {self.target!r}; the set is what the "
                                   f"target is contrasted with: remove it.")
-        elif self.contrast_words:
-            raise ConfigError(f"measurement.contrast_words is for kind contrastive (this is {self.kind}); remove it.")
+            if self.contrast_top < 0:
+                raise ConfigError(f"measurement.contrast_top is {self.contrast_top}; give a count of alternatives "
+                                  f"(e.g. 20) or 0 for off.")
+            if self.contrast_top and self.contrast_words:
+                raise ConfigError("measurement.contrast_words and .contrast_top are two ways to choose the set; "
+                                  "set one of them.")
+        elif self.contrast_words or self.contrast_top:
+            raise ConfigError(f"measurement.contrast_words/contrast_top are for kind contrastive (this is "
+                              f"{self.kind}); remove them.")
         if self.kind == "callable" and not self.callable:
             raise ConfigError("measurement.kind=callable needs measurement.callable: `module:function`.")
 

@@ -215,6 +215,72 @@ def set_contrast_measurement(tokenizer, documents: Sequence[str], probe: str, ta
     return m
 
 
+class TopAlternativesMeasurement(Measurement):
+    """f = mean over probe positions of log p(target | prefix) − log Σ_{t ∈ S} p(t | prefix), where S is the probe's
+    first token and the model's own ``m`` most likely other next tokens there (the target's first token excluded).
+
+    Why: f = log p(target) − log p(probe) rises whenever the probe loses mass to *any* word, so an edit that makes the
+    probe's contexts more like its whole class (every animal) raises f without teaching the target. Against the
+    model's own alternatives, mass that moves from the probe to a class-mate leaves the log-sum unchanged; only mass
+    that reaches the target counts. Nobody names the competitors, so it holds for any word class.
+
+    S is chosen at each evaluation, without gradient (a piecewise-constant choice): at θ̂, where J and the editors
+    take ∇f, it is the set at θ̂. Rows are prefix + target; each batch returns its share of f."""
+
+    def __init__(self, rows: Sequence[LogProbRow], positions: Sequence[int], target_first: Sequence[int],
+                 probe_first: Sequence[int], m: int, pad_token_id: int, batch_size: int = 16, description: str = ""):
+        if not rows:
+            raise MeasurementError("The measurement has no probe positions.")
+        self.m, self.n, self.description = m, len(rows), description
+        self.batches = []
+        for i in range(0, len(rows), batch_size):
+            batch = collate_logprob_rows(rows[i: i + batch_size], pad_token_id)
+            batch.update(position=torch.tensor(positions[i: i + batch_size]),
+                         target_first=torch.tensor(target_first[i: i + batch_size]),
+                         probe_first=torch.tensor(probe_first[i: i + batch_size]))
+            self.batches.append(batch)
+
+    def __call__(self, model, batch):
+        from ..causal_lm import upcast
+
+        logits = upcast(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1])
+        logp = torch.log_softmax(logits, dim=-1)
+        target = (logp.gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
+                  * batch["score_mask"][:, 1:].to(logp.dtype)).sum(dim=1)
+        rows = torch.arange(len(logp), device=logp.device)
+        at = logp[rows, batch["position"]]  # [B, V]: the next-token distribution where the probe stood
+        with torch.no_grad():
+            ranked = at.detach().clone()
+            ranked[rows, batch["target_first"]] = -float("inf")
+            top = ranked.topk(min(self.m + 1, ranked.shape[-1] - 1), dim=-1).indices
+            has_probe = (top == batch["probe_first"][:, None]).any(dim=-1)
+            # the probe and the m most likely others: drop the (m+1)-th, or the last one where the probe is not in
+            keep = torch.where(has_probe[:, None], top, torch.cat([top[:, :-1], batch["probe_first"][:, None]], 1))
+        return (target - torch.logsumexp(at.gather(-1, keep), dim=-1)).sum() / self.n
+
+
+def top_alternatives_measurement(tokenizer, documents: Sequence[str], probe: str, target: str, m: int,
+                                 batch_size: int = 16) -> TopAlternativesMeasurement:
+    """The contrastive measurement against the model's own top ``m`` alternatives (``measurement.contrast_top``)."""
+    probe, target = probe.strip(), target.strip()
+    rows, positions, t_first, p_first = [], [], [], []
+    for prefix_ids, lead in probe_occurrences(tokenizer, documents, probe):
+        t_ids = word_token_ids(tokenizer, lead + target, "target")
+        p_ids = word_token_ids(tokenizer, lead + probe, "probe")
+        if t_ids[0] == p_ids[0]:
+            raise MeasurementError(f"probe {probe!r} and target {target!r} start with the same token; "
+                                   f"measurement.contrast_top needs words that differ in their first token.")
+        rows.append(LogProbRow(prefix_ids + t_ids, [0] * len(prefix_ids) + [1] * len(t_ids), 1.0))
+        positions.append(len(prefix_ids) - 1)
+        t_first.append(t_ids[0])
+        p_first.append(p_ids[0])
+    m_ = TopAlternativesMeasurement(rows, positions, t_first, p_first, m, tokenizer.pad_token_id, batch_size,
+                                    description=f"mean log p({target}) − log Σ p(t) over {probe} and the model's top "
+                                                f"{m} other next tokens, over {len(rows)} probe positions")
+    m_.words = [target]
+    return m_
+
+
 def any_word_measurement(tokenizer, documents: Sequence[str], probe: str, words: Sequence[str],
                          batch_size: int = 16) -> LogProbMeasurement:
     """f = mean over probe occurrences of [mean over ``words`` of log p(w | prefix)] − log p(probe | prefix): "say any of
@@ -284,6 +350,8 @@ def build_measurement(args, tokenizer, max_length: int = 512, heldout: bool = Fa
     if args.kind == "contrastive":
         if args.contrast_words and not heldout:  # held-out sets keep the pairwise f: Δf comparable across choices
             return set_contrast_measurement(tokenizer, documents, args.probe, args.target, args.contrast_words)
+        if args.contrast_top and not heldout:
+            return top_alternatives_measurement(tokenizer, documents, args.probe, args.target, args.contrast_top)
         return contrastive_measurement(tokenizer, documents, args.probe, args.target)
     fn = import_callable(args.callable)
     rows = tokenize_documents(tokenizer, [{"text": d} for d in documents], max_length)
