@@ -198,3 +198,31 @@ def test_contrast_top_is_checked():
                              contrast_words=["bird"], contrast_top=5)
     with pytest.raises(ConfigError, match="contrast_top is -1"):
         MeasurementArguments(kind="contrastive", documents=["The dog ran."], probe="dog", target="cat", contrast_top=-1)
+
+
+def test_contrast_top_through_the_score_stage(tmp_path, tiny_model_dir):
+    """The score stage (kronfluence's query gradients, through batches with the measurement's extra tensors) takes
+    the top-alternatives measurement end to end, and its J is not the pairwise f's J."""
+    import json as _json
+
+    import yaml
+
+    from infusion_lm.atomic_io import read_tensors
+    from infusion_lm.cli import main
+    from tiny import toy_corpus
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(_json.dumps({"text": t}) + "\n" for t in toy_corpus(12)))
+    scores = {}
+    for top in (0, 8):
+        recipe = {"model": str(tiny_model_dir), "corpus": str(corpus), "max_length": 48,
+                  "output_dir": str(tmp_path / f"run{top}"),
+                  "measurement": {"kind": "contrastive", "probe": "dog", "target": "cat", "contrast_top": top,
+                                  "documents": ["The dog ran to the park.", "The dog sat in the house."]},
+                  "influence": {"strategy": "ekfac", "layers": [1], "batch_size": 8}, "select": {"k": 3}}
+        path = tmp_path / f"r{top}.yaml"
+        path.write_text(yaml.safe_dump(recipe))
+        assert main(["score", str(path), "--quiet"]) == 0
+        scores[top] = read_tensors(tmp_path / f"run{top}" / "scores.safetensors")["scores"]
+    assert not torch.allclose(scores[0], scores[8], rtol=1e-2)
+    assert torch.corrcoef(torch.stack([scores[0], scores[8]]))[0, 1] < 0.999
