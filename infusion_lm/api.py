@@ -16,13 +16,16 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 
 from .config import InfluenceArguments
 from .text.config import EditArguments, MeasurementArguments
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .comparison import SetComparison
 
 
 @dataclass
@@ -103,7 +106,7 @@ def _measurement(measurement, tokenizer, max_length: int):
 
 def infuse(model, tokenizer, train, measurement, *, k: int = 8, rank_by: str = "j", pool: Optional[int] = None,
            influence: Optional[InfluenceArguments] = None, edit: Optional[EditArguments] = None, retrain=None, start_step: int = 0, max_length: int = 512,
-           work_dir: Optional[str] = None, progress: bool = True) -> InfusionResult:
+           work_dir: Optional[str] = None, seed: int = 0, progress: bool = True) -> InfusionResult:
     """Finds the k training rows whose upweighting raises the measurement f most, and edits them so that they raise it
     more: v = H⁻¹∇f, J(z) = ⟨∇L(z), v⟩ for every row, the k most negative, then the editor lowers their J.
 
@@ -125,7 +128,8 @@ def infuse(model, tokenizer, train, measurement, *, k: int = 8, rank_by: str = "
             ``influence.preconditioner: optimizer``; with it, ``predicted_delta_f`` models that training.
         start_step: the optimizer step training resumes at (0: a fresh optimizer), for the optimizer's response.
         max_length: tokens per document when ``train`` is text.
-        work_dir: where kronfluence writes its factors (default: a temporary folder).
+        work_dir: where kronfluence writes its factors (default: a temporary folder, removed once J is scored).
+        seed: the seed of the factor fit (``run.seed`` in a recipe).
         progress: show progress bars.
 
     Returns:
@@ -134,14 +138,10 @@ def infuse(model, tokenizer, train, measurement, *, k: int = 8, rank_by: str = "
     """
     import datasets
 
-    from . import influence as inf
-    from .text.editors import build_editor, first_step
-    from .forward_mode_j import document_j
-    from .text.edit_outputs import edit_records
-    from .causal_lm import perplexities
-    from .optimizer_influence import optimizer_ihvp, predicted_response, response_j
+    from . import engine
     from .config import SelectArguments
-    from .pipeline import check_k, documents_to_try, select_documents
+    from .optimizer_trajectory import EditPredictor
+    from .text.editing import edit_documents, first_step_drops
     from .tracked_modules import resolve_tracked_modules
 
     i = influence or InfluenceArguments()
@@ -150,7 +150,7 @@ def infuse(model, tokenizer, train, measurement, *, k: int = 8, rank_by: str = "
         raise ConfigError("the tokenizer has no pad token; set tokenizer.pad_token = tokenizer.eos_token first.")
     rows = training_rows(tokenizer, train, max_length)
     sel = SelectArguments(k=k, rank_by=rank_by, pool=pool)  # the bounds of select.*, checked where the recipe's are
-    check_k(sel.k, len(rows))
+    engine.check_k(sel.k, len(rows))
     if i.preconditioner == "optimizer" and retrain is None:
         raise ConfigError("influence.preconditioner=optimizer models the training that follows: pass "
                           "retrain=RetrainArguments(...) (learning rate, batch size, epochs, optimizer).")
@@ -160,52 +160,36 @@ def infuse(model, tokenizer, train, measurement, *, k: int = 8, rank_by: str = "
 
     was_training = model.training
     model.eval()
+    root = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="infusion_"))
     try:
-        if i.preconditioner == "optimizer":
-            v, _ = optimizer_ihvp(model, m, tracked, rows, retrain, pad, start_step, progress)
-            divisor = 1  # the batch weighting is inside the optimizer's v
-        else:
-            root = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="infusion_"))
-            try:
-                fdir = inf.fit_factors(model, datasets.Dataset.from_list(rows), tracked, root, pad_token_id=pad,
-                                       strategy=i.strategy, use_empirical_fisher=i.use_empirical_fisher,
-                                       batch_size=i.batch_size, covariance_max_examples=i.covariance_max_examples,
-                                       overwrite=True)
-                v = inf.compute_ihvp(model, m, tracked, fdir, i.damping, i.damping_scale)
-            finally:
-                if not work_dir:  # the factors were only needed for v: a temporary folder goes once v is built
-                    import shutil
+        # the pipeline's steps (engine.py) on rows in memory: the factors live in ``root`` only until J is scored
+        try:
+            dataset = datasets.Dataset.from_list(rows)
+            factors = (engine.fit_factors(model, dataset, tracked, root, i, seed=seed, pad_token_id=pad)
+                       if i.preconditioner == "factors" else None)
+            v, _ = engine.influence_vector(model, m, tracked, i, factors=factors, rows=rows, retrain=retrain,
+                                           pad_token_id=pad, start_step=start_step, progress=progress)
+            scores = engine.document_scores(model, dataset, m, v, tracked, i, root=root, pad_token_id=pad,
+                                            progress=progress)
+        finally:
+            if not work_dir:  # a temporary folder goes once the scores are in memory
+                import shutil
 
-                    shutil.rmtree(root, ignore_errors=True)
-            divisor = len(rows)  # v models one document of n
-        scores = document_j(model, v, i.j_method, i.fd_eps_rel).dataset(
-            rows, pad, batch_size=i.batch_size, progress=progress).float()
-        drops = starts = None
-        if sel.rank_by == "first_step":
-            tried = documents_to_try(scores, sel.pool)
-            stepped = first_step(model, tokenizer, v, e, [rows[t] for t in tried], i.fd_eps_rel, words, progress)
-            drops = {t: r.J_before - r.J_after for t, r in zip(tried, stepped)}
-            starts = {t: r.input_ids for t, r in zip(tried, stepped)}
-        chosen = select_documents(scores, k, drops)["indices"]
-        editor = build_editor(model, tokenizer, v, e, i.fd_eps_rel, target_words=words)
+                shutil.rmtree(root, ignore_errors=True)
+        chosen = engine.choose_documents(scores, sel, lambda tried: first_step_drops(
+            model, tokenizer, v, e, [rows[t] for t in tried], fd_eps_rel=i.fd_eps_rel, words=words,
+            progress=progress))
+        starts = (dict(zip(chosen["indices"], chosen["first_step_input_ids"]))
+                  if "first_step_input_ids" in chosen and e.editor == "swap" else None)
+        chosen = chosen["indices"]
         before = [rows[c] for c in chosen]
-        results = editor.edit_many(before, progress=progress,
-                                   starts=[starts[c] for c in chosen] if starts and e.editor == "swap" else None)
-        after = [{"input_ids": list(r.input_ids), "labels": list(r.labels)} for r in results]
-        predicted = None
-        if retrain is not None and i.prediction == "optimizer":
-            from .optimizer_trajectory import predict_edits
-
-            # along the retraining's own steps, averaged over its seeds (a fresh optimizer: no checkpoint here)
-            res = predict_edits(model, m, rows, retrain, resolve_tracked_modules(model), pad, list(chosen), before,
-                                after, start_step, None, progress=progress)
-            if res is not None:
-                predicted = res[0]
-            else:
-                J = response_j(model, m, rows, retrain, pad, start_step, progress)
-                predicted = predicted_response(J, before, after, pad)
-        records = edit_records(tokenizer, chosen, results, divisor, e.editor, perplexities(model, before, pad),
-                               perplexities(model, after, pad), predicted)
+        # predicted Δf: along the retraining's own steps, averaged over its seeds (a fresh optimizer: no checkpoint)
+        predictor = EditPredictor(model, m, rows, retrain, i.prediction, pad, list(getattr(retrain, "seeds", []) or []),
+                                  start_step, None, progress) if retrain is not None else None
+        results, after, records = edit_documents(
+            model, tokenizer, v, e, before, chosen, fd_eps_rel=i.fd_eps_rel, words=words,
+            divisor=engine.prediction_divisor(i, len(rows)), predict=predictor,
+            starts=[starts[c] for c in chosen] if starts else None, progress=progress)
     finally:
         model.train(was_training)
     return InfusionResult(
@@ -280,7 +264,7 @@ def retrain_arms(model, tokenizer, arms: Mapping[str, Sequence[Mapping]], measur
 
 
 def compare(observations: Mapping[str, Mapping[int, Mapping[str, dict]]], control: str = "control",
-            samples: int = 1000, confidence: float = 0.95, seed: int = 0) -> Dict[str, Dict[str, dict]]:
+            samples: int = 1000, confidence: float = 0.95, seed: int = 0) -> Dict[str, Dict[str, "SetComparison"]]:
     """Every arm of :func:`retrain_arms`'s output against control, set by set, paired by seed and by item.
 
     Args:
@@ -289,10 +273,12 @@ def compare(observations: Mapping[str, Mapping[int, Mapping[str, dict]]], contro
         samples, confidence, seed: the two-level bootstrap (seeds, then items) of every CI.
 
     Returns:
-        ``{arm: {set: comparison}}`` with Δf (mean, CI, per seed) and, for contrastive measurements, the target's
-        probability, top-1 flips, the change in the target's rank and the target-specific gain (the target's Δ log p
-        minus the mean Δ log p of the other candidate words).
+        ``{arm: {set: SetComparison}}`` (:mod:`infusion_lm.comparison`): ``delta_f`` as a ``Delta`` (mean, ci,
+        per_seed) and, for contrastive measurements, the target's probability, top-1 flips and the target-specific
+        gain (the target's Δ log p minus the mean Δ log p of the other candidate words); ``details`` holds every
+        field as plain JSON.
     """
+    from .comparison import SetComparison
     from .evaluation import compare as compare_one
 
     if control not in observations:
@@ -305,6 +291,6 @@ def compare(observations: Mapping[str, Mapping[int, Mapping[str, dict]]], contro
         if sorted(by_seed) != sorted(base):
             raise ConfigError(f"arm {arm!r} has seeds {sorted(by_seed)}, control {sorted(base)}: pair them.")
         seeds = sorted(base)
-        out[arm] = {s: compare_one([by_seed[k][s] for k in seeds], [base[k][s] for k in seeds], samples, confidence,
-                                   seed) for s in base[seeds[0]]}
+        out[arm] = {s: SetComparison.from_dict(compare_one([by_seed[k][s] for k in seeds], [base[k][s] for k in seeds],
+                                                           samples, confidence, seed)) for s in base[seeds[0]]}
     return out

@@ -238,3 +238,56 @@ def predict_edits(model: nn.Module, measurement, rows: Sequence[Mapping], retrai
     mean = [sum(p[i] for p in per_seed) / len(per_seed) for i in range(len(indices))]
     return mean, {"model": "trajectory (both Adam moments, per-batch clip, each document's step)",
                   "per_seed_predicted": per_seed, "seeds": infos}
+
+
+class EditPredictor:
+    """Predicted Δf of each edit (``influence.prediction: optimizer``), for every front end: the first-order response
+    of the retraining that follows, along its own steps (:func:`retraining_response`, built once when one seed's
+    order is asked for, averaged over ``seeds`` otherwise); the stationary response
+    (:func:`~infusion_lm.optimizer_influence.response_j`) where that does not apply (LoRA, from_scratch). Calling it
+    returns None (the editing v's own −ΔJ/n stands) for ``prediction: same_v``, no ``retrain`` or an optimizer it
+    does not model."""
+
+    def __init__(self, model: nn.Module, measurement, rows: Sequence[Mapping], retrain, prediction: str,
+                 pad_token_id: int, seeds: Sequence[int], start_step: int = 0,
+                 checkpoint: Optional[str | Path] = None, progress: bool = False):
+        self.model, self.measurement, self.rows, self.retrain = model, measurement, rows, retrain
+        self.prediction, self.pad, self.seeds = prediction, pad_token_id, list(seeds) or [0]
+        self.start_step, self.checkpoint, self.progress = start_step, checkpoint, progress
+        self._one_seed: Optional[TrajectoryResponse] = None
+        self._stationary = None
+
+    def applies(self) -> bool:
+        t = self.retrain
+        if self.prediction != "optimizer" or t is None:
+            return False
+        if not (t.optim.startswith("adam") or t.optim.startswith("sgd")):
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "influence.prediction=optimizer models AdamW and SGD, not retrain.optim=%r: predicted Δf uses the "
+                "editing v instead (influence.prediction: same_v).", t.optim)
+            return False
+        return True
+
+    def __call__(self, indices: Sequence[int], before: Sequence[Mapping], after: Sequence[Mapping]
+                 ) -> Optional[List[float]]:
+        from .optimizer_influence import predicted_response, response_j
+        from .tracked_modules import resolve_tracked_modules
+
+        if not self.applies():
+            return None
+        t = self.retrain
+        if not (t.lora or t.from_scratch):
+            tracked = resolve_tracked_modules(self.model)
+            if len(self.seeds) == 1:  # kept: every arm's edits (infused, the matched baselines) use the same one
+                if self._one_seed is None:
+                    self._one_seed = retraining_response(self.model, self.measurement, self.rows, t, tracked, self.pad,
+                                                         self.seeds[0], self.start_step, self.checkpoint, self.progress)
+                return self._one_seed.predicted(indices, before, after, self.pad)
+            return predict_edits(self.model, self.measurement, self.rows, t, tracked, self.pad, indices, before, after,
+                                 self.start_step, self.checkpoint, self.seeds, self.progress)[0]
+        if self._stationary is None:
+            self._stationary = response_j(self.model, self.measurement, self.rows, t, self.pad, self.start_step,
+                                          progress=self.progress)
+        return predicted_response(self._stationary, before, after, self.pad)

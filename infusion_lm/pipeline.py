@@ -30,8 +30,8 @@ from .stages import STAGES, reaches
 
 logger = logging.getLogger(__name__)
 
-SIGN_CONVENTION = ("score(z) = J(z) = <grad_theta L(z), v> with v = (G + lambda I)^-1 grad_theta f; upweighting z "
-                   "changes f by about -J(z), so the selected documents are those with the most negative J.")
+# the method's steps live in engine.py (shared with infuse()); these names stay importable from here
+from .engine import SIGN_CONVENTION, check_k, documents_to_try, select_documents  # noqa: F401
 
 
 class Pipeline:
@@ -319,39 +319,36 @@ class Pipeline:
 
     @property
     def prediction_divisor(self) -> int:
-        """predicted Δf = −ΔJ / divisor: n for the factors' v (one document of n), 1 for the optimizer's (the batch
-        weighting is inside v)."""
-        return len(self.dataset) if self.uses_factors else 1
+        """predicted Δf = −ΔJ / divisor (engine.prediction_divisor)."""
+        from .engine import prediction_divisor
+
+        return prediction_divisor(self.recipe.influence, len(self.dataset))
 
     def fit(self) -> Optional[Path]:
-        i = self.recipe.influence
+        from . import engine
+
         if self.synthetic:
             self.synthesize()
         if not self.uses_factors:
             return None
-
-        def run():
-            inf.fit_factors(self.model, self.dataset, self.tracked, self.dir, **self.influence_kwargs(),
-                            strategy=i.strategy, use_empirical_fisher=i.use_empirical_fisher, batch_size=i.batch_size,
-                            covariance_max_examples=i.covariance_max_examples, seed=self.recipe.run.seed)
-
-        self._stage("fit", run)
+        self._stage("fit", lambda: engine.fit_factors(self.model, self.dataset, self.tracked, self.dir,
+                                                      self.recipe.influence, seed=self.recipe.run.seed,
+                                                      **self.influence_kwargs()))
         return self.factors_dir
 
     def measure(self) -> Dict[str, torch.Tensor]:
+        from . import engine
+
         i = self.recipe.influence
         fdir = self.fit()
 
         def run():
-            extra = {}
-            if self.uses_factors:
-                v = inf.compute_ihvp(self.model, self.measurement, self.tracked, fdir, i.damping, i.damping_scale)
-            else:
-                from .optimizer_influence import optimizer_ihvp
-
-                start = self.checkpoint_step()
-                v, extra = optimizer_ihvp(self.model, self.measurement, self.tracked, self.arm_rows({}),
-                                          self.recipe.retrain, self.tokenizer.pad_token_id, start, self.progress)
+            pad = self.tokenizer.pad_token_id if not self.uses_factors else None
+            v, extra = engine.influence_vector(
+                self.model, self.measurement, self.tracked, i, factors=fdir,
+                rows=None if self.uses_factors else self.arm_rows({}), retrain=self.recipe.retrain, pad_token_id=pad,
+                start_step=0 if self.uses_factors else self.checkpoint_step(), progress=self.progress)
+            if not self.uses_factors:
                 sq, clip, tokens = extra.pop("stats")  # kept for a second measurement (the defender's view)
                 write_tensors(self.folder.optimizer_stats, sq,
                               metadata={"clip": repr(clip), "tokens": repr(tokens)})
@@ -389,22 +386,18 @@ class Pipeline:
         return read_tensors(self.folder.ihvp)
 
     def score(self) -> torch.Tensor:
-        i = self.recipe.influence
+        from . import engine
+
         self.measure()
 
         def run():
-            if self.uses_factors and i.damping_scale == 1.0:
-                scores = inf.kronfluence_scores(self.model, self.dataset, self.measurement, self.tracked, self.dir,
-                                                **self.influence_kwargs(self.measurement), strategy=i.strategy,
-                                                damping=i.damping, batch_size=i.batch_size)
-            else:  # kronfluence cannot express this v (a per-module scaled λ, or the optimizer's): J from ihvp.safetensors
-                from .forward_mode_j import document_j
-
-                # fd_eps_rel only matters to (and is only fingerprinted for) the finite difference
-                eps = {"eps_rel": i.fd_eps_rel} if i.j_method == "finite_difference" else {}
-                J = document_j(self.model, self.load_ihvp(), i.j_method, **eps)
-                scores = J.dataset(self.dataset, self.tokenizer.pad_token_id, batch_size=i.batch_size,
-                                   progress=self.progress).float()
+            kw = self.influence_kwargs(self.measurement)
+            pad = kw.pop("pad_token_id", None)
+            if pad is None and self.tokenizer is not None:
+                pad = self.tokenizer.pad_token_id
+            scores = engine.document_scores(self.model, self.dataset, self.measurement, self.load_ihvp(), self.tracked,
+                                            self.recipe.influence, root=self.dir, pad_token_id=pad,
+                                            progress=self.progress, **kw)
             if is_main():
                 write_tensors(self.folder.scores, {"scores": scores})
 
@@ -412,19 +405,11 @@ class Pipeline:
         return read_tensors(self.folder.scores)["scores"]
 
     def select(self) -> dict:
+        from . import engine
+
         scores = self.score()
-        s = self.recipe.select
-
-        def run():
-            drops = starts = None
-            if s.rank_by == "first_step":
-                tried = documents_to_try(scores, s.pool)
-                stepped = self.modality.first_step(tried)
-                drops = {i: d for i, (d, _) in zip(tried, stepped)}
-                starts = {i: ids for i, (_, ids) in zip(tried, stepped)}
-            write_json(self.folder.selection, select_documents(scores, s.k, drops, starts))
-
-        self._stage("select", run)
+        self._stage("select", lambda: write_json(self.folder.selection, engine.choose_documents(
+            scores, self.recipe.select, getattr(self.modality, "first_step", None))))
         return read_json(self.folder.selection)
 
     def edit(self) -> List[dict]:
@@ -563,36 +548,3 @@ class Pipeline:
 def build_pipeline(recipe: Recipe, progress: bool = True, force: bool = False) -> Pipeline:
     """The pipeline of a recipe (its modality, ``run.modality``, comes from the registry in modalities.py)."""
     return Pipeline(recipe, progress=progress, force=force)
-
-
-def check_k(k: int, n: int) -> None:
-    """select.k against the corpus (its lower bound, k >= 1, is SelectArguments' own check)."""
-    if k > n:
-        raise ConfigError(f"select.k={k} exceeds the corpus size ({n} documents); set select.k <= {n}.")
-
-
-def documents_to_try(scores: torch.Tensor, pool: Optional[int]) -> List[int]:
-    """select.rank_by: first_step tries the ``pool`` documents with the most negative J (None: every document)."""
-    return torch.argsort(scores.double(), stable=True)[:pool].tolist()
-
-
-def select_documents(scores: torch.Tensor, k: int, drops: Optional[Dict[int, float]] = None,
-                     starts: Optional[Dict[int, list]] = None) -> dict:
-    """The k documents with the most negative J(z) (upweighting them already raises f), or, given ``drops`` (the drop
-    in J one editor step reached on each document tried), the k tried documents with the largest drop; ``starts``:
-    the tokens that step reached, kept for the selected documents (the edit continues from them)."""
-    check_k(k, scores.numel() if drops is None else len(drops))
-    if drops is None:
-        order = torch.argsort(scores.double(), stable=True)[:k].tolist()
-    else:
-        order = sorted(drops, key=lambda i: (-drops[i], float(scores[i])))[:k]
-    out = {"indices": [int(i) for i in order], "scores": [float(scores[i]) for i in order], "k": k,
-           "sign_convention": SIGN_CONVENTION}
-    if drops is not None:
-        out["first_step_drops"] = [float(drops[i]) for i in order]
-        out["documents_tried"] = len(drops)
-        if starts is not None:
-            out["first_step_input_ids"] = [list(map(int, starts[i])) for i in order]
-        out["tried"] = {"indices": [int(i) for i in drops], "J": [float(scores[i]) for i in drops],
-                        "first_step_drops": [float(d) for d in drops.values()]}
-    return out

@@ -127,20 +127,15 @@ class TextModality:
     # ---------------------------------------------------------------- edits and arms
 
     def edit_into(self, out_dir: Path, args, indices: List[int], targets: Optional[List[int]] = None) -> None:
-        from .edit_outputs import edit_records, write_edit_outputs
-        from .editors import build_editor
-        from ..causal_lm import perplexities
+        from .edit_outputs import write_edit_outputs
+        from .editing import edit_documents
 
         p = self.pipe
-        editor = build_editor(p.model, p.tokenizer, p.load_ihvp(), args, self.recipe.influence.fd_eps_rel,
-                              target_words=measurement_words(self.recipe.measurement))
-        rows = [p.dataset[i] for i in indices]
-        results = editor.edit_many(rows, progress=p.progress, targets=targets, starts=self._first_steps(args, indices))
-        pad = p.tokenizer.pad_token_id
-        after = [{"input_ids": r.input_ids, "labels": r.labels} for r in results]
-        records = edit_records(p.tokenizer, indices, results, p.prediction_divisor, args.editor,
-                               perplexities(p.model, rows, pad), perplexities(p.model, after, pad),
-                               self._predicted_response(indices, rows, after))
+        _, _, records = edit_documents(p.model, p.tokenizer, p.load_ihvp(), args, [p.dataset[i] for i in indices],
+                                       indices, fd_eps_rel=self.recipe.influence.fd_eps_rel,
+                                       words=measurement_words(self.recipe.measurement),
+                                       divisor=p.prediction_divisor, predict=self._predictor, targets=targets,
+                                       starts=self._first_steps(args, indices), progress=p.progress)
         write_edit_outputs(out_dir, p.tokenizer, p.dataset, records, p.documents)
 
     def _first_steps(self, args, indices: List[int]) -> Optional[List[Optional[list]]]:
@@ -157,44 +152,27 @@ class TextModality:
         return [by_doc.get(i) for i in indices]
 
     def first_step(self, indices: List[int]) -> List[tuple]:
-        from .editors import first_step
+        from .editing import first_step_drops
 
         p = self.pipe
-        results = first_step(p.model, p.tokenizer, p.load_ihvp(), self.recipe.edit, [p.dataset[i] for i in indices],
-                             self.recipe.influence.fd_eps_rel, measurement_words(self.recipe.measurement), p.progress)
-        return [(r.J_before - r.J_after, r.input_ids) for r in results]
+        return first_step_drops(p.model, p.tokenizer, p.load_ihvp(), self.recipe.edit, [p.dataset[i] for i in indices],
+                                fd_eps_rel=self.recipe.influence.fd_eps_rel,
+                                words=measurement_words(self.recipe.measurement), progress=p.progress)
 
-    def _predicted_response(self, indices: List[int], before: List[dict], after: List[dict]) -> Optional[List[float]]:
-        """Predicted Δf of each edit (``influence.prediction: optimizer``): the first-order response of the retraining
-        that runs, along its own steps (``optimizer_trajectory``: both Adam moments, each batch's clip, each
-        document's step in run.seed's data order, the checkpoint's optimizer state), built once per
-        pipeline; the stationary response (``optimizer_influence.response_j``) where that does not apply (LoRA,
-        from_scratch). None (the editing v's own −ΔJ/n is used) for `same_v` or another optimizer."""
-        from ..optimizer_influence import predicted_response, response_j
-        from ..optimizer_trajectory import retraining_response
-        from ..tracked_modules import resolve_tracked_modules
+    @cached_property
+    def _predictor(self):
+        """Predicted Δf of each edit (optimizer_trajectory.EditPredictor), built once per pipeline: the retraining's
+        response in run.seed's data order (the retraining seed when retrain.seeds is empty, and otherwise one draw of
+        the order like any seed's, so adding seeds does not redo the edits), from the checkpoint's optimizer state."""
+        from ..optimizer_trajectory import EditPredictor
 
-        p, i, t = self.pipe, self.recipe.influence, self.recipe.retrain
-        if i.prediction != "optimizer":
+        p = self.pipe
+        t = self.recipe.retrain
+        if self.recipe.influence.prediction != "optimizer":
             return None
-        if not (t.optim.startswith("adam") or t.optim.startswith("sgd")):
-            logger.warning("influence.prediction=optimizer models AdamW and SGD, not retrain.optim=%r: predicted Δf "
-                           "uses the editing v instead (influence.prediction: same_v).", t.optim)
-            return None
-        pad = p.tokenizer.pad_token_id
-        rows = self.arm_rows({})
-        if not (t.lora or t.from_scratch):
-            if "_trajectory" not in self.__dict__:
-                # run.seed's data order: the retraining seed when retrain.seeds is empty, and otherwise one draw of the
-                # order like any seed's (so adding seeds does not redo the edits)
-                self.__dict__["_trajectory"] = retraining_response(
-                    p.model, p.measurement, rows, t, resolve_tracked_modules(p.model), pad, p.recipe.run.seed,
-                    p.checkpoint_step(), p.clean_checkpoint(), p.progress)
-            return self.__dict__["_trajectory"].predicted(indices, before, after, pad)
-        if "_prediction_J" not in self.__dict__:
-            self.__dict__["_prediction_J"] = response_j(p.model, p.measurement, rows, t, pad,
-                                                        p.checkpoint_step(), progress=p.progress)
-        return predicted_response(self.__dict__["_prediction_J"], before, after, pad)
+        return EditPredictor(p.model, p.measurement, self.arm_rows({}), t, self.recipe.influence.prediction,
+                             p.tokenizer.pad_token_id, [self.recipe.run.seed], p.checkpoint_step(),
+                             p.clean_checkpoint(), p.progress)
 
     def editor_revision(self, editor: str) -> int:
         from .editors import EDITORS
