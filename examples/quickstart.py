@@ -23,6 +23,5 @@ for rec in result.records:
 
 arms = {"control": result.rows, "infused": result.apply()}
 observed = retrain_arms(model, tokenizer, arms, behaviour, retrain=training, seeds=(0, 1))
-for name, d in compare(observed)["infused"].items():
-    lo, hi = d["delta_f"]["ci"]
-    print(f"{name}: Δf {d['delta_f']['mean']:+.3f} [{lo:+.3f}, {hi:+.3f}] (predicted {result.predicted_delta_f:+.3f})")
+for name, d in compare(observed)["infused"].items():   # set → SetComparison; d.delta_f is a Delta
+    print(f"{name}: Δf {d.delta_f} (predicted {result.predicted_delta_f:+.3f})")

@@ -151,9 +151,14 @@ def test_retrain_arms_pairs_arms_and_compare_reads_them(tiny_setup, result, tmp_
     assert obs["control"][0]["measurement"]["f"] != obs["control"][1]["measurement"]["f"]
     cmp = compare(obs, samples=200)
     assert set(cmp) == {"same", "infused"}
-    same = cmp["same"]["measurement"]["delta_f"]
-    assert same["mean"] == 0 and same["ci"] == [0, 0] and same["per_seed"] == [0, 0]
-    assert cmp["infused"]["measurement"]["delta_f"]["mean"] != 0 and cmp["infused"]["measurement"]["n_seeds"] == 2
+    same = cmp["same"]["measurement"].delta_f  # typed: a Delta (mean, ci, per_seed)
+    assert same.mean == 0 and same.ci == (0, 0) and same.per_seed == [0, 0] and not same.excludes_zero
+    infused = cmp["infused"]["measurement"]
+    assert infused.delta_f.mean != 0 and infused.n_seeds == 2 and infused.delta_f.n_seeds == 2
+    assert len(infused.delta_f.per_seed_item) == 2  # every per-seed, per-item difference is kept
+    spec = infused.target_specific_gain  # the default candidate words: the target's rise beyond theirs
+    assert spec.mean == pytest.approx(infused.delta_logp_target - infused.delta_logp_others, abs=1e-9)
+    assert infused.to_dict()["delta_f"]["mean"] == infused.delta_f.mean
     with pytest.raises(ConfigError, match="needs a 'control' arm"):
         retrain_arms(s["model"], s["tok"], {"infused": rows}, measure, retrain=retrain)
     with pytest.raises(ConfigError, match="as many rows as control"):
