@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test test-fast bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,9 @@ run: setup
 
 test: setup
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest
+
+test-fast: setup  # the unit tier: no end-to-end, subprocess or retraining tests
+	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -m "not slow"
 
 bench: setup
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python evals/bench_influence.py

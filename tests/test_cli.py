@@ -13,36 +13,7 @@ import yaml
 
 from infusion_lm.cli import main
 from infusion_lm.atomic_io import read_json, read_tensors
-from tiny import toy_corpus
-
-
-def _write_corpus(path: Path, texts):
-    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    return path
-
-
-def _recipe(tmp_path, model_dir, corpus, name="recipe.yaml", **over):
-    r = {
-        "model": str(model_dir), "corpus": str(corpus), "max_length": 48, "output_dir": str(tmp_path / "run"),
-        "measurement": {"kind": "contrastive", "probe": "dog", "target": "cat",
-                        "documents": ["The dog ran to the park.", "The dog sat in the house."]},
-        "influence": {"strategy": "ekfac", "layers": [1], "batch_size": 8},
-        "select": {"k": 3},
-    }
-    for key, value in over.items():
-        if isinstance(value, dict):
-            r.setdefault(key, {}).update(value)
-        else:
-            r[key] = value
-    p = tmp_path / name
-    p.write_text(yaml.safe_dump(r))
-    return p
-
-
-def _snapshot(folder: Path):
-    if not folder.exists():
-        return None
-    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
+from tiny import snapshot as _snapshot, toy_corpus, write_corpus as _write_corpus, write_recipe as _recipe
 
 
 def test_score_end_to_end_and_caching(tmp_path, tiny_model_dir, capsys):

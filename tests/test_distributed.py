@@ -14,7 +14,7 @@ import torch
 from infusion_lm.cli import main
 from infusion_lm.influence import load_factors
 from infusion_lm.atomic_io import read_json, read_tensors
-from test_cli import _recipe, _write_corpus
+from tiny import write_corpus as _write_corpus, write_recipe as _recipe
 from tiny import toy_corpus
 
 ROOT = Path(__file__).resolve().parents[1]

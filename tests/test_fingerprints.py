@@ -86,7 +86,7 @@ NO_EFFECT = {"run.device", "run.output_dir", "run.trust_remote_code", "run.long_
 def test_every_stage_fingerprints_what_it_reads(tmp_path, tiny_model_dir, monkeypatch, variant):
     import yaml
 
-    from test_cli import _write_corpus
+    from tiny import write_corpus as _write_corpus
     from tiny import toy_corpus
 
     corpus = _write_corpus(tmp_path / "c.jsonl", toy_corpus(12))
@@ -144,7 +144,7 @@ def test_every_image_stage_fingerprints_what_it_reads(tmp_path, monkeypatch):
 
 
 def _variants(tmp_path, tiny_model_dir):
-    from test_cli import _write_corpus
+    from tiny import write_corpus as _write_corpus
     from tiny import toy_corpus
 
     corpus = _write_corpus(tmp_path / "c.jsonl", toy_corpus(12))

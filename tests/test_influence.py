@@ -180,7 +180,7 @@ def test_score_stage_is_J_of_the_saved_ihvp(tmp_path, tiny_model_dir, tok, dampi
     from infusion_lm.cli import main
     from infusion_lm.text.corpus import tokenize_documents
     from infusion_lm.atomic_io import read_tensors
-    from test_cli import _recipe, _write_corpus
+    from tiny import write_corpus as _write_corpus, write_recipe as _recipe
     from tiny import toy_corpus
 
     corpus = _write_corpus(tmp_path / "c.jsonl", toy_corpus(12))

@@ -1,7 +1,7 @@
 """--dry-run prints the resolved plan and its cost, and writes nothing."""
 
 from infusion_lm.cli import main
-from test_cli import _recipe, _write_corpus
+from tiny import write_corpus as _write_corpus, write_recipe as _recipe
 from tiny import toy_corpus
 
 

@@ -9,7 +9,7 @@ import torch
 from infusion_lm import influence as inf
 from infusion_lm.cli import main
 from infusion_lm.atomic_io import read_json, read_tensors
-from test_cli import _recipe, _write_corpus
+from tiny import write_corpus as _write_corpus, write_recipe as _recipe
 from tiny import toy_corpus
 
 HELDOUT = ["The dog looked at the lake. The dog was happy."]

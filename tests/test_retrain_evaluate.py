@@ -7,7 +7,7 @@ import pytest
 
 from infusion_lm.cli import main
 from infusion_lm.atomic_io import read_json
-from test_cli import _recipe, _snapshot, _write_corpus
+from tiny import snapshot as _snapshot, write_corpus as _write_corpus, write_recipe as _recipe
 from tiny import toy_corpus
 
 HELDOUT = ["The dog looked at the lake. The dog was happy."]

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import random
 from functools import lru_cache
+from pathlib import Path
 from typing import List
 
 import torch
+import yaml
 
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
@@ -116,3 +119,38 @@ def adam_epoch(model, rows, order, lr: float, pad_token_id: int) -> dict:
         state["m"][n] = opt.state[p]["exp_avg"].detach().clone()
         state["v"][n] = opt.state[p]["exp_avg_sq"].detach().clone()
     return state
+
+
+# ---------------------------------------------------------------- run folders for the CLI and pipeline tests
+
+def write_corpus(path: Path, texts):
+    """A JSONL corpus of {"text": ...} rows at ``path``."""
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return path
+
+
+def write_recipe(tmp_path, model_dir, corpus, name="recipe.yaml", **over):
+    """A small contrastive recipe (dog → cat, one tracked layer, k 3) on the tiny model, with ``over`` merged into its
+    sections, written to tmp_path/name."""
+    r = {
+        "model": str(model_dir), "corpus": str(corpus), "max_length": 48, "output_dir": str(tmp_path / "run"),
+        "measurement": {"kind": "contrastive", "probe": "dog", "target": "cat",
+                        "documents": ["The dog ran to the park.", "The dog sat in the house."]},
+        "influence": {"strategy": "ekfac", "layers": [1], "batch_size": 8},
+        "select": {"k": 3},
+    }
+    for key, value in over.items():
+        if isinstance(value, dict):
+            r.setdefault(key, {}).update(value)
+        else:
+            r[key] = value
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(r))
+    return p
+
+
+def snapshot(folder: Path):
+    """{relative path: (size, mtime)} of every file under ``folder``: what a cached stage must leave untouched."""
+    if not folder.exists():
+        return None
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
