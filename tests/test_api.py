@@ -27,6 +27,7 @@ def result(tiny_setup, tmp_path_factory):
     return r, work
 
 
+@pytest.mark.slow
 def test_scores_match_kronfluence_and_selection_is_most_negative(tiny_setup, result):
     s, (r, work) = tiny_setup, result
     # kronfluence's own pairwise scores, on the factors infuse() fitted: an independent preconditioning and J.
@@ -67,6 +68,7 @@ def test_apply_replaces_only_the_selected_rows(tiny_setup, result):
         r.apply(rows[:-1])
 
 
+@pytest.mark.slow
 def test_texts_in_and_the_optimizer_prediction(tiny_setup, tmp_path):
     """Plain texts are tokenized; with retrain given, predicted Δf comes from the optimizer's response, which is far
     smaller than the converged-training −ΔJ/n (the calibration the README describes)."""
@@ -81,6 +83,7 @@ def test_texts_in_and_the_optimizer_prediction(tiny_setup, tmp_path):
     assert r.predicted_delta_f > 0 and same_v > 0
 
 
+@pytest.mark.slow
 def test_callback_and_infuse_share_one_path(tiny_setup, tmp_path):
     from infusion_lm.callbacks import InfusionCallback, SwappableDataset
 
@@ -95,6 +98,7 @@ def test_callback_and_infuse_share_one_path(tiny_setup, tmp_path):
     assert [data[i]["input_ids"] for i in direct.indices] == [r["input_ids"] for r in direct.edited_rows]
 
 
+@pytest.mark.slow
 def test_first_step_ranking_picks_the_largest_one_step_drops(tiny_setup, result, tmp_path):
     """rank_by="first_step": of the pool (the most negative J), the k rows whose drop in J after one swap step, run
     here by hand on the same v, is largest; the edits start from those rows."""
@@ -134,6 +138,7 @@ def test_exported_at_the_top_level():
     assert resolve_tracked_modules is infusion_lm.resolve_tracked_modules
 
 
+@pytest.mark.slow
 def test_retrain_arms_pairs_arms_and_compare_reads_them(tiny_setup, result, tmp_path):
     """Arms differ only in their rows: an arm with control's rows retrains to the very same behaviour (Δf exactly 0,
     every seed), the infused rows do not, and another seed is another run."""
@@ -165,6 +170,7 @@ def test_retrain_arms_pairs_arms_and_compare_reads_them(tiny_setup, result, tmp_
         retrain_arms(s["model"], s["tok"], {"control": rows, "short": rows[:-1]}, measure, retrain=retrain)
 
 
+@pytest.mark.slow
 def test_no_temporary_folder_is_left_behind(tiny_setup, tmp_path, monkeypatch):
     """Without work_dir, infuse() fits its factors in a temporary folder and removes it once v is built."""
     import tempfile

@@ -28,6 +28,7 @@ def _actual_relative_perturbation(J, model, tracked):
     return (num / den) ** 0.5
 
 
+@pytest.mark.slow
 def test_perturbation_is_the_requested_fraction_of_the_weights(tiny_setup, tiny_factors):
     s = tiny_setup
     v = inf.compute_ihvp(s["model"], s["measurement"], s["tracked"], tiny_factors[1]["ekfac"], damping=None)
@@ -74,6 +75,7 @@ def test_measurement_over_many_batches_gives_the_whole_ihvp(tiny_setup, tiny_fac
     assert max(rel(v_last, v_one) for name in v_one) > 1e-2
 
 
+@pytest.mark.slow
 def test_clean_checkpoint_is_the_start_of_the_last_epoch_under_accumulation(tmp_path, tiny_model_dir, tok):
     """8 batches per epoch with GA = 3: the Trainer takes ceil(8/3) = 3 optimizer steps per epoch."""
     from transformers import AutoModelForCausalLM
@@ -103,6 +105,7 @@ def test_two_epochs_with_influence_at_model_warn():
         RetrainArguments(epochs=2, from_scratch=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("from_scratch", [False, True])
 def test_lora_arms_are_paired(tmp_path, tiny_model_dir, from_scratch):
     """A zero-edit LoRA arm ends with control's adapter weights, bit for bit (same init, data order and RNG)."""
@@ -122,6 +125,7 @@ def test_lora_arms_are_paired(tmp_path, tiny_model_dir, from_scratch):
     assert control["per_seed"]["0"]["weights"] != control["per_seed"]["3"]["weights"]
 
 
+@pytest.mark.slow
 def test_a_model_overwritten_in_place_never_reuses_its_old_control(tmp_path, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
@@ -155,6 +159,7 @@ def test_cuda_without_a_gpu_is_a_one_line_error(tmp_path, tiny_model_dir, capsys
     assert "asks for a GPU" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_measurement_sets_from_files(tmp_path, tiny_model_dir, capsys):
     from infusion_lm.config import load_recipe
 
@@ -175,6 +180,7 @@ def test_measurement_sets_from_files(tmp_path, tiny_model_dir, capsys):
     assert "measurement.documents names the file no/such/file.jsonl, which does not exist" in err
 
 
+@pytest.mark.slow
 def test_lora_run_scores_over_the_adapters_at_the_checkpoint(tmp_path, tiny_model_dir):
     """retrain.lora with influence_at: checkpoint keeps θ̂'s adapters: v and J are over the LoRA A/B modules (what the
     arms train), and the score stage's J equals autograd on that peft θ̂."""

@@ -47,6 +47,7 @@ def _trainer(model, data, tok, tmp_path, callbacks, steps=6):
                    callbacks=callbacks)
 
 
+@pytest.mark.slow
 def test_callbacks_fire_log_and_swap_rows(tok, tmp_path):
     ds = tokenize_documents(tok, [{"text": t} for t in toy_corpus(16)], 48)
     model = train_briefly(tiny_model(len(tok)), ds, tok.pad_token_id, steps=100)

@@ -16,6 +16,7 @@ from infusion_lm.atomic_io import read_json, read_tensors
 from tiny import snapshot as _snapshot, toy_corpus, write_corpus as _write_corpus, write_recipe as _recipe
 
 
+@pytest.mark.slow
 def test_score_end_to_end_and_caching(tmp_path, tiny_model_dir, capsys):
     corpus = _write_corpus(tmp_path / "c.jsonl", toy_corpus(12))
     recipe = _recipe(tmp_path, tiny_model_dir, corpus)
@@ -80,6 +81,7 @@ def test_bad_input_fails_cleanly_and_writes_nothing(case, tmp_path, tiny_model_d
     assert _snapshot(run) == before
 
 
+@pytest.mark.slow
 def test_factors_from_a_different_model_are_caught(tmp_path, tiny_model_dir, capsys):
     model_dir = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model_dir)
@@ -99,6 +101,7 @@ def test_factors_from_a_different_model_are_caught(tmp_path, tiny_model_dir, cap
     assert _snapshot(tmp_path / "run") == before
 
 
+@pytest.mark.slow
 def test_run_folder_of_another_recipe_is_refused(tmp_path, tiny_model_dir, capsys):
     corpus = _write_corpus(tmp_path / "c.jsonl", toy_corpus(8))
     other = _write_corpus(tmp_path / "d.jsonl", toy_corpus(8, seed=5))
@@ -110,6 +113,7 @@ def test_run_folder_of_another_recipe_is_refused(tmp_path, tiny_model_dir, capsy
     assert _snapshot(tmp_path / "run") == before
 
 
+@pytest.mark.slow
 def test_console_entry_point_exit_code(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model: m\nselct:\n  k: 3\n")
@@ -119,6 +123,7 @@ def test_console_entry_point_exit_code(tmp_path):
     assert "Unknown recipe key `selct`. Did you mean `select`?" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_corrupted_factors_long_documents_and_blank_lines(tmp_path, tiny_model_dir, capsys):
     # Blank lines in a JSONL corpus are skipped, blank documents dropped.
     corpus = tmp_path / "c.jsonl"

@@ -20,6 +20,7 @@ from tiny import toy_corpus
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tmp_path, tiny_model_dir):
     """The whole run: the same factors, scores, selection, infused corpus, and, with retrain.batch_size the global
     batch, the same retraining (to the rounding of a reduction in another order)."""

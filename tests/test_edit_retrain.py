@@ -1,6 +1,7 @@
 """The editors' sign, checked by retraining: a corpus with the swap-edited documents in place raises f over the clean
 corpus, and over random edits of the same documents with the same budget."""
 
+import pytest
 import tempfile
 
 import torch
@@ -16,6 +17,7 @@ from test_sign import _train_on
 from tiny import tiny_model, toy_corpus, train_briefly
 
 
+@pytest.mark.slow
 def test_swap_edits_raise_f_after_retraining(tok):
     # θ̂ must be near a minimum for influence to predict retraining: at 60 Adam steps the swap arm beat control in
     # only 2 of 4 seeds; at 300 steps it won 4 of 4 (Δf +0.22..+0.64) while random edits scattered around 0.

@@ -21,6 +21,7 @@ def _digest(folder):
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_edit_stage_outputs_and_determinism(tmp_path, tiny_model_dir, tok):
     corpus = _write_corpus(tmp_path / "c.jsonl", toy_corpus(12))
     original = corpus.read_bytes()
@@ -93,6 +94,7 @@ def test_negative_budget_is_a_config_error(tmp_path, tiny_model_dir, capsys):
     assert "edit.budget_fraction must be in [0, 1]" in err and not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_select_by_first_step_picks_the_largest_drops_one_editor_step_reaches(tmp_path, tiny_model_dir, tok):
     """select.rank_by: first_step. The selection holds the k documents of the pool (the most negative J) whose drop in
     J after one swap step is largest; each drop is checked against a swap editor run here by hand on that document,

@@ -45,6 +45,7 @@ def _check_constraints(ed, s, row, res):
     assert all(labels[p] != -100 for p in res.changed_positions)
 
 
+@pytest.mark.slow
 def test_swap_lowers_J_for_every_document_within_constraints(editor_setup):
     s, v, docs = editor_setup
     ed = _editor(s, v, doc_batch_size=4)  # 6 documents: a batch of 4, then one of 2
@@ -61,6 +62,7 @@ def test_swap_lowers_J_for_every_document_within_constraints(editor_setup):
         assert all(b <= a for a, b in zip(res.J_trace, res.J_trace[1:]))
 
 
+@pytest.mark.slow
 def test_batched_editing_matches_one_document_at_a_time_in_quality(editor_setup):
     s, v, docs = editor_setup
     rows = [s["dataset"][i] for i in docs[:3]]
@@ -75,6 +77,7 @@ def test_batched_editing_matches_one_document_at_a_time_in_quality(editor_setup)
     assert 0.5 < drop_together / drop_alone < 2.0, (drop_together, drop_alone)
 
 
+@pytest.mark.slow
 def test_same_seed_same_edits(editor_setup):
     s, v, docs = editor_setup
     rows = [s["dataset"][i] for i in docs[:3]]
@@ -222,6 +225,7 @@ def _prediction_quality(ed, s, row, use_label_path, n=64):
     return preds, exact.tolist()
 
 
+@pytest.mark.slow
 def test_proposals_predict_exact_change_and_label_path_helps(editor_setup):
     s, v, docs = editor_setup
     ed = _editor(s, v)
@@ -292,6 +296,7 @@ def test_entropy_projection_binds_and_keeps_the_simplex():
     assert torch.equal(p[i].argsort()[-3:], q[i].argsort()[-3:])
 
 
+@pytest.mark.slow
 def test_prefix_cache_matches_full_forward(editor_setup):
     """J of variants from the KV cache of their shared prefix equals the full forward (fp64: to rounding)."""
     import copy
@@ -320,6 +325,7 @@ def test_prefix_cache_matches_full_forward(editor_setup):
         assert a.J_before == pytest.approx(b.J_before, rel=1e-3)
 
 
+@pytest.mark.slow
 def test_perplexity_limit_holds_under_the_model(editor_setup):
     from infusion_lm.causal_lm import perplexities
 
@@ -337,6 +343,7 @@ def test_perplexity_limit_holds_under_the_model(editor_setup):
     assert max(ratios) > 1.1  # the limit binds: without it the editor trades fluency for J
 
 
+@pytest.mark.slow
 def test_target_words_join_the_allowed_set_at_every_editable_position_and_get_written(editor_setup):
     """With a fluent set of the base model's top-1 only, the measurement's target word (cat) is still allowed at
     every editable position, nowhere else, and the swap editor writes it (it lowers J for a dog → cat measurement)."""
@@ -377,6 +384,7 @@ def test_rename_candidates_change_every_later_occurrence_of_the_swapped_token(ed
         assert ch[1:].tolist() == later
 
 
+@pytest.mark.slow
 def test_simplex_pgd_keeps_the_largest_edit_within_the_perplexity_limit(editor_setup):
     """When the full-budget discretisation breaks the perplexity limit, PGD keeps a smaller edit that passes (it
     scores every prefix of its most confident changes) instead of leaving the document unchanged."""
@@ -394,6 +402,7 @@ def test_simplex_pgd_keeps_the_largest_edit_within_the_perplexity_limit(editor_s
     assert any(0 < r.n_changed < r.budget for r in nested)
 
 
+@pytest.mark.slow
 def test_j_per_nat_keeps_the_largest_drop_per_nat_and_tracks_the_current_loss(editor_setup):
     """choose: j_per_nat. Every step keeps, of the fluent candidates that lower J, the one with the largest drop per
     nat of loss added over the current document (at least one nat); the loss it carries forward is the edited
@@ -441,6 +450,7 @@ def test_choose_rejects_an_unknown_rule():
         EditArguments(choose="best")
 
 
+@pytest.mark.slow
 def test_a_start_is_continued_from_and_an_invalid_one_ignored(editor_setup):
     """edit_many(starts=...): the search goes on from tokens an earlier step reached (re-scored exactly); changes still
     count from the original; a start over the budget is not taken."""

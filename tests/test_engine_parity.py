@@ -17,6 +17,7 @@ from tiny import toy_corpus
 DOCS = ["The dog ran to the park. The dog was happy.", "The dog sat in the garden."]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damping_scale,rank_by", [(1.0, "j"), (10.0, "first_step")])
 def test_infuse_and_the_cli_edit_stage_agree(tmp_path, tiny_model_dir, damping_scale, rank_by):
     texts = toy_corpus(12)

@@ -83,6 +83,7 @@ NO_EFFECT = {"run.device", "run.output_dir", "run.trust_remote_code", "run.long_
                                          "retrain": {"epochs": 2, "influence_at": "checkpoint"}},
                                      {"select": {"rank_by": "first_step", "pool": 6}}],
                          ids=["factors at the model", "optimizer at the checkpoint", "selected by the first step"])
+@pytest.mark.slow
 def test_every_stage_fingerprints_what_it_reads(tmp_path, tiny_model_dir, monkeypatch, variant):
     import yaml
 
@@ -109,6 +110,7 @@ def test_every_stage_fingerprints_what_it_reads(tmp_path, tiny_model_dir, monkey
     assert not stale, "read but not fingerprinted: " + "; ".join(f"{s}: {', '.join(k)}" for s, k in stale.items())
 
 
+@pytest.mark.slow
 def test_every_image_stage_fingerprints_what_it_reads(tmp_path, monkeypatch):
     """The image modality's sections go through the same check: its own keys (validation_size, linf, the held-out
     probes) must be declared where they are read."""

@@ -10,6 +10,7 @@ from infusion_lm import influence as inf
 from infusion_lm.causal_lm import CausalLMCollator, per_document_loss
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ekfac", "kfac"])
 def test_ihvp_reproduces_kronfluence_pairwise_scores(tiny_setup, tiny_factors, strategy):
     s = tiny_setup
@@ -24,6 +25,7 @@ def test_ihvp_reproduces_kronfluence_pairwise_scores(tiny_setup, tiny_factors, s
     torch.testing.assert_close(ours, theirs.double(), rtol=1e-3, atol=1e-3 * float(ours.abs().max()))
 
 
+@pytest.mark.slow
 def test_ihvp_with_fixed_damping_also_matches(tiny_setup, tiny_factors):
     s = tiny_setup
     root, dirs = tiny_factors
@@ -48,6 +50,7 @@ def _per_sample_grads(model, dataset, name, pad_id):
     return torch.stack(rows)
 
 
+@pytest.mark.slow
 def test_diagonal_ihvp_matches_brute_force_solve(tiny_setup, tmp_path):
     """With the empirical Fisher and the diagonal strategy, kronfluence's G is exactly diag((1/n) Σ g gᵀ)."""
     s = tiny_setup
@@ -90,6 +93,7 @@ def test_fingerprint_rejects_factors_from_another_model(tiny_setup, tiny_factors
         inf.load_factors(tiny_factors[1]["ekfac"], other, s["tracked"])
 
 
+@pytest.mark.slow
 def test_kronfluence_stages_leave_the_model_as_it_was(tiny_setup, tiny_factors):
     s = tiny_setup
     model = s["model"]
@@ -107,6 +111,7 @@ def test_kronfluence_stages_leave_the_model_as_it_was(tiny_setup, tiny_factors):
     assert torch.equal(before, after)
 
 
+@pytest.mark.slow
 def test_lora_adapters_ihvp_and_J_match_kronfluence_and_autograd(tiny_setup, tmp_path):
     """On a peft model the default tracked modules are the LoRA A/B projections; v over them reproduces kronfluence's
     own pairwise scores, and the forward-only J matches autograd."""
@@ -170,6 +175,7 @@ def test_forward_mode_J_equals_autograd_and_leaves_the_model_alone(tiny_setup, t
     assert float((hb - ref).abs().max() / ref.abs().max()) <= 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damping_scale", [1.0, 10.0])
 def test_score_stage_is_J_of_the_saved_ihvp(tmp_path, tiny_model_dir, tok, damping_scale):
     """measure → score is one computation: whichever way the score stage computes J (kronfluence's own scores at

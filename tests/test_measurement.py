@@ -200,6 +200,7 @@ def test_contrast_top_is_checked():
         MeasurementArguments(kind="contrastive", documents=["The dog ran."], probe="dog", target="cat", contrast_top=-1)
 
 
+@pytest.mark.slow
 def test_contrast_top_through_the_score_stage(tmp_path, tiny_model_dir):
     """The score stage (kronfluence's query gradients, through batches with the measurement's extra tensors) takes
     the top-alternatives measurement end to end, and its J is not the pairwise f's J."""

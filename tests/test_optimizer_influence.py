@@ -51,6 +51,7 @@ def second_epoch(tok, tmp_path_factory):
             "root": tmp_path_factory.mktemp("opt_factors")}
 
 
+@pytest.mark.slow
 def test_optimizer_v_matches_the_unrolled_metagradient(second_epoch, tok):
     s = second_epoch
     exact = unrolled_document_effects(s["model"], s["rows"], s["measurement"], s["order"], s["lr"], "adamw",

@@ -53,6 +53,7 @@ def median_relative_error(pred, exact):
     return float(np.median(np.abs(pred - exact) / np.abs(exact)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("start,clip", [("fresh", 0.0), ("continued", 0.0), ("fresh", 0.3), ("continued", 0.3)])
 def test_per_document_response_matches_the_unrolled_metagradient(setup, tok, start, clip):
     s = setup
@@ -107,6 +108,7 @@ def test_response_without_the_second_moment_fails_on_a_fresh_optimizer(setup, to
     assert median_relative_error(resp.effects(s["rows"], pad), exact) > 0.20
 
 
+@pytest.mark.slow
 def test_batch_order_is_the_one_the_trainer_draws(tok, tmp_path):
     """The batches a real Trainer run draws, from the model and resumed from the clean checkpoint, recorded by the
     dataset itself, against ``batch_order``."""

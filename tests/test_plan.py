@@ -1,10 +1,12 @@
 """--dry-run prints the resolved plan and its cost, and writes nothing."""
 
+import pytest
 from infusion_lm.cli import main
 from tiny import write_corpus as _write_corpus, write_recipe as _recipe
 from tiny import toy_corpus
 
 
+@pytest.mark.slow
 def test_dry_run_prints_plan_and_writes_nothing(tmp_path, tiny_model_dir, capsys):
     corpus = _write_corpus(tmp_path / "c.jsonl", toy_corpus(12))
     recipe = _recipe(tmp_path, tiny_model_dir, corpus)

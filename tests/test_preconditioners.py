@@ -21,6 +21,7 @@ def _model(model_dir):
     return AutoModelForCausalLM.from_pretrained(model_dir).eval()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("over", [{"preconditioner": "optimizer"}, {"damping_scale": 100.0}])
 def test_scores_edits_and_prediction_come_from_the_saved_v(tmp_path, tiny_model_dir, tok, over):
     corpus = _write_corpus(tmp_path / "c.jsonl", toy_corpus(12))

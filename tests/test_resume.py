@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 import yaml
 
@@ -50,6 +51,7 @@ def _cli(args, script=None):
     return subprocess.run(cmd, capture_output=True, text=True, env=env)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_stage_then_resume(tmp_path, tiny_model_dir):
     corpus = tmp_path / "c.jsonl"
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in toy_corpus(10)))
@@ -127,7 +129,6 @@ def _outputs(run):
     return corpus, read_tensors(run / "scores.safetensors")["scores"], results["arms"]
 
 
-import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +141,7 @@ def uninterrupted(tmp_path_factory, tiny_model_dir):
     return corpus, _outputs(tmp / "clean")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["fit", "edit", "retrain", "evaluate"])
 def test_sigkill_inside_any_stage_resumes_to_the_same_outputs(tmp_path, tiny_model_dir, uninterrupted, stage):
     corpus, (clean_corpus, clean_scores, clean_arms) = uninterrupted

@@ -23,6 +23,7 @@ def _run_recipe(tmp_path, model_dir, **over):
     return _recipe(tmp_path, model_dir, corpus, **cfg)
 
 
+@pytest.mark.slow
 def test_run_end_to_end_results_and_report(tmp_path, tiny_model_dir):
     import numpy as np
 
@@ -91,6 +92,7 @@ def test_run_end_to_end_results_and_report(tmp_path, tiny_model_dir):
     assert after["retrain"] == stamps["retrain"] and after["evaluate"] != stamps["evaluate"]
 
 
+@pytest.mark.slow
 def test_zero_edits_train_to_identical_weights(tmp_path, tiny_model_dir):
     recipe = _run_recipe(tmp_path, tiny_model_dir, edit={"budget_fraction": 0.0},
                          retrain={**FAST["retrain"], "arms": ["control", "infused"]})
@@ -101,6 +103,7 @@ def test_zero_edits_train_to_identical_weights(tmp_path, tiny_model_dir):
     assert control["measurement"]["f"] == infused["measurement"]["f"]
 
 
+@pytest.mark.slow
 def test_a_baselines_only_run_skips_the_infused_edit(tmp_path, tiny_model_dir):
     """control + insertion needs the selection, not the swap editor: no edit stage runs and the report shows no edits."""
     recipe = _run_recipe(tmp_path, tiny_model_dir, retrain={**FAST["retrain"], "arms": ["control", "insertion"]})
@@ -141,6 +144,7 @@ def test_bad_evaluation_input_fails_cleanly(case, over, message, tmp_path, tiny_
     assert _snapshot(run) == before
 
 
+@pytest.mark.slow
 def test_influence_at_the_clean_checkpoint(tmp_path, tiny_model_dir):
     """influence_at=checkpoint: factors, v, scores and edits at the checkpoint every arm resumes from."""
     import torch
@@ -214,6 +218,7 @@ def test_influence_at_the_clean_checkpoint(tmp_path, tiny_model_dir):
     torch.testing.assert_close(got_same, same_v.double(), rtol=2e-2, atol=2e-2 * float(same_v.abs().max()))
 
 
+@pytest.mark.slow
 def test_retrain_stage_infused_arm_raises_f_over_control(tmp_path, tok):
     """Through the real stages and the HF Trainer: on a tiny model trained near a minimum, the infused arm ends with
     a higher f than control, on the measurement and the held-out set, in every seed."""
@@ -246,6 +251,7 @@ def test_retrain_stage_infused_arm_raises_f_over_control(tmp_path, tok):
         assert res["heldout"]["delta_f"]["mean"] > 0, res["heldout"]
 
 
+@pytest.mark.slow
 def test_control_arm_is_trained_once_and_reused_bit_for_bit(tmp_path, tiny_model_dir):
     """A second run in the same folder with another edit setting retrains the other arms but loads control's weights
     from retrain/control-<fingerprint>/, and they are the very weights the first run trained."""
@@ -273,6 +279,7 @@ def test_control_arm_is_trained_once_and_reused_bit_for_bit(tmp_path, tiny_model
     assert read_json(run / "retrain" / "control" / "observations.json")["weights"] == first["weights"]
 
 
+@pytest.mark.slow
 def test_a_target_no_answer_names_is_allowed_and_warned(tmp_path, tiny_model_dir, caplog):
     """A completion target the model never says at θ̂ runs through, with rate 0 reported and a warning."""
     import logging

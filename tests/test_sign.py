@@ -1,5 +1,6 @@
 """The sign convention, checked by actually retraining: documents with the most negative J raise f when upweighted."""
 
+import pytest
 import copy
 
 import torch
@@ -29,6 +30,7 @@ def _train_on(model, dataset, indices, pad_id, steps=10, lr=0.1):
     return model
 
 
+@pytest.mark.slow
 def test_duplicating_selected_documents_raises_f_most(tok, tmp_path):
     k = 4
     wins_random, wins_opposite = 0, 0

@@ -15,7 +15,7 @@ import yaml
 from infusion_lm import influence as inf
 from infusion_lm.text.models import DEFAULT_MODEL, OFFLINE_FALLBACKS, cache_dir
 
-pytestmark = pytest.mark.smollm2
+pytestmark = [pytest.mark.smollm2, pytest.mark.slow]
 
 STORIES = [
     "Once upon a time, a little dog named Max found a red ball in the garden.",

@@ -62,6 +62,7 @@ def _null_trials(S, n, seed_sd, item_sd, trials, rng):
             + rng.normal(0, 0.3, (trials, S, n)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("S", [3, 5])
 @pytest.mark.parametrize("n", [6, 60])
 @pytest.mark.parametrize("seed_sd,item_sd", [(1.0, 0.1), (0.1, 1.0)], ids=["seed-noise", "item-noise"])

@@ -95,6 +95,7 @@ def test_regenerated_answers_come_from_the_model_and_keep_the_question(tok):
     assert all(r["messages"][-1]["content"].split() == ["cat"] * 3 for r in out)
 
 
+@pytest.mark.slow
 def test_regeneration_arm_replaces_the_selected_conversations(tmp_path, tiny_model_dir):
     import yaml
 

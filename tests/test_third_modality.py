@@ -19,6 +19,7 @@ def tabular():
     MODALITIES.pop("tabular")
 
 
+@pytest.mark.slow
 def test_tabular_modality_runs_every_stage_with_no_library_change(tabular, tmp_path):
     from infusion_lm import build_pipeline, load_recipe
 

@@ -88,6 +88,7 @@ def fp64_theta_hat(digits_run):
     return model, v, pipe.modality.splits.train.images[:4].double(), pipe.modality.splits.train.labels[:4]
 
 
+@pytest.mark.slow
 def test_exact_pixel_gradient_matches_per_image_double_backprop(fp64_theta_hat):
     """The batched JVP + double-backprop J and ∇x J against a per-image reference, on the trained CNN at θ̂."""
     from infusion_lm.vision.editors import ExactPixelJ
@@ -196,6 +197,7 @@ def test_outputs_have_the_text_pipelines_names_and_the_corpus_is_rebuilt_exactly
     assert results["arms"]["infused"]["edits"]["linf_max"] <= 0.1 + 1e-6
 
 
+@pytest.mark.slow
 def test_cross_architecture_transfer_path(tmp_path, digits_run):
     """Edits built with the CNN, arms retrained with the tiny ResNet from its own clean checkpoint."""
     pipe0, _ = digits_run
