@@ -98,7 +98,7 @@ class InfluenceArguments:
         "Fit covariances on at most this many documents (None: all)."))
     fd_eps_rel: float = field(default=1e-4, metadata=described(
         "Finite-difference step for the forward-only J(z): ε‖v‖ = fd_eps_rel · ‖θ_tracked‖ (J is always computed "
-        "in fp32). The error against autograd is measured by evals/bench_influence.py (see the README)."))
+        "in fp32). The error against autograd is measured by evals/bench_influence.py (see evals/README.md)."))
     j_method: str = field(default="forward_mode", metadata=described(
         "How J(z) of whole documents is computed where kronfluence's scores do not apply (a scaled damping, the "
         "optimizer's v, the defender's view, the Trainer callback). `forward_mode`: one forward pass with a "
@@ -123,7 +123,7 @@ class InfluenceArguments:
     damping_scale: float = field(default=1.0, metadata=described(
         "factors: multiply the damping (the per-module heuristic, or `damping`) by this. A few retraining steps act "
         "like strong damping: on single-document edits retrained alone, 1000 ranked the actual change best "
-        "(evals/lm_calibration.py; the README's method section). 1: kronfluence's own heuristic."))
+        "(evals/lm_calibration.py; docs/method.md). 1: kronfluence's own heuristic."))
 
     def __post_init__(self):
         strategies = {"ekfac", "kfac", "diagonal", "identity"}
