@@ -23,6 +23,7 @@ import torch
 from .config import InfluenceArguments
 from .text.config import EditArguments, MeasurementArguments
 from .errors import ConfigError
+from .measurement import Measurement, to_device
 
 if TYPE_CHECKING:
     from .comparison import SetComparison
@@ -44,7 +45,9 @@ class InfusionResult:
             otherwise −ΔJ divided by the number of rows (the influence function's converged-training model, which
             overstates a few fine-tuning steps by orders of magnitude).
         ihvp: v, one tensor per tracked module.
-        rows: the training rows that were scored (input_ids / labels), so ``apply(rows)`` needs nothing else.
+        rows: the training rows that were scored (input_ids / labels), so ``apply()`` needs nothing else.
+        measurement: the :class:`~infusion_lm.measurement.Measurement` f that v was built from; ``retrain_arms``
+            can observe it directly.
     """
 
     scores: torch.Tensor
@@ -56,6 +59,7 @@ class InfusionResult:
     predicted_delta_f: float
     ihvp: Dict[str, torch.Tensor] = field(repr=False)
     rows: List[Dict[str, List[int]]] = field(repr=False)
+    measurement: Optional[Measurement] = field(default=None, repr=False)
 
     def apply(self, rows: Optional[Sequence[Mapping]] = None) -> List[Dict[str, List[int]]]:
         """The training rows with each selected row replaced by its edit: a new list, nothing modified. ``rows``
@@ -195,11 +199,13 @@ def infuse(model, tokenizer, train, measurement, *, k: int = 8, rank_by: str = "
     return InfusionResult(
         scores=scores, indices=list(chosen), edited_rows=after, records=records,
         J_before=float(sum(r.J_before for r in results)), J_after=float(sum(r.J_after for r in results)),
-        predicted_delta_f=float(sum(r["predicted_delta_f"] for r in records)), ihvp=v, rows=rows)
+        predicted_delta_f=float(sum(r["predicted_delta_f"] for r in records)), ihvp=v, rows=rows,
+        measurement=m)
 
 
-def retrain_arms(model, tokenizer, arms: Mapping[str, Sequence[Mapping]], measurement: MeasurementArguments, *,
-                 retrain=None, evaluate=None, seeds: Sequence[int] = (0,), checkpoint: Optional[str] = None,
+def retrain_arms(model, tokenizer, arms: Mapping[str, Sequence[Mapping]], measurement, *,
+                 heldout_measurement=None, retrain=None, evaluate=None, seeds: Sequence[int] = (0,),
+                 checkpoint: Optional[str] = None,
                  heldout_corpus_documents: Sequence[str] = (), max_length: int = 512, work_dir: Optional[str] = None,
                  progress: bool = True) -> Dict[str, Dict[int, Dict[str, dict]]]:
     """Fine-tunes one copy of the model per arm and seed, and observes each one's behaviour.
@@ -214,8 +220,10 @@ def retrain_arms(model, tokenizer, arms: Mapping[str, Sequence[Mapping]], measur
         tokenizer: its tokenizer.
         arms: ``{name: rows}``, each a training set of ``{"input_ids", "labels"}`` rows of the same length, e.g.
             ``{"control": rows, "infused": result.apply(rows)}``.
-        measurement: the behaviour to observe (a :class:`~infusion_lm.config.MeasurementArguments`); its held-out
-            items, if any, are observed too.
+        measurement: the behaviour to observe: a :class:`~infusion_lm.config.MeasurementArguments` (its held-out
+            items, if any, are observed too) or any :class:`~infusion_lm.measurement.Measurement`, e.g. the one
+            ``infuse`` optimised or your own; for a ``Measurement`` each of its batches is one item.
+        heldout_measurement: with a ``Measurement``, a second one observed as the ``heldout`` set.
         retrain: a :class:`~infusion_lm.config.RetrainArguments` (learning rate, global batch, epochs, LoRA...).
         evaluate: an :class:`~infusion_lm.config.EvaluateArguments` (candidate words, samples for completions).
         seeds: retraining seeds; every arm is trained once per seed.
@@ -233,12 +241,24 @@ def retrain_arms(model, tokenizer, arms: Mapping[str, Sequence[Mapping]], measur
     """
     import copy
 
-    from .text.observations import observe
-    from .text.config import EvaluateArguments, RetrainArguments
     from .retrain import train_arm
+    from .text.config import EvaluateArguments, RetrainArguments
+    from .text.observations import observe
 
     t = retrain or RetrainArguments()
     ev = evaluate or EvaluateArguments(n_samples=0)
+    if isinstance(measurement, Measurement):
+        by_set = {"measurement": measurement, **({"heldout": heldout_measurement} if heldout_measurement else {})}
+        if heldout_corpus_documents:
+            raise ConfigError("heldout_corpus_documents needs a contrastive MeasurementArguments, not a Measurement; "
+                              "pass the held-out documents' Measurement as heldout_measurement instead.")
+    elif isinstance(measurement, MeasurementArguments):
+        if heldout_measurement is not None:
+            raise ConfigError("heldout_measurement goes with a Measurement; with MeasurementArguments set "
+                              "heldout_documents or heldout_prompts instead.")
+        by_set = None
+    else:
+        raise ConfigError(f"measurement must be MeasurementArguments or a Measurement, not {type(measurement).__name__}.")
     if "control" not in arms:
         raise ConfigError("retrain_arms needs a 'control' arm (the unedited rows) to compare the others with.")
     sizes = {name: len(rows) for name, rows in arms.items()}
@@ -248,19 +268,45 @@ def retrain_arms(model, tokenizer, arms: Mapping[str, Sequence[Mapping]], measur
     first = fresh()
     device = str(next(first.parameters()).device)
     del first
-    sets = ["measurement"] + (["heldout"] if measurement.heldout_documents or measurement.heldout_prompts else [])
-    sets += ["heldout_corpus"] if heldout_corpus_documents else []
+    if by_set is None:
+        sets = ["measurement"] + (["heldout"] if measurement.heldout_documents or measurement.heldout_prompts else [])
+        sets += ["heldout_corpus"] if heldout_corpus_documents else []
+    else:
+        sets = list(by_set)
     root = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="infusion_retrain_"))
     out: Dict[str, Dict[int, Dict[str, dict]]] = {name: {} for name in arms}
-    for seed in seeds:
-        for name, rows in arms.items():
-            trained, _ = train_arm(fresh, tokenizer, [{"input_ids": list(r["input_ids"]), "labels": list(r["labels"])}
-                                                      for r in rows], t, root / name / f"seed-{seed}", seed, device,
-                                   progress, Path(checkpoint) if checkpoint else None)
-            out[name][seed] = {s: observe(trained, tokenizer, measurement, ev, s, max_length=max_length, seed=seed,
-                                          heldout_corpus_documents=heldout_corpus_documents) for s in sets}
-            del trained
+    try:
+        for seed in seeds:
+            for name, rows in arms.items():
+                trained, _ = train_arm(fresh, tokenizer, [{"input_ids": list(r["input_ids"]), "labels": list(r["labels"])}
+                                                          for r in rows], t, root / name / f"seed-{seed}", seed, device,
+                                       progress, Path(checkpoint) if checkpoint else None)
+                if by_set is None:
+                    out[name][seed] = {s: observe(trained, tokenizer, measurement, ev, s, max_length=max_length,
+                                                  seed=seed, heldout_corpus_documents=heldout_corpus_documents)
+                                       for s in sets}
+                else:
+                    out[name][seed] = {s: measurement_observations(trained, m) for s, m in by_set.items()}
+                del trained
+    finally:
+        if not work_dir:  # the Trainer's checkpoints in a temporary folder go with it
+            import shutil
+
+            shutil.rmtree(root, ignore_errors=True)
     return out
+
+
+def measurement_observations(model, measurement: Measurement) -> dict:
+    """f of each of the measurement's batches (its items), in eval mode: the observation form ``compare`` pairs."""
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            f = [float(measurement(model, to_device(b, device))) for b in measurement.batches]
+    finally:
+        model.train(was_training)
+    return {"kind": "measurement", "f": f, "f_mean": sum(f) / len(f)}
 
 
 def compare(observations: Mapping[str, Mapping[int, Mapping[str, dict]]], control: str = "control",

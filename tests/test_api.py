@@ -181,3 +181,39 @@ def test_no_temporary_folder_is_left_behind(tiny_setup, tmp_path, monkeypatch):
                progress=False, influence=InfluenceArguments(batch_size=8))
     assert len(r.indices) == 2
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("infusion_")], list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_retrain_arms_observes_the_measurement_infuse_optimised(tiny_setup, result, tmp_path, monkeypatch):
+    """retrain_arms takes the Measurement object itself: its per-batch f adds up to the mean of the log-probability
+    differences the contrastive observation reads item by item (f is a mean over probe positions), Δf of an arm with control's rows is exactly 0, and the Trainer's
+    temporary folder is removed."""
+    import tempfile
+
+    from infusion_lm import compare, retrain_arms
+    from infusion_lm.errors import ConfigError
+
+    s, (r, _) = tiny_setup, result
+    assert r.measurement is not None and r.measurement.batches
+    rows = [dict(s["dataset"][i]) for i in range(len(s["dataset"]))]
+    retrain = RetrainArguments(learning_rate=1e-3, batch_size=8, epochs=1)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    arms = {"control": rows, "same": rows, "infused": r.apply()}
+    obs = retrain_arms(s["model"], s["tok"], arms, r.measurement, heldout_measurement=r.measurement,
+                       retrain=retrain, seeds=(0,), progress=False)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("infusion_")], list(tmp_path.iterdir())
+    assert set(obs["control"][0]) == {"measurement", "heldout"}
+    control = obs["control"][0]["measurement"]
+    assert len(control["f"]) == len(r.measurement.batches)
+    # the same behaviour read as a contrastive observation, item by item, on the same retrained arms
+    by_args = retrain_arms(s["model"], s["tok"], {"control": rows}, MEASURE, retrain=retrain, seeds=(0,),
+                           work_dir=str(tmp_path / "w"), progress=False)
+    per_item = by_args["control"][0]["measurement"]["f"]
+    assert sum(control["f"]) == pytest.approx(sum(per_item) / len(per_item), rel=1e-4, abs=1e-5)
+    cmp = compare(obs, samples=100)
+    assert cmp["same"]["measurement"].delta_f.mean == 0
+    assert cmp["infused"]["measurement"].delta_f.mean != 0
+    with pytest.raises(ConfigError, match="MeasurementArguments or a Measurement"):
+        retrain_arms(s["model"], s["tok"], arms, "dog", retrain=retrain)
+    with pytest.raises(ConfigError, match="heldout_measurement goes with a Measurement"):
+        retrain_arms(s["model"], s["tok"], arms, MEASURE, heldout_measurement=r.measurement, retrain=retrain)
