@@ -19,7 +19,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, jvp
 
-from .influence import FiniteDifferenceJ, accumulation_dtype, evaluating, fp32_view, from_layout, module_params
+from .finite_difference_j import FiniteDifferenceJ, evaluating, fp32_view
+from .param_layout import accumulation_dtype, from_layout, module_params
 from .causal_lm import per_document_loss_from_logits
 
 

@@ -9,7 +9,6 @@ What each stage needs, the settings it depends on and the files it writes are in
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
@@ -23,10 +22,9 @@ from . import influence as inf
 from .atomic_io import read_json, read_tensors, write_json, write_tensors, write_yaml
 from .config import Recipe
 from .distributed import barrier, is_main, runs_here
-from .errors import ConfigError, RunFolderError
 from .fingerprints import fingerprint
 from .run_folder import RunFolder
-from .stages import STAGES, reaches
+from .stages import STAGES
 
 logger = logging.getLogger(__name__)
 
@@ -235,51 +233,11 @@ class Pipeline:
 
     # ------------------------------------------------------------------ validation before anything is written
 
-    def check_run_folder(self, keys=("model", "corpus")) -> None:
-        """output_dir must be a folder, and one that no other recipe (another model or corpus) has written to."""
-        r = self.recipe.run
-        if self.dir.exists() and not self.dir.is_dir():
-            raise ConfigError(f"output_dir {self.dir} is a file; point output_dir at a folder.")
-        cfg_path = self.folder.config
-        if cfg_path.is_file() and not self.force:
-            import yaml
-
-            try:
-                old = yaml.safe_load(cfg_path.read_text(encoding="utf-8")) or {}
-            except yaml.YAMLError:
-                old = {}
-            for key in keys:
-                if key in old and old[key] != getattr(r, key):
-                    raise RunFolderError(f"Run folder {self.dir} belongs to a different recipe ({key}: {old[key]!r}, "
-                                         f"not {getattr(r, key)!r}); choose another output_dir or pass --force.")
-
     def validate(self, upto: str = "evaluate") -> None:
-        """Checks everything that can be checked before writing: run folder identity, the modality's data, model and
-        measurement, tracked modules, factors already on disk, and k against the corpus size."""
-        self.check_run_folder(("model", "corpus") + (("modality",) if self.modality.name != "text" else ()))
-        self.modality.validate(upto)
-        if reaches(upto, "fit"):
-            _ = self.tracked
-            self._check_factor_fingerprint()
-        if reaches(upto, "measure"):
-            _ = self.measurement
-            if not self.force and self.is_current("fit") and not (self.is_current("measure") and self.is_current("score")):
-                inf.load_factors(self.factors_dir)  # corrupted files: say so now
-        if reaches(upto, "select"):
-            check_k(self.recipe.select.k, self.modality.corpus_size())  # now, before anything is written
+        """Checks everything that can be checked before writing (run_checks.validate)."""
+        from .run_checks import validate
 
-    def _check_factor_fingerprint(self) -> None:
-        """Factors already in the run folder must come from this very model (weights included)."""
-        fp_path = self.factors_dir / "infusion_fingerprint.json"
-        if self.force or not fp_path.is_file() or self.at_checkpoint:  # checkpoint factors: keyed by its fingerprint
-            return
-        recorded = read_json(fp_path)
-        if recorded.get("tracked_modules") != self.tracked:
-            return  # a different tracking choice is a legitimate config change: the fit stage refits
-        current = inf.model_fingerprint(self.model, self.tracked)
-        if recorded.get("model") != current:
-            raise RunFolderError(f"Factors in {fp_path.parent} were fitted on a different model (fingerprint "
-                                 f"{recorded.get('model')} != {current}); use a new output_dir, or pass --force to refit.")
+        validate(self, upto)
 
     def sweep_temporaries(self) -> None:
         """Removes the temporary files a killed run left behind (they never took a real output's name)."""
@@ -337,40 +295,11 @@ class Pipeline:
         return self.factors_dir
 
     def measure(self) -> Dict[str, torch.Tensor]:
-        from . import engine
+        from .measure_stage import measure_into_run
 
-        i = self.recipe.influence
         fdir = self.fit()
 
-        def run():
-            pad = self.tokenizer.pad_token_id if not self.uses_factors else None
-            v, extra = engine.influence_vector(
-                self.model, self.measurement, self.tracked, i, factors=fdir,
-                rows=None if self.uses_factors else self.arm_rows({}), retrain=self.recipe.retrain, pad_token_id=pad,
-                start_step=0 if self.uses_factors else self.checkpoint_step(), progress=self.progress)
-            if not self.uses_factors:
-                sq, clip, tokens = extra.pop("stats")  # kept for a second measurement (the defender's view)
-                write_tensors(self.folder.optimizer_stats, sq,
-                              metadata={"clip": repr(clip), "tokens": repr(tokens)})
-            # the factors' settings describe v only when v comes from them (the stage table declares them so)
-            factors = {"strategy": i.strategy, "damping": i.damping if i.damping is not None else
-                       "kronfluence per-module heuristic (0.1 x mean eigenvalue)",
-                       "damping_scale": i.damping_scale} if self.uses_factors else {}
-            write_tensors(self.folder.ihvp, v, metadata={"preconditioner": i.preconditioner,
-                                                         **{k: str(x) for k, x in factors.items()}})
-            write_json(self.folder.measure, {
-                "f": self.measurement.value(self.model),
-                "description": self.measurement.description,
-                "ihvp_norm": inf.ihvp_norm(v),
-                "tracked_norm": inf.tracked_norm(self.model, self.tracked),
-                "preconditioner": i.preconditioner,
-                **factors,
-                "tracked_modules": self.tracked,
-                "prediction_divisor": self.prediction_divisor,
-                **({"optimizer": extra} if extra else {}),
-            })
-
-        self._stage("measure", run)
+        self._stage("measure", lambda: measure_into_run(self, fdir))
         return self.load_ihvp()
 
     def optimizer_stats(self):
@@ -415,13 +344,8 @@ class Pipeline:
     def edit(self) -> List[dict]:
         selection = self.select()
 
-        self._stage("edit", lambda: self._edit_into(self.dir, self.recipe.edit, selection["indices"]))
+        self._stage("edit", lambda: self.modality.edit_into(self.dir, self.recipe.edit, selection["indices"]))
         return [json.loads(line) for line in self.folder.edits.read_text(encoding="utf-8").splitlines()]
-
-    def _edit_into(self, out_dir: Path, args, indices: List[int], targets: Optional[List[int]] = None) -> None:
-        """Edits the selected documents with ``args.editor`` into an edit folder (the modality's editors and files).
-        ``targets``: changes per document, for a baseline matched to the infused edit."""
-        self.modality.edit_into(out_dir, args, indices, targets)
 
     def _replacements(self, arm: str, indices: List[int]) -> Dict[int, dict]:
         """Which documents an arm replaces, and with what rows."""
@@ -429,24 +353,10 @@ class Pipeline:
 
     def baseline_edits(self, arm: str, indices: List[int], editor: Optional[str] = None, matched: bool = False,
                        **overrides) -> Path:
-        """baselines/<arm>/: the selected documents edited by the arm's editor (``editor``, default the arm's name),
-        cached by the edit stage's fingerprint. The modality says how the arm differs from the infused edit:
-        ``matched`` gives each document as many changes as its infused edit made; ``overrides`` are edit settings of
-        the arm's own (text's ``random_unmatched``: no perplexity limit)."""
-        out_dir = self.folder.baseline(arm).root
-        revision = self.modality.editor_revision(editor or arm)  # an editor's own fix redoes its cached edits
-        fp = fingerprint({"edit": self.stage_fingerprint("edit"), "arm": arm, "version": 2, **({"revision": revision} if revision else {})})
-        marker = self.folder.baseline(arm).fingerprint
-        if is_main() and not (marker.is_file() and read_json(marker).get("fingerprint") == fp):
-            args = dataclasses.replace(self.recipe.edit, editor=editor or arm, **overrides)
-            targets = None
-            if matched:
-                counts = {r["doc_index"]: r["n_changed"] for r in self.edit()}
-                targets = [counts[i] for i in indices]
-            self._edit_into(out_dir, args, indices, targets)
-            write_json(marker, {"fingerprint": fp})
-        barrier()
-        return out_dir
+        """baselines/<arm>/: the selected documents edited by the arm's editor (baseline_edits.baseline_edits)."""
+        from .baseline_edits import baseline_edits
+
+        return baseline_edits(self, arm, indices, editor, matched, **overrides)
 
     @property
     def seeds(self) -> List[int]:
@@ -454,7 +364,7 @@ class Pipeline:
         return list(self.recipe.retrain.seeds) or [self.recipe.run.seed]
 
     def retrain(self) -> Dict[str, dict]:
-        from .retrain import save_weights, train_arm, weights_fingerprint
+        from .retrain_stage import retrain_every_arm
 
         t = self.recipe.retrain
         # The infused edit runs only when an arm needs it: infused itself, or random (matched to its token counts).
@@ -463,67 +373,8 @@ class Pipeline:
             self.edit()
         else:
             self.select()
-        out = self.folder
-
-        def run():
-            indices = read_json(self.folder.selection)["indices"]
-            device = str(next(self.model.parameters()).device)
-            sets = self.observed_sets()
-            theta = {name: self.observe(self.model, name) for name in sets}
-            summary = {"theta_hat": {name: o["f_mean"] for name, o in theta.items()},
-                       **self.modality.theta_hat_summary(theta)}
-            ckpt = self.arm_checkpoint()
-            fp = self.stage_fingerprint("retrain")
-            per_arm: Dict[str, Dict[str, dict]] = {arm: {} for arm in t.arms}
-            # Seeds in the outer loop: an interrupted run has whole seeds (every arm) to compare.
-            for seed in self.seeds:
-                for arm in t.arms:
-                    path = out.arm_seed(arm, seed)
-                    if not self.force and path.is_file() and read_json(path).get("fingerprint") == fp:
-                        per_arm[arm][str(seed)] = read_json(path)
-                        continue  # this arm and seed finished before the run was interrupted
-                    replacements = self._replacements(arm, indices)
-                    shared = (out.shared_control(self.stage_fingerprint('control'), seed)
-                              if arm == "control" and t.share_control and not t.lora else None)
-                    if shared is not None and not self.force and (shared / "fingerprint.json").is_file():
-                        from .retrain import load_checkpoint_model
-
-                        model, trainer = load_checkpoint_model(self.arm_model(), shared), None
-                    else:
-                        rows = self.arm_rows(replacements)
-                        model, trainer = train_arm(self.arm_model, self.trainer_collator, rows, t,
-                                                   out.arm(arm) / "trainer", seed, device, self.progress, ckpt)
-                        if shared is not None and is_main():
-                            save_weights(model, shared)
-                            write_json(shared / "fingerprint.json", {"fingerprint": self.stage_fingerprint("control"), "seed": seed})
-                    record = {"fingerprint": fp, "arm": arm, "seed": seed,
-                              "replaced": sorted(int(i) for i in replacements),
-                              "weights": weights_fingerprint(model), "checkpoint": str(ckpt) if ckpt else None,
-                              **{name: self.observe(model, name) for name in sets}}
-                    if t.save_models:
-                        save_weights(model, out.arm(arm) / f"model-seed{seed}")
-                    if is_main():
-                        write_json(path, record)
-                    per_arm[arm][str(seed)] = record
-                    del model, trainer
-            for arm, by_seed in per_arm.items():
-                first = by_seed[str(self.seeds[0])]
-                # The first seed's observations stay at the top level (what a single-seed reader expects); every
-                # seed's are under per_seed.
-                record = {"fingerprint": fp, "arm": arm, "replaced": first["replaced"], "seeds": self.seeds,
-                          "weights": first["weights"], "checkpoint": first["checkpoint"],
-                          "summary": {name: sum(by_seed[str(s)][name]["f_mean"] for s in self.seeds) / len(self.seeds)
-                                      for name in sets},
-                          **{name: first[name] for name in sets},
-                          "per_seed": {str(s): {k: by_seed[str(s)][k] for k in ("weights", *sets)} for s in self.seeds}}
-                if is_main():
-                    write_json(out.observations(arm), record)
-                summary[arm] = record["summary"]
-            if is_main():
-                write_json(out.retrain_summary, summary)
-
-        self._stage("retrain", run)
-        return read_json(out.retrain_summary)
+        self._stage("retrain", lambda: retrain_every_arm(self))
+        return read_json(self.folder.retrain_summary)
 
     def evaluate(self) -> dict:
         self.retrain()

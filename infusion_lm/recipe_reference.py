@@ -1,8 +1,8 @@
 """The recipe-key reference (docs/recipes.md), generated from the section dataclasses' own field help.
 
 Every recipe key is a field of a section dataclass, and its help text is the field's ``metadata=described(...)``
-(``infusion_lm/config.py``). This module lists them: one table per section (key, default, help), the keys every
-modality shares first, then each registered modality's own (``Modality.sections``, through
+(``infusion_lm/config_sections.py`` and each modality's ``config.py``). This module lists them: one table per
+section (key, default, help), the keys every modality shares first, then each registered modality's own (``Modality.sections``, through
 ``config.recipe_sections``). ``tests/test_docs_reference.py`` checks that docs/recipes.md is this output, so the
 reference cannot go stale. Regenerate it with
 

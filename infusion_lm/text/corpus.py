@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-import torch
 
 from ..causal_lm import IGNORE_INDEX
 from ..errors import CorpusError

@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, List, Sequence
 import torch
 
 from ..errors import MeasurementError
-from ..measurement import Measurement, to_device
+from ..measurement import Measurement
 
 logger = logging.getLogger(__name__)
 

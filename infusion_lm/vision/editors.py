@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from ..influence import FiniteDifferenceJ
+from ..finite_difference_j import FiniteDifferenceJ
 from ..causal_lm import upcast
 
 
@@ -51,7 +51,7 @@ class ExactPixelJ:
     """J(x) = ⟨∇θ L(x, y), v⟩ per image without finite differences (see the module docstring)."""
 
     def __init__(self, model, v: Mapping[str, torch.Tensor]):
-        from ..influence import from_layout, module_params
+        from ..param_layout import from_layout, module_params
 
         self.model = model
         self.primals, self.tangents, self.leaves, self.directions = {}, {}, [], []

@@ -24,7 +24,7 @@ import torch
 
 from ..config import EditArguments
 from ...causal_lm import IGNORE_INDEX
-from ...influence import FiniteDifferenceJ
+from ...finite_difference_j import FiniteDifferenceJ
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,71 @@
+"""The retrain stage's work: every arm retrained once per seed from the clean checkpoint, observed on every
+evaluation set, each (arm, seed) written as it finishes so an interrupted run resumes where it stopped."""
+
+from __future__ import annotations
+
+from typing import Dict
+
+from .atomic_io import read_json, write_json
+from .distributed import is_main
+
+
+def retrain_every_arm(pipe) -> None:
+    """Retrains ``retrain.arms`` × the seeds; writes ``retrain/<arm>/seed-<s>.json``, ``observations.json`` per arm
+    and the retrain summary. Within a seed every arm starts from the same checkpoint, seed and data order."""
+    from .retrain import load_checkpoint_model, save_weights, train_arm, weights_fingerprint
+
+    t, out = pipe.recipe.retrain, pipe.folder
+    indices = read_json(pipe.folder.selection)["indices"]
+    device = str(next(pipe.model.parameters()).device)
+    sets = pipe.observed_sets()
+    theta = {name: pipe.observe(pipe.model, name) for name in sets}
+    summary = {"theta_hat": {name: o["f_mean"] for name, o in theta.items()},
+               **pipe.modality.theta_hat_summary(theta)}
+    ckpt = pipe.arm_checkpoint()
+    fp = pipe.stage_fingerprint("retrain")
+    per_arm: Dict[str, Dict[str, dict]] = {arm: {} for arm in t.arms}
+    # Seeds in the outer loop: an interrupted run has whole seeds (every arm) to compare.
+    for seed in pipe.seeds:
+        for arm in t.arms:
+            path = out.arm_seed(arm, seed)
+            if not pipe.force and path.is_file() and read_json(path).get("fingerprint") == fp:
+                per_arm[arm][str(seed)] = read_json(path)
+                continue  # this arm and seed finished before the run was interrupted
+            replacements = pipe.modality.replacements(arm, indices)
+            shared = (out.shared_control(pipe.stage_fingerprint('control'), seed)
+                      if arm == "control" and t.share_control and not t.lora else None)
+            if shared is not None and not pipe.force and (shared / "fingerprint.json").is_file():
+                model, trainer = load_checkpoint_model(pipe.arm_model(), shared), None
+            else:
+                rows = pipe.arm_rows(replacements)
+                model, trainer = train_arm(pipe.arm_model, pipe.trainer_collator, rows, t,
+                                           out.arm(arm) / "trainer", seed, device, pipe.progress, ckpt)
+                if shared is not None and is_main():
+                    save_weights(model, shared)
+                    write_json(shared / "fingerprint.json", {"fingerprint": pipe.stage_fingerprint("control"), "seed": seed})
+            record = {"fingerprint": fp, "arm": arm, "seed": seed,
+                      "replaced": sorted(int(i) for i in replacements),
+                      "weights": weights_fingerprint(model), "checkpoint": str(ckpt) if ckpt else None,
+                      **{name: pipe.observe(model, name) for name in sets}}
+            if t.save_models:
+                save_weights(model, out.arm(arm) / f"model-seed{seed}")
+            if is_main():
+                write_json(path, record)
+            per_arm[arm][str(seed)] = record
+            del model, trainer
+    for arm, by_seed in per_arm.items():
+        first = by_seed[str(pipe.seeds[0])]
+        # The first seed's observations stay at the top level (what a single-seed reader expects); every
+        # seed's are under per_seed.
+        record = {"fingerprint": fp, "arm": arm, "replaced": first["replaced"], "seeds": pipe.seeds,
+                  "weights": first["weights"], "checkpoint": first["checkpoint"],
+                  "summary": {name: sum(by_seed[str(s)][name]["f_mean"] for s in pipe.seeds) / len(pipe.seeds)
+                              for name in sets},
+                  **{name: first[name] for name in sets},
+                  "per_seed": {str(s): {k: by_seed[str(s)][k] for k in ("weights", *sets)} for s in pipe.seeds}}
+        if is_main():
+            write_json(out.observations(arm), record)
+        summary[arm] = record["summary"]
+    if is_main():
+        write_json(out.retrain_summary, summary)
+
