@@ -1,0 +1,50 @@
+"""Summary of the measurement levers (evals/results/lm_tinystories_levers/): python evals/summarise_levers.py DIR
+
+From each finished pair (DIR/<lever>/pairs/<pair>/results.json): the held-out Δf and target-specific gain of infused
+and random_target, their ratio per pair, per lever, and on the pairs every lever has; writes DIR/summary.json.
+"""
+import glob
+import json
+import sys
+root = sys.argv[1]
+out = {"commands": {
+    "today_f": "PYTHONPATH=src1 python src1/evals/lm_tinystories.py --seeds 0 1 --arms control infused random_target --work_dir WORK --pairs dog:fish cat:bear bird:frog happy:sad toy:ball Lily:Ben --out_dir levers/today_f",
+    "contrast_top": "python evals/lm_tinystories.py --seeds 0 1 --arms control infused random_target --work_dir WORK2 --pairs dog:fish cat:bear bird:frog happy:sad toy:ball Lily:Ben --out_dir levers/contrast_top --contrast_top 20"},
+    "sources": {"today_f": "1661e3f (before measurement.contrast_top existed)", "contrast_top": "the contrast_top commit"},
+    "machine": "2 CPU cores, 1 torch thread per job; shared with the CIFAR-10 45k run, the chat eval and the test suite",
+    "pairs_chosen_before_results": ["dog:fish", "cat:bear", "bird:frog", "happy:sad", "toy:ball", "Lily:Ben"],
+    "per_pair": {}, "by_lever": {}}
+for f in sorted(glob.glob(f"{root}/*/pairs/*/results.json")):
+    lever, pair = f.split("/")[-4], f.split("/")[-2]
+    d = json.load(open(f))
+    e = {}
+    for arm in ["infused", "random_target"]:
+        h = d["arms"][arm]["heldout"]
+        sp = h["specificity"]
+        e[arm] = {"delta_f": h["delta_f"]["mean"], "delta_f_ci": h["delta_f"]["ci"],
+                  "target_specific_gain": sp["target_specific_gain"]["mean"],
+                  "target_specific_gain_ci": sp["target_specific_gain"]["ci"],
+                  "delta_logp_target": sp["delta_logp_target"], "delta_logp_others": sp["delta_logp_others"]}
+    e["specific_ratio_to_random_target"] = e["infused"]["target_specific_gain"] / e["random_target"]["target_specific_gain"]
+    e["delta_f_ratio_to_random_target"] = e["infused"]["delta_f"] / e["random_target"]["delta_f"]
+    out["per_pair"].setdefault(lever, {})[pair] = e
+for lever, pairs in out["per_pair"].items():
+    inf = [p["infused"]["target_specific_gain"] for p in pairs.values()]
+    rt = [p["random_target"]["target_specific_gain"] for p in pairs.values()]
+    df = [p["infused"]["delta_f"] for p in pairs.values()]
+    dfr = [p["random_target"]["delta_f"] for p in pairs.values()]
+    out["by_lever"][lever] = {"pairs": sorted(pairs), "specific_ratio_of_means": sum(inf) / sum(rt),
+                              "delta_f_ratio_of_means": sum(df) / sum(dfr),
+                              "beats_random_target_specific_pairs": sum(a > b for a, b in zip(inf, rt)),
+                              "others_at_most_half_of_target_pairs": sum(
+                                  p["infused"]["delta_logp_others"] <= 0.5 * p["infused"]["delta_logp_target"] for p in pairs.values())}
+common = set.intersection(*(set(p) for p in out["per_pair"].values()))
+out["common_pairs"] = sorted(common)
+out["on_common_pairs"] = {lever: {"infused_specific_mean": sum(pairs[c]["infused"]["target_specific_gain"] for c in common) / len(common),
+                                  "specific_ratio_of_means": sum(pairs[c]["infused"]["target_specific_gain"] for c in common) /
+                                  sum(pairs[c]["random_target"]["target_specific_gain"] for c in common)}
+                          for lever, pairs in out["per_pair"].items()}
+json.dump(out, open(f"{root}/summary.json", "w"), indent=1)
+for lever, b in out["by_lever"].items():
+    print(lever, b)
+print(out["on_common_pairs"])
