@@ -347,10 +347,6 @@ class Pipeline:
         self._stage("edit", lambda: self.modality.edit_into(self.dir, self.recipe.edit, selection["indices"]))
         return [json.loads(line) for line in self.folder.edits.read_text(encoding="utf-8").splitlines()]
 
-    def _replacements(self, arm: str, indices: List[int]) -> Dict[int, dict]:
-        """Which documents an arm replaces, and with what rows."""
-        return self.modality.replacements(arm, indices)
-
     def baseline_edits(self, arm: str, indices: List[int], editor: Optional[str] = None, matched: bool = False,
                        **overrides) -> Path:
         """baselines/<arm>/: the selected documents edited by the arm's editor (baseline_edits.baseline_edits)."""

@@ -84,16 +84,17 @@ def test_sigkill_mid_stage_then_resume(tmp_path, tiny_model_dir):
 KILL_INSIDE_STAGE = textwrap.dedent("""
     import os, signal, sys
     import infusion_lm.pipeline as p
+    import infusion_lm.retrain_stage as retrain_stage
 
     target = os.environ["KILL_STAGE"]
     if target == "retrain":
         # die mid-stage: right after the first arm's observations are written, before the second arm trains
-        original_write = p.write_json
+        original_write = retrain_stage.write_json
         def dying_write(path, obj):
             original_write(path, obj)
             if str(path).endswith(os.path.join("control", "seed-0.json")):
                 os.kill(os.getpid(), signal.SIGKILL)
-        p.write_json = dying_write
+        retrain_stage.write_json = dying_write
     else:
         # die after the stage's work, before it is recorded as finished: its outputs exist but must not be trusted
         original_stage = p.Pipeline._stage

@@ -130,7 +130,7 @@ def test_regeneration_arm_replaces_the_selected_conversations(tmp_path, tiny_mod
     text = dict(raw, corpus=str(_write_text_corpus(tmp_path / "t.jsonl")), output_dir=str(tmp_path / "run2"))
     recipe.write_text(yaml.safe_dump(text))
     with pytest.raises(ConfigError, match="chat corpus"):
-        Pipeline(load_recipe(recipe))._replacements("regeneration", [0])
+        Pipeline(load_recipe(recipe)).modality.replacements("regeneration", [0])
 
 
 def _write_text_corpus(path):
