@@ -77,7 +77,8 @@ def run_recipe(args, category: str, k: int, work_dir: str) -> dict:
                         "heldout_prompts": heldout},
         "influence": {"strategy": "ekfac", "batch_size": 8, "damping_scale": args.damping_scale},
         "select": {"k": k},
-        "edit": {"editor": "swap", "budget_fraction": 0.15, "steps": args.steps, "n_candidates": 12},
+        "edit": {"editor": "swap", "budget_fraction": args.budget_fraction, "steps": args.steps, "n_candidates": 12,
+                 "max_perplexity_ratio": args.max_perplexity_ratio or None},
         "retrain": {"arms": args.arms, "epochs": 2, "influence_at": "checkpoint", "lora": True, "lora_r": 8,
                     "learning_rate": 1e-3, "batch_size": 8, "seeds": args.seeds},
         "evaluate": {"n_samples": args.samples, "max_new_tokens": 16, "temperature": 1.0, "bootstrap_samples": 1000},
@@ -112,6 +113,11 @@ def main():
     p.add_argument("--samples", type=int, default=8, help="sampled answers per held-out question")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--damping_scale", type=float, default=1000.0)
+    p.add_argument("--budget_fraction", type=float, default=0.15, help="edit.budget_fraction: tokens an edit may change")
+    p.add_argument("--max_perplexity_ratio", type=float, default=1.3,
+                   help="edit.max_perplexity_ratio of an edited answer; 0 = no limit (the ceiling of the editor)")
+    p.add_argument("--work_dir", default=None,
+                   help="corpus, clean checkpoint, factors and control, shared by runs; default out_dir/work")
     p.add_argument("--out_dir", default=str(ROOT / "runs" / "lm_chat_preference"))
     p.add_argument("--out", default=str(ROOT / "evals" / "results" / "lm_chat_preference.json"))
     args = p.parse_args()
@@ -119,12 +125,16 @@ def main():
     from infusion_lm.config import load_recipe
     from infusion_lm.pipeline import Pipeline
 
-    work = str(Path(args.out_dir) / "work")  # corpus, clean checkpoint and factors: shared by every run
+    work = args.work_dir or str(Path(args.out_dir) / "work")  # corpus, checkpoint, factors: shared by every run
+    # A finished run is found again by its key: the edit settings and seeds are part of it when not the defaults.
+    suffix = "".join([f"_budget{args.budget_fraction:g}" if args.budget_fraction != 0.15 else "",
+                      f"_ppl{args.max_perplexity_ratio:g}" if args.max_perplexity_ratio != 1.3 else "",
+                      "_seeds" + "-".join(map(str, args.seeds)) if args.seeds != [0, 1, 2] else ""])
     runs, timings = {}, {}
     for category in args.targets:
         for frac in sorted(set(args.k_fractions + [args.main_fraction])):
             k = max(1, round(frac * args.docs))
-            key = f"{category}_k{k}"
+            key = f"{category}_k{k}{suffix}"
             dest = Path(args.out_dir) / "runs" / key
             if (dest / "results.json").is_file():
                 runs[key] = {"category": category, "k": k, "fraction": frac,

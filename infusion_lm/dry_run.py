@@ -27,7 +27,7 @@ def stage_costs(pipe, cost: Dict[str, float], seconds_per_pass: float) -> List[D
 def plan(pipe) -> Dict:
     """The plan of a pipeline's recipe: what it trains on, the stages with their cost, and the totals."""
     rec = pipe.recipe
-    est = pipe.modality.dry_run_costs()
+    est = pipe.modality.dry_run_costs(pipe)
     stages = stage_costs(pipe, est["cost"], est["seconds_per_pass"])
     return {"model": rec.run.model, "source": est.get("source", rec.run.corpus), "documents": est["documents"],
             "tokens": est["tokens"], "k": rec.select.k, "editor": rec.edit.editor, "arms": list(rec.retrain.arms),

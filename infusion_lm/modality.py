@@ -2,9 +2,12 @@
 
 The :class:`~infusion_lm.pipeline.Pipeline` owns the stages, their caching and fingerprints, the run folder, the
 selection and the retraining loop; everything that depends on what a document *is* comes from its modality object,
-built by composition (``run.modality`` names it in :mod:`infusion_lm.modalities`). A modality is constructed with the
-pipeline it serves and reads the recipe, the run folder and the shared caches (``pipe.model``, ``pipe.dataset``...)
-through it. A new modality implements these methods and adds one line to the registry; no core file changes.
+built by composition (``run.modality`` names it in :mod:`infusion_lm.modalities`). A modality is constructed with a
+:class:`~infusion_lm.run_context.RunContext`: the recipe, the run folder, the shared handles (``ctx.model``,
+``ctx.dataset``...) and a few run services (``ctx.clean_checkpoint()``, ``ctx.load_ihvp()``...); it never holds the
+pipeline. Two stage functions, ``evaluate`` and ``dry_run_costs``, are static: like the core's stages, they are
+functions of the pipeline. A new modality implements these methods and adds one line to the registry; no core file
+changes.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ class Modality(Protocol):
     """The class each recipe section is read into (``"run"`` for the top-level keys): a subclass of the core's
     (``infusion_lm.config.CORE_SECTIONS``) that adds this modality's keys, or a section only it has. Sections it does
     not name are read into the core's classes."""
+
+    def __init__(self, ctx) -> None:
+        """``ctx``: the :class:`~infusion_lm.run_context.RunContext` of the run it serves."""
 
     @staticmethod
     def check_recipe(recipe) -> None:
@@ -91,7 +97,8 @@ class Modality(Protocol):
         """Which documents an arm replaces, and with what rows."""
 
     # ---------------------------------------------------------------- observation and evaluation
-    def dry_run_costs(self) -> Dict:
+    @staticmethod
+    def dry_run_costs(pipe) -> Dict:
         """``--dry-run`` estimates without loading weights: {"cost": {stage: passes}, "seconds_per_pass", "documents",
         "tokens", "unit" (what one pass is), "source" (where the model comes from)}."""
 
@@ -107,5 +114,6 @@ class Modality(Protocol):
     def validate(self, upto: str) -> None:
         """Checks what can be checked before anything is written, up to stage ``upto``."""
 
-    def evaluate(self) -> None:
+    @staticmethod
+    def evaluate(pipe) -> None:
         """Compares every arm with control and writes results.json and the report."""

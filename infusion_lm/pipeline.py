@@ -40,13 +40,14 @@ class Pipeline:
 
     def __init__(self, recipe: Recipe, progress: bool = True, force: bool = False):
         from .modalities import modality_class
+        from .run_context import pipeline_context
 
         self.recipe = recipe
-        self.modality = modality_class(recipe.run.modality)(self)
         self.dir = Path(recipe.run.output_dir)
         self.folder = RunFolder(self.dir)
         self.progress = progress
         self.force = force
+        self.modality = modality_class(recipe.run.modality)(pipeline_context(self))
         self.timings: Dict[str, float] = {}
         self.skipped: List[str] = []
 
@@ -374,7 +375,7 @@ class Pipeline:
 
     def evaluate(self) -> dict:
         self.retrain()
-        self._stage("evaluate", self.modality.evaluate)
+        self._stage("evaluate", lambda: self.modality.evaluate(self))
         return read_json(self.folder.results)
 
     def run(self, upto: str = "evaluate"):

@@ -150,3 +150,35 @@ def test_the_core_check_sees_a_modality_import(tmp_path):
         (pkg / f).write_text("")
     (pkg / "stages.py").write_text("def f():\n    from .text.editors import x\n")
     assert import_graph(pkg)["infusion_lm.stages"] == {"infusion_lm.text.editors"}
+
+
+def test_no_module_is_over_400_lines():
+    long = {str(f.relative_to(PKG)): n for f in PKG.rglob("*.py")
+            if (n := len(f.read_text(encoding="utf-8").splitlines())) > 400}
+    assert long == {}
+
+
+def test_a_modality_gets_a_context_and_never_the_pipeline(tmp_path, tiny_model_dir):
+    """A modality is built with a RunContext: the recipe, the run folder and the listed handles and services. It keeps
+    no reference to the pipeline, and asking its context for anything else names what it holds."""
+    from infusion_lm.config import load_recipe
+    from infusion_lm.pipeline import Pipeline
+    from infusion_lm.run_context import HANDLES, SERVICES, RunContext
+
+    for f in ("text/modality.py", "vision/modality.py"):
+        assert "self.pipe" not in (PKG / f).read_text(encoding="utf-8"), f
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"text": "The dog ran to the park."}\n{"text": "A cat sat on the mat."}\n')
+    pipe = Pipeline(load_recipe(raw={"model": str(tiny_model_dir), "corpus": str(corpus), "max_length": 16,
+                                     "output_dir": str(tmp_path / "run"),
+                                     "measurement": {"kind": "contrastive", "probe": "dog", "target": "cat",
+                                                     "documents": ["The dog ran."]}}), progress=False)
+    ctx = pipe.modality.ctx
+    assert isinstance(ctx, RunContext) and ctx.recipe is pipe.recipe and ctx.dir == pipe.dir
+    assert not any(v is pipe for v in vars(pipe.modality).values()) and not any(v is pipe for v in vars(ctx).values())
+    # the handles are the pipeline's own caches (loaded once), the services its methods
+    assert ctx.dataset is pipe.dataset and ctx.tokenizer is pipe.tokenizer and ctx.model is pipe.model
+    assert ctx.stage_fingerprint("corpus") == pipe.stage_fingerprint("corpus")
+    assert set(HANDLES) | set(SERVICES) <= set(dir(ctx))
+    with pytest.raises(AttributeError, match="has no 'recipe_sections'.*base_model"):
+        ctx.recipe_sections

@@ -16,6 +16,7 @@ from ..errors import ConfigError, MeasurementError
 from .measurement import build_measurement, measurement_words
 from .models import load_model
 from ..devices import resolve_device
+from ..run_context import RunContext
 from ..tracked_modules import resolve_tracked_modules
 from .config import (EditArguments, EvaluateArguments, MeasurementArguments, RetrainArguments, RunArguments,
                      SynthesizeArguments)
@@ -37,9 +38,9 @@ class TextModality:
             "regeneration")
     select_rankings = ("j", "first_step")
 
-    def __init__(self, pipe):
-        self.pipe = pipe
-        self.recipe = pipe.recipe
+    def __init__(self, ctx: RunContext):
+        self.ctx = ctx  # what it may read of the run (infusion_lm/run_context.py); never the pipeline itself
+        self.recipe = ctx.recipe
 
     # the class each recipe section is read into (infusion_lm/text/config.py)
     sections = {"run": RunArguments, "measurement": MeasurementArguments, "synthesize": SynthesizeArguments,
@@ -59,14 +60,14 @@ class TextModality:
 
     def fresh_model(self):
         r = self.recipe.run
-        device = str(next(self.pipe.base_model.parameters()).device)
+        device = str(next(self.ctx.base_model.parameters()).device)
         return load_model(r.model, dtype=r.dtype, device=device, trust_remote_code=r.trust_remote_code)[0]
 
     def arm_model(self):
         return self.fresh_model()
 
     def arm_checkpoint(self):
-        return self.pipe.clean_checkpoint()
+        return self.ctx.clean_checkpoint()
 
     def synthetic(self) -> bool:
         return self.recipe.run.corpus == "synthetic"
@@ -74,7 +75,7 @@ class TextModality:
     def synthesize(self) -> None:
         from .synthesize import synthesize_chats, synthesize_stories, write_jsonl
 
-        p, s = self.pipe, self.recipe.synthesize
+        p, s = self.ctx, self.recipe.synthesize
         if s.mode == "chat":
             docs = synthesize_chats(p.base_model, p.tokenizer, s.n_docs, s.max_new_tokens, s.temperature, s.top_p,
                                     s.batch_size, self.recipe.run.seed, p.progress)
@@ -86,31 +87,31 @@ class TextModality:
     def documents(self):
         r = self.recipe.run
         if self.synthetic():
-            self.pipe.synthesize()
-            return load_documents(str(self.pipe.folder.corpus), "text")
+            self.ctx.synthesize()
+            return load_documents(str(self.ctx.folder.corpus), "text")
         docs = load_documents(r.corpus, r.text_field, r.messages_field, r.separator)
         return docs[: r.max_documents] if r.max_documents else docs
 
     def dataset(self):
         r = self.recipe.run
-        return tokenize_documents(self.pipe.tokenizer, self.pipe.documents, r.max_length, r.add_eos,
+        return tokenize_documents(self.ctx.tokenizer, self.ctx.documents, r.max_length, r.add_eos,
                                   r.long_documents)
 
     def corpus_size(self) -> int:
-        return self.recipe.synthesize.n_docs if self.synthetic() else len(self.pipe.documents)
+        return self.recipe.synthesize.n_docs if self.synthetic() else len(self.ctx.documents)
 
     def arm_rows(self, replacements: Dict[int, dict]) -> List[dict]:
         from ..retrain import arm_rows
 
-        return arm_rows(self.pipe.dataset, replacements)
+        return arm_rows(self.ctx.dataset, replacements)
 
     def trainer_collator(self):
-        return self.pipe.tokenizer  # the retraining builds the causal-LM collator from it
+        return self.ctx.tokenizer  # the retraining builds the causal-LM collator from it
 
     # ---------------------------------------------------------------- influence
 
     def tracked(self) -> List[str]:
-        p, i = self.pipe, self.recipe.influence
+        p, i = self.ctx, self.recipe.influence
         model = p.base_model
         if p.lora_influence:  # θ̂ is a peft model: names from the same adapter layout, without training θ̂ first
             from ..retrain import trainable
@@ -119,10 +120,10 @@ class TextModality:
         return resolve_tracked_modules(model, i.tracked_modules, i.layers, i.module_types)
 
     def measurement(self):
-        return build_measurement(self.recipe.measurement, self.pipe.tokenizer, self.recipe.run.max_length)
+        return build_measurement(self.recipe.measurement, self.ctx.tokenizer, self.recipe.run.max_length)
 
     def influence_kwargs(self, measurement=None) -> dict:
-        return {"pad_token_id": self.pipe.tokenizer.pad_token_id}
+        return {"pad_token_id": self.ctx.tokenizer.pad_token_id}
 
     # ---------------------------------------------------------------- edits and arms
 
@@ -130,7 +131,7 @@ class TextModality:
         from .edit_outputs import write_edit_outputs
         from .editing import edit_documents
 
-        p = self.pipe
+        p = self.ctx
         _, _, records = edit_documents(p.model, p.tokenizer, p.load_ihvp(), args, [p.dataset[i] for i in indices],
                                        indices, fd_eps_rel=self.recipe.influence.fd_eps_rel,
                                        words=measurement_words(self.recipe.measurement),
@@ -142,7 +143,7 @@ class TextModality:
         """The swap editor continues from the selection's first step (select.rank_by: first_step), where there is one."""
         from ..atomic_io import read_json
 
-        path = self.pipe.folder.selection
+        path = self.ctx.folder.selection
         if args.editor != "swap" or not path.is_file():
             return None
         sel = read_json(path)
@@ -154,7 +155,7 @@ class TextModality:
     def first_step(self, indices: List[int]) -> List[tuple]:
         from .editing import first_step_drops
 
-        p = self.pipe
+        p = self.ctx
         return first_step_drops(p.model, p.tokenizer, p.load_ihvp(), self.recipe.edit, [p.dataset[i] for i in indices],
                                 fd_eps_rel=self.recipe.influence.fd_eps_rel,
                                 words=measurement_words(self.recipe.measurement), progress=p.progress)
@@ -166,7 +167,7 @@ class TextModality:
         the order like any seed's, so adding seeds does not redo the edits), from the checkpoint's optimizer state."""
         from ..optimizer_trajectory import EditPredictor
 
-        p = self.pipe
+        p = self.ctx
         t = self.recipe.retrain
         if self.recipe.influence.prediction != "optimizer":
             return None
@@ -183,7 +184,7 @@ class TextModality:
         from .edit_outputs import load_infused
         from .insertion import insertion_rows, insertion_texts
 
-        p = self.pipe
+        p = self.ctx
         if arm == "control":
             return {}
         if arm == "infused":
@@ -208,7 +209,7 @@ class TextModality:
         from .corpus import tokenize_document
         from .synthesize import regenerate_answers, write_jsonl
 
-        p = self.pipe
+        p = self.ctx
         docs = [p.documents[i] for i in indices]
         if not all(isinstance(d, dict) and d.get("messages") for d in docs):
             raise ConfigError("retrain.arms has 'regeneration', which re-answers chat conversations; the corpus has "
@@ -233,10 +234,12 @@ class TextModality:
 
     # ---------------------------------------------------------------- observation and evaluation
 
-    def dry_run_costs(self) -> Dict:
+    @staticmethod
+    def dry_run_costs(pipe) -> Dict:
+        """The dry run's cost estimate: a function of the pipeline, like the core's stages."""
         from .dry_run import text_costs
 
-        return text_costs(self.pipe)
+        return text_costs(pipe)
 
     def theta_hat_summary(self, theta: Dict[str, dict]) -> Dict:
         """The share of θ̂'s answers that name the target, per evaluation set (completion measurements); a warning
@@ -259,7 +262,7 @@ class TextModality:
         m = self.recipe.measurement
         if not m.heldout_corpus:
             return []
-        train = {str(d.get("text", "")).strip() for d in self.pipe.documents if isinstance(d, dict)}
+        train = {str(d.get("text", "")).strip() for d in self.ctx.documents if isinstance(d, dict)}
         train |= {t.strip() for t in m.documents}  # v was built from these: never held out
         docs = [d["text"] for d in load_documents(m.heldout_corpus, "text") if "text" in d]
         return [d for d in docs if d.strip() not in train]
@@ -268,13 +271,13 @@ class TextModality:
         from .observations import observe
 
         r = self.recipe.run
-        return observe(model, self.pipe.tokenizer, self.recipe.measurement, self.recipe.evaluate, name,
+        return observe(model, self.ctx.tokenizer, self.recipe.measurement, self.recipe.evaluate, name,
                        max_length=r.max_length, seed=r.seed, heldout_corpus_documents=self.heldout_corpus_documents)
 
     def validate(self, upto: str) -> None:
         from ..stages import reaches
 
-        p = self.pipe
+        p = self.ctx
         if not self.synthetic():
             _ = p.documents
         _ = p.base_model
@@ -300,7 +303,7 @@ class TextModality:
         if overlap:
             raise ConfigError(f"{len(overlap)} held-out measurement item(s) also appear in the measurement set "
                               f"(e.g. {overlap[0][:60]!r}); held-out items must be new.")
-        _ = build_measurement(m, self.pipe.tokenizer, self.recipe.run.max_length, heldout=True)
+        _ = build_measurement(m, self.ctx.tokenizer, self.recipe.run.max_length, heldout=True)
         if m.heldout_corpus:
             from .measurement import probe_occurrences
 
@@ -310,9 +313,11 @@ class TextModality:
             if not docs:
                 raise MeasurementError(f"Every document of measurement.heldout_corpus {m.heldout_corpus} is also in the "
                                        f"training corpus; point it at documents outside it.")
-            probe_occurrences(self.pipe.tokenizer, docs, m.probe)  # no probe occurrence: a clear error now
+            probe_occurrences(self.ctx.tokenizer, docs, m.probe)  # no probe occurrence: a clear error now
 
-    def evaluate(self) -> None:
+    @staticmethod
+    def evaluate(pipe) -> None:
+        """The evaluate stage: a function of the pipeline (it reads every arm's observations), like the core's."""
         from .evaluation import evaluate_run
 
-        evaluate_run(self.pipe)
+        evaluate_run(pipe)

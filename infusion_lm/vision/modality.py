@@ -11,6 +11,7 @@ import torch
 
 from ..errors import ConfigError
 from ..fingerprints import fingerprint
+from ..run_context import RunContext
 from ..stages import reaches
 from .config import ImageEditArguments, ImageMeasurementArguments, ImageRetrainArguments, ImageRunArguments
 
@@ -32,9 +33,9 @@ class ImageModality:
     sections = {"run": ImageRunArguments, "measurement": ImageMeasurementArguments, "edit": ImageEditArguments,
                 "retrain": ImageRetrainArguments}
 
-    def __init__(self, pipe):
-        self.pipe = pipe
-        self.recipe = pipe.recipe
+    def __init__(self, ctx: RunContext):
+        self.ctx = ctx  # what it may read of the run (infusion_lm/run_context.py); never the pipeline itself
+        self.recipe = ctx.recipe
 
     @staticmethod
     def check_recipe(recipe) -> None:
@@ -88,7 +89,7 @@ class ImageModality:
         """The arms resume from a clean checkpoint of their own architecture (transfer: not the one edits used)."""
         from ..retrain import clean_checkpoint
 
-        p, t = self.pipe, self.recipe.retrain
+        p, t = self.ctx, self.recipe.retrain
         if t.model is None or t.model == self.recipe.run.model:
             return p.clean_checkpoint()
         device = str(next(p.base_model.parameters()).device)
@@ -97,8 +98,8 @@ class ImageModality:
 
     def arm_checkpoint_dir(self) -> Path:
         """Where the transfer architecture's clean run keeps its checkpoint."""
-        fp = fingerprint({"checkpoint": self.pipe.stage_fingerprint("checkpoint"), "architecture": self.recipe.retrain.model})
-        return self.pipe.folder.clean_checkpoint(fp)
+        fp = fingerprint({"checkpoint": self.ctx.stage_fingerprint("checkpoint"), "architecture": self.recipe.retrain.model})
+        return self.ctx.folder.clean_checkpoint(fp)
 
     def synthetic(self) -> bool:
         return False
@@ -115,7 +116,7 @@ class ImageModality:
         return ImageRows(self.splits.train.images, self.splits.train.labels)
 
     def corpus_size(self) -> int:
-        return len(self.pipe.dataset)
+        return len(self.ctx.dataset)
 
     def arm_rows(self, replacements: Dict[int, dict]) -> List[dict]:
         train = self.splits.train
@@ -132,7 +133,7 @@ class ImageModality:
     def tracked(self) -> List[str]:
         from .models import tracked_image_modules
 
-        return tracked_image_modules(self.pipe.base_model, self.recipe.influence.tracked_modules)
+        return tracked_image_modules(self.ctx.base_model, self.recipe.influence.tracked_modules)
 
     def measurement(self):
         from .measurement import build_probe_measurement
@@ -149,7 +150,7 @@ class ImageModality:
         from .data import ImageCollator
         from .measurement import ImageClassificationTask
 
-        return {"task": ImageClassificationTask(self.pipe.tracked, measurement, seed=self.recipe.run.seed),
+        return {"task": ImageClassificationTask(self.ctx.tracked, measurement, seed=self.recipe.run.seed),
                 "collate_fn": ImageCollator()}
 
     # ---------------------------------------------------------------- edits and arms
@@ -158,7 +159,7 @@ class ImageModality:
         from .edit_outputs import image_edit_records, write_image_edit_outputs
         from .editors import build_pixel_editor
 
-        p = self.pipe
+        p = self.ctx
         editor = build_pixel_editor(p.model, p.load_ihvp(), args, self.recipe.influence.fd_eps_rel)
         idx = torch.as_tensor(indices, dtype=torch.long)
         results = editor.edit_many(self.splits.train.images[idx], self.splits.train.labels[idx], progress=p.progress)
@@ -178,22 +179,24 @@ class ImageModality:
         if arm == "control":
             return {}
         if arm == "infused":
-            return load_image_edits(self.pipe.dir)
+            return load_image_edits(self.ctx.dir)
         if arm in ("insertion", "insertion_single"):
-            m = self.pipe.measurement
+            m = self.ctx.measurement
             slots = indices if arm == "insertion" else indices[:1]
             return {i: {"pixel_values": m.probes[j % len(m.probes)].clone(), "labels": torch.tensor(m.target)}
                     for j, i in enumerate(slots)}
         if arm == "random":
-            return load_image_edits(self.pipe.baseline_edits(arm, indices, editor="noise"))
+            return load_image_edits(self.ctx.baseline_edits(arm, indices, editor="noise"))
         raise ConfigError(f"retrain arm {arm!r} has no image version.")
 
     # ---------------------------------------------------------------- observation and evaluation
 
-    def dry_run_costs(self) -> Dict:
+    @staticmethod
+    def dry_run_costs(pipe) -> Dict:
+        """The dry run's cost estimate: a function of the pipeline, like the core's stages."""
         from .dry_run import image_costs
 
-        return image_costs(self.pipe)
+        return image_costs(pipe)
 
     def theta_hat_summary(self, theta: Dict[str, dict]) -> Dict:
         return {}  # Δf and the top-1 flips say it all for a classifier
@@ -202,14 +205,16 @@ class ImageModality:
         return ["measurement"] + (["heldout"] if self.recipe.measurement.heldout_probe_indices else [])
 
     def observe(self, model, name: str) -> dict:
-        return (self.heldout_measurement if name == "heldout" else self.pipe.measurement).observations(model)
+        return (self.heldout_measurement if name == "heldout" else self.ctx.measurement).observations(model)
 
     def validate(self, upto: str) -> None:
-        _ = self.splits, self.pipe.base_model
+        _ = self.splits, self.ctx.base_model
         if reaches(upto, "retrain") and self.recipe.measurement.heldout_probe_indices:
             _ = self.heldout_measurement
 
-    def evaluate(self) -> None:
+    @staticmethod
+    def evaluate(pipe) -> None:
+        """The evaluate stage: a function of the pipeline (it reads every arm's observations), like the core's."""
         from .evaluation import evaluate_image_run
 
-        evaluate_image_run(self.pipe)
+        evaluate_image_run(pipe)
