@@ -12,7 +12,7 @@ def measure_into_run(pipe, factors_dir) -> None:
     """Computes v at θ̂ and writes ihvp.safetensors and measure.json (and the optimizer's statistics, which a second
     measurement such as the defender's reuses)."""
     i = pipe.recipe.influence
-    pad = pipe.tokenizer.pad_token_id if not pipe.uses_factors else None
+    pad = pipe.influence_kwargs().get("pad_token_id") if not pipe.uses_factors else None  # the modality's, if any
     v, extra = engine.influence_vector(
         pipe.model, pipe.measurement, pipe.tracked, i, factors=factors_dir,
         rows=None if pipe.uses_factors else pipe.arm_rows({}), retrain=pipe.recipe.retrain, pad_token_id=pad,

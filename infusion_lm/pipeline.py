@@ -321,10 +321,8 @@ class Pipeline:
         self.measure()
 
         def run():
-            kw = self.influence_kwargs(self.measurement)
+            kw = self.influence_kwargs(self.measurement)  # the modality's task, collator or pad id
             pad = kw.pop("pad_token_id", None)
-            if pad is None and self.tokenizer is not None:
-                pad = self.tokenizer.pad_token_id
             scores = engine.document_scores(self.model, self.dataset, self.measurement, self.load_ihvp(), self.tracked,
                                             self.recipe.influence, root=self.dir, pad_token_id=pad,
                                             progress=self.progress, **kw)
