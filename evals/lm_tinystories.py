@@ -89,7 +89,7 @@ def pair_recipe(args, probe: str, target: str, word_class: str | None = None) ->
                         "documents": measure,
                         **({"contrast_words": [w for w in args.contrast_words if w not in (probe, target)]}
                            if getattr(args, "contrast_words", None) else {}),
-                        **({"contrast_top": args.contrast_top} if getattr(args, "contrast_top", 0) else {}),
+                        **({"contrast_top": args.contrast_top} if getattr(args, "contrast_top", None) is not None else {}),
                         "heldout_documents": ([t.format(w=probe) for t in HELDOUT] if not word_class
                                               else measurement_stories(probe, n_stories + 5)[n_stories:]),
                         "heldout_corpus": str(TINYSTORIES), "heldout_corpus_max_positions": args.heldout_positions},
@@ -263,9 +263,10 @@ def main():
                    help="measurement.contrast_words: contrast the target with the probe and these words (the probe "
                         "and target are dropped from the list per pair); keep them apart from the evaluated "
                         "candidates, or the specificity check grades the objective on its own terms")
-    p.add_argument("--contrast_top", type=int, default=0, metavar="M",
+    p.add_argument("--contrast_top", type=int, default=None, metavar="M",
                    help="measurement.contrast_top: contrast the target with the probe and the model's own M most "
-                        "likely other next tokens at each probe position (no word list; 0: the pairwise f)")
+                        "likely other next tokens at each probe position (no word list; 0: the pairwise f, as every "
+                        "result committed before the default moved; default: the library's, 20)")
     p.add_argument("--rename", action="store_true", help="edit.rename: swap candidates that rename an entity throughout")
     p.add_argument("--work_dir", default=None,
                    help="run folder shared by the pairs (factors, clean checkpoint, control); default out_dir/work. "

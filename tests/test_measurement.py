@@ -200,6 +200,35 @@ def test_contrast_top_is_checked():
         MeasurementArguments(kind="contrastive", documents=["The dog ran."], probe="dog", target="cat", contrast_top=-1)
 
 
+def test_the_default_contrastive_measurement_contrasts_the_top_alternatives(tiny_setup):
+    """Unset, contrast_top is 20 for kind contrastive: the built measurement is the top-alternatives one with m = 20;
+    contrast_top: 0 and contrast_words give the pairwise and the set f; held-out sets stay pairwise; other kinds are
+    untouched by the default but refuse an explicit value."""
+    from infusion_lm.errors import ConfigError
+    from infusion_lm.text.config import DEFAULT_CONTRAST_TOP, MeasurementArguments
+    from infusion_lm.text.measurement import (SetContrastMeasurement, TopAlternativesMeasurement, build_measurement,
+                                              contrastive_measurement)
+
+    tok, model = tiny_setup["tok"], tiny_setup["model"]
+    base = dict(kind="contrastive", documents=["The dog ran. The dog sat."], probe="dog", target="cat",
+                heldout_documents=["A dog."])
+    default = build_measurement(MeasurementArguments(**base), tok, 64)
+    assert isinstance(default, TopAlternativesMeasurement) and default.m == DEFAULT_CONTRAST_TOP == 20
+    pairwise = build_measurement(MeasurementArguments(**base, contrast_top=0), tok, 64)
+    expect = contrastive_measurement(tok, base["documents"], "dog", "cat")
+    assert pairwise.value(model) == pytest.approx(expect.value(model), rel=1e-6)
+    assert default.value(model) != pytest.approx(pairwise.value(model), rel=1e-3)
+    assert isinstance(build_measurement(MeasurementArguments(**base, contrast_words=["bird"]), tok, 64),
+                      SetContrastMeasurement)
+    held = build_measurement(MeasurementArguments(**base), tok, 64, heldout=True)
+    assert held.value(model) == pytest.approx(contrastive_measurement(tok, ["A dog."], "dog", "cat").value(model),
+                                              rel=1e-6)
+    completion = MeasurementArguments(kind="completion", prompts=["Q?"], completions=[" cat"])
+    assert completion.top_alternatives == 0
+    with pytest.raises(ConfigError, match="for kind contrastive"):
+        MeasurementArguments(kind="completion", prompts=["Q?"], completions=[" cat"], contrast_top=20)
+
+
 @pytest.mark.slow
 def test_contrast_top_through_the_score_stage(tmp_path, tiny_model_dir):
     """The score stage (kronfluence's query gradients, through batches with the measurement's extra tensors) takes

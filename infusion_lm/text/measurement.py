@@ -269,7 +269,8 @@ def top_alternatives_measurement(tokenizer, documents: Sequence[str], probe: str
         p_ids = word_token_ids(tokenizer, lead + probe, "probe")
         if t_ids[0] == p_ids[0]:
             raise MeasurementError(f"probe {probe!r} and target {target!r} start with the same token; "
-                                   f"measurement.contrast_top needs words that differ in their first token.")
+                                   f"measurement.contrast_top needs words that differ in their first token (or "
+                                   f"set measurement.contrast_top: 0 for the pairwise f).")
         rows.append(LogProbRow(prefix_ids + t_ids, [0] * len(prefix_ids) + [1] * len(t_ids), 1.0))
         positions.append(len(prefix_ids) - 1)
         t_first.append(t_ids[0])
@@ -350,8 +351,8 @@ def build_measurement(args, tokenizer, max_length: int = 512, heldout: bool = Fa
     if args.kind == "contrastive":
         if args.contrast_words and not heldout:  # held-out sets keep the pairwise f: Δf comparable across choices
             return set_contrast_measurement(tokenizer, documents, args.probe, args.target, args.contrast_words)
-        if args.contrast_top and not heldout:
-            return top_alternatives_measurement(tokenizer, documents, args.probe, args.target, args.contrast_top)
+        if args.top_alternatives and not heldout:
+            return top_alternatives_measurement(tokenizer, documents, args.probe, args.target, args.top_alternatives)
         return contrastive_measurement(tokenizer, documents, args.probe, args.target)
     fn = import_callable(args.callable)
     rows = tokenize_documents(tokenizer, [{"text": d} for d in documents], max_length)
