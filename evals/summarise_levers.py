@@ -7,10 +7,16 @@ import glob
 import json
 import sys
 root = sys.argv[1]
+COMMON = "python evals/lm_tinystories.py --seeds 0 1 --arms control infused random_target --work_dir WORK2 --pairs PAIRS"
 out = {"commands": {
     "today_f": "PYTHONPATH=src1 python src1/evals/lm_tinystories.py --seeds 0 1 --arms control infused random_target --work_dir WORK --pairs dog:fish cat:bear bird:frog happy:sad toy:ball Lily:Ben --out_dir levers/today_f",
-    "contrast_top": "python evals/lm_tinystories.py --seeds 0 1 --arms control infused random_target --work_dir WORK2 --pairs dog:fish cat:bear bird:frog happy:sad toy:ball Lily:Ben --out_dir levers/contrast_top --contrast_top 20"},
-    "sources": {"today_f": "1661e3f (before measurement.contrast_top existed)", "contrast_top": "the contrast_top commit"},
+    "contrast_top": COMMON + " --out_dir levers/contrast_top --contrast_top 20",
+    "contrast_top_first_step": COMMON + " --out_dir levers/contrast_top_first_step --contrast_top 20 --rank_by first_step --pool 24",
+    "first_step": COMMON + " --out_dir levers/first_step --contrast_top 0 --rank_by first_step --pool 24"},
+    "pairs_value": "dog:fish cat:bear bird:frog happy:sad toy:ball Lily:Ben",
+    "sources": {"today_f": "1661e3f (before measurement.contrast_top existed)",
+                "contrast_top": "the contrast_top commit; toy:ball and Lily:Ben from 86c1032",
+                "contrast_top_first_step": "86c1032", "first_step": "86c1032 (its default contrast_top was 0)"},
     "machine": "2 CPU cores, 1 torch thread per job; shared with the CIFAR-10 45k run, the chat eval and the test suite",
     "pairs_chosen_before_results": ["dog:fish", "cat:bear", "bird:frog", "happy:sad", "toy:ball", "Lily:Ben"],
     "per_pair": {}, "by_lever": {}}
@@ -37,7 +43,13 @@ for lever, pairs in out["per_pair"].items():
                               "delta_f_ratio_of_means": sum(df) / sum(dfr),
                               "beats_random_target_specific_pairs": sum(a > b for a, b in zip(inf, rt)),
                               "others_at_most_half_of_target_pairs": sum(
-                                  p["infused"]["delta_logp_others"] <= 0.5 * p["infused"]["delta_logp_target"] for p in pairs.values())}
+                                  p["infused"]["delta_logp_others"] <= 0.5 * p["infused"]["delta_logp_target"] for p in pairs.values()),
+                              "mean_of_specific_ratios": sum(p["specific_ratio_to_random_target"] for p in pairs.values()) / len(pairs)}
+    b = out["by_lever"][lever]
+    b["goals"] = {"target-specific gain >= 1.5x random_target's (ratio of the means over pairs)": b["specific_ratio_of_means"] >= 1.5,
+                  "above random_target on >= 75% of pairs": b["beats_random_target_specific_pairs"] >= 0.75 * len(pairs),
+                  "delta f >= 1.5x random_target's": b["delta_f_ratio_of_means"] >= 1.5,
+                  "other words' mean delta log p <= half the target's, every pair": b["others_at_most_half_of_target_pairs"] == len(pairs)}
 common = set.intersection(*(set(p) for p in out["per_pair"].values()))
 out["common_pairs"] = sorted(common)
 out["on_common_pairs"] = {lever: {"infused_specific_mean": sum(pairs[c]["infused"]["target_specific_gain"] for c in common) / len(common),
