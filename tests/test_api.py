@@ -13,7 +13,8 @@ from infusion_lm.text.measurement import contrastive_measurement
 from infusion_lm.tracked_modules import resolve_tracked_modules
 from tiny import toy_corpus
 
-MEASURE = MeasurementArguments(kind="contrastive", probe="dog", target="cat",
+# contrast_top 0: the pairwise f, the one conftest's reference measurement (and kronfluence's check) use
+MEASURE = MeasurementArguments(kind="contrastive", probe="dog", target="cat", contrast_top=0,
                                documents=["The dog ran to the park. The dog was happy.", "The dog sat in the garden."])
 EDIT = EditArguments(budget_fraction=0.15, steps=4, n_candidates=8)
 

@@ -12,7 +12,8 @@ from infusion_lm.errors import ConfigError, InfusionError
 from infusion_lm.text.measurement import contrastive_measurement
 from tiny import tiny_model, toy_corpus, train_briefly
 
-MEASURE = MeasurementArguments(kind="contrastive", probe="dog", target="cat",
+# contrast_top 0: the pairwise f, the one the references below build with contrastive_measurement
+MEASURE = MeasurementArguments(kind="contrastive", probe="dog", target="cat", contrast_top=0,
                                documents=["The dog ran to the park.", "The dog sat in the house."],
                                heldout_documents=["The dog looked at the lake."])
 
