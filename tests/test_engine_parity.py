@@ -25,8 +25,9 @@ def test_infuse_and_the_cli_edit_stage_agree(tmp_path, tiny_model_dir, damping_s
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     edit = {"budget_fraction": 0.15, "steps": 3, "n_candidates": 8}
     # The pairwise f (contrast_top 0). Open: under the default top-alternatives f, the first_step case agrees on the
-    # scores, the selection and the first steps (to 1e-7) but one document's second swap differs between the paths
-    # (J -7.97 against -6.24 after three swaps), which the pairwise f does not show on this corpus.
+    # scores (bit for bit), the selection and the first swaps (the same tokens), but the two paths' J of the same
+    # tokens differ by ~5e-7 relative, and one document's second swap then differs (J -7.97 against -6.24 after
+    # three swaps); the pairwise f shows the same 5e-7 but no diverging swap on this corpus.
     recipe = {"model": str(tiny_model_dir), "corpus": str(corpus), "max_length": 48, "output_dir": str(tmp_path / "run"),
               "measurement": {"kind": "contrastive", "probe": "dog", "target": "cat", "documents": DOCS,
                               "contrast_top": 0},
