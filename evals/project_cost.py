@@ -9,7 +9,7 @@
    and seed one epoch, the swap editor's candidates as forward passes over one document each).
 3. Seconds = FLOPs / (peak × utilisation), with the H200's published dense bf16 peak (989 TFLOP/s) and a stated
    utilisation per kind of pass. Checked against this machine: the same FLOP count, divided by the seconds each stage
-   of `make run` took on 2 CPU cores (evals/results/smollm2_default.json's run), gives the CPU's effective rate per
+   of `make run` took on 2 idle CPU cores (the pairwise run, README's figures), gives the CPU's effective rate per
    stage, which should be about the same for the stages that are all matrix products.
 
     python evals/project_cost.py [--docs 10000] [--tokens 512] [--k 100] [--seeds 3] [--out evals/results/cost_projection.json]
