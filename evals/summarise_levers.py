@@ -31,6 +31,9 @@ for f in sorted(glob.glob(f"{root}/*/pairs/*/results.json")):
                   "target_specific_gain": sp["target_specific_gain"]["mean"],
                   "target_specific_gain_ci": sp["target_specific_gain"]["ci"],
                   "delta_logp_target": sp["delta_logp_target"], "delta_logp_others": sp["delta_logp_others"]}
+    pair_dir = f.rsplit("/", 1)[0]
+    for arm, name in (("infused", "edits.jsonl"), ("random_target", "edits_random_target.jsonl")):
+        e[arm]["tokens_changed"] = sum(json.loads(line)["n_changed"] for line in open(f"{pair_dir}/{name}"))
     e["specific_ratio_to_random_target"] = e["infused"]["target_specific_gain"] / e["random_target"]["target_specific_gain"]
     e["delta_f_ratio_to_random_target"] = e["infused"]["delta_f"] / e["random_target"]["delta_f"]
     out["per_pair"].setdefault(lever, {})[pair] = e
@@ -44,7 +47,12 @@ for lever, pairs in out["per_pair"].items():
                               "beats_random_target_specific_pairs": sum(a > b for a, b in zip(inf, rt)),
                               "others_at_most_half_of_target_pairs": sum(
                                   p["infused"]["delta_logp_others"] <= 0.5 * p["infused"]["delta_logp_target"] for p in pairs.values()),
-                              "mean_of_specific_ratios": sum(p["specific_ratio_to_random_target"] for p in pairs.values()) / len(pairs)}
+                              "mean_of_specific_ratios": sum(p["specific_ratio_to_random_target"] for p in pairs.values()) / len(pairs),
+                              # random_target places fewer tokens than asked where the perplexity limit rejects them:
+                              # the ratio per token placed, over the pairs' totals
+                              "tokens_changed": {a: sum(p[a]["tokens_changed"] for p in pairs.values()) for a in ("infused", "random_target")},
+                              "specific_ratio_per_token": (sum(inf) / sum(p["infused"]["tokens_changed"] for p in pairs.values()))
+                              / (sum(rt) / sum(p["random_target"]["tokens_changed"] for p in pairs.values()))}
     b = out["by_lever"][lever]
     b["goals"] = {"target-specific gain >= 1.5x random_target's (ratio of the means over pairs)": b["specific_ratio_of_means"] >= 1.5,
                   "above random_target on >= 75% of pairs": b["beats_random_target_specific_pairs"] >= 0.75 * len(pairs),
