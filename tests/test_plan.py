@@ -22,3 +22,19 @@ def test_dry_run_prints_plan_and_writes_nothing(tmp_path, tiny_model_dir, capsys
     assert main(["run", str(recipe), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert [line.split()[1] for line in out.splitlines() if line.startswith(("fit ", "score "))] == ["cached", "cached"]
+
+
+def test_the_dry_run_counts_every_retraining_seed(tmp_path, tiny_model_dir):
+    """Every arm is retrained once per seed, so three seeds cost three times one seed's retraining."""
+    from infusion_lm.config import load_recipe
+    from infusion_lm.dry_run import plan
+    from infusion_lm.pipeline import Pipeline
+
+    corpus = _write_corpus(tmp_path / "c.jsonl", toy_corpus(12))
+    recipe = _recipe(tmp_path, tiny_model_dir, corpus)
+    retrain = {}
+    for seeds in ([0], [0, 1, 2]):
+        rec = load_recipe(str(recipe), [f"retrain.seeds={seeds}"])
+        rows = {r["stage"]: r for r in plan(Pipeline(rec, progress=False))["stages"]}
+        retrain[len(seeds)] = rows["retrain"]["token_passes"]
+    assert retrain[1] > 0 and retrain[3] == 3 * retrain[1]

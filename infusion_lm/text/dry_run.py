@@ -49,7 +49,8 @@ def text_costs(pipe) -> Dict:
     cost = {
         "synthesize": n * (rec.synthesize.max_new_tokens + 32) if pipe.synthetic else 0,
         "fit": 6 * N, "measure": 100, "score": 3 * N, "select": tried * swap_step, "edit": edits,
-        "retrain": clean + len(t.arms) * epochs_per_arm * 3 * N, "evaluate": N,
+        # every arm, control included, is retrained once per seed
+        "retrain": clean + len(t.arms) * max(len(t.seeds), 1) * epochs_per_arm * 3 * N, "evaluate": N,
     }
     if "tracked" not in pipe.__dict__:  # stage fingerprints need module names only: a weightless model on `meta`
         import torch
