@@ -217,10 +217,9 @@ def main():
               f"{b}->{a}": summary.get(f"transfer_{b}_to_{a}", {}).get("delta_p_mean"),
               f"{b}->{b}": summary.get(f"{b}_to_{b}", {}).get("delta_p_mean")}
     if not args.no_transfer:
-        print(f"\ntransfer matrix, mean Δp(target) (edits built with → retrained with):")
+        print("\ntransfer matrix, mean Δp(target) (edits built with → retrained with):")
         for k, v in matrix.items():
             print(f"  {k:<24}{v:+.4f}" if v is not None else f"  {k:<24}–")
-    inf = summary.get("infused", {})
     linf_max = max((r["edits"] or {}).get("linf_max", 0) for r in runs) if runs else None
     goals = goal_block(args, runs, summary, matrix, linf_max)
     print()

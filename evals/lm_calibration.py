@@ -33,7 +33,6 @@ judged on the same retrains without redoing them.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -80,7 +79,6 @@ def choose(strategies: dict) -> str:
 def run_one(args, probe: str, target: str, seed: int) -> dict:
     """One (pair, seed): the edits, their retrains (resumed from the run folder), every strategy's figures."""
     import numpy as np
-    import torch
 
     import lm_tinystories as ts
     from infusion_lm import influence as inf

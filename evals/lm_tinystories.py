@@ -17,6 +17,9 @@ combine the seed and item variance (``infusion_lm.stats.seed_item_interval``). `
 edit (same tokens changed per document, same fluency filter and perplexity limit); ``random_target`` (a default arm)
 is matched the same way but writes only the target word, at random positions: the attack that needs no influence,
 which infused must beat on the target-specific gain (Δ log p(target) minus the other candidate words' mean Δ log p).
+``fluent_target`` (``--arms ... fluent_target``) writes the target word where the model finds it least surprising,
+cheapest first: still no influence, but it places as many words as the perplexity limit allows, where random
+placement spends the limit on costly positions and places fewer.
 
 After the animal grid come ``--class_pairs`` of other word classes (an adjective, an object, a name), chosen before
 any result by how often the words occur; each builds v from real stories naming the probe and grades specificity
@@ -160,10 +163,10 @@ def summarise(per_pair: dict, arms, primary: str = "heldout_corpus") -> dict:
             out[arm]["perplexity_ratio_median"] = statistics.median(e["perplexity_ratio_median"] for e in edits)
             out[arm]["tokens_changed"] = sum(e["tokens_changed"] for e in edits)
     if "infused" in out:
-        for base in ("random", "random_target", "simplex_pgd", "insertion"):
+        for base in ("random", "random_target", "fluent_target", "simplex_pgd", "insertion"):
             if base in out:  # on the pairs where both arms ran (and, for the matched baselines, matched in count)
                 both = [p for p in per_pair.values() if "infused" in p["arms"] and base in p["arms"]]
-                if base in ("random", "random_target"):
+                if base in ("random", "random_target", "fluent_target"):
                     cm = lambda p: ((p["arms"][base].get("edits") or {}).get("count_match") or {}).get("matched")
                     out["infused"][f"vs_{base}_count_unmatched_pairs_left_out"] = sum(cm(p) is False for p in both)
                     out["infused"][f"vs_{base}_count_match_unknown_pairs"] = sum(cm(p) is None for p in both)
@@ -341,7 +344,7 @@ def main():
             shutil.copy2(pipe.dir / name, dest / name)
         res = with_selection(res, dest)
         # each edited arm's own records (the top-level edits.jsonl is the infused arm's: stale when it did not run)
-        for arm in ("infused", "random", "random_target", "simplex_pgd"):
+        for arm in ("infused", "random", "random_target", "fluent_target", "simplex_pgd"):
             if arm in args.arms:
                 shutil.copy2(pipe.folder.edits_of(arm).edits, dest / ("edits.jsonl" if arm == "infused" else f"edits_{arm}.jsonl"))
         per_pair[key] = res
@@ -392,6 +395,9 @@ def main():
         is None else sw["specific_means_vs_random_target"][0] >= 1.5 * sw["specific_means_vs_random_target"][1],
         "target-specific gain above random_target's on >= 75% of pairs": goal(sw.get("beats_random_target_specific_pairs"), 0.75),
         "infused >= 1.5x random_target (mean Δf)": times("random_target", 1.5),
+        # the stronger influence-free attack (the target word where the model finds it least surprising)
+        "target-specific gain above fluent_target's (mean over pairs)": None if sw.get("specific_means_vs_fluent_target")
+        is None else sw["specific_means_vs_fluent_target"][0] > sw["specific_means_vs_fluent_target"][1],
         "other candidate words' mean Δ log p <= half the target's (infused, mean over pairs)": others_half(),
     }
     print()

@@ -105,7 +105,7 @@ def test_first_step_ranking_picks_the_largest_one_step_drops(tiny_setup, result,
     here by hand on the same v, is largest; the edits start from those rows."""
     from infusion_lm.text.editors import SwapEditor
 
-    s, (r, _) = tiny_setup, result
+    s, _ = tiny_setup, result
     fs = infuse(s["model"], s["tok"], s["dataset"], MEASURE, k=2, rank_by="first_step", pool=6, edit=EDIT,
                 work_dir=str(tmp_path), progress=False, influence=InfluenceArguments(batch_size=8))
     pool = torch.argsort(fs.scores.double(), stable=True)[:6].tolist()

@@ -1,7 +1,6 @@
 """`accelerate launch` with two CPU processes (gloo) gives the same factors, scores, selection and infused corpus as
 one process. (kronfluence distributes only over CUDA processes, so on CPU rank 0 fits and scores while rank 1 waits.)"""
 
-import hashlib
 import os
 import subprocess
 import sys

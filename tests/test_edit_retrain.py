@@ -4,7 +4,6 @@ corpus, and over random edits of the same documents with the same budget."""
 import pytest
 import tempfile
 
-import torch
 
 from infusion_lm import influence as inf
 from infusion_lm.text.config import EditArguments

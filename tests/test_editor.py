@@ -178,6 +178,57 @@ def test_random_target_under_the_perplexity_limit_matches_or_reports_the_shortfa
     assert count_match(exact, infused)["matched"] and count_match(exact, infused)["shortfall_total"] == 0
 
 
+def test_fluent_target_writes_the_target_where_it_costs_least(editor_setup):
+    """The influence-free attack that knows the language: the same words and count as random_target, but at the
+    positions where the model expects them most, so its documents read better than random_target's at the same count
+    (no limit), and under the perplexity limit it places at least as many words as random_target does."""
+    from infusion_lm.causal_lm import perplexities
+    from infusion_lm.text.editors import FluentTargetEditor, RandomTargetEditor
+    from infusion_lm.text.editors.base import single_token_forms
+
+    s, v, docs = editor_setup
+    rows = [s["dataset"][i] for i in docs]
+    words = set(single_token_forms(s["tok"], ["cat"]))
+    pad = s["tok"].pad_token_id
+
+    def edit(cls, targets, limit):
+        ed = cls(s["model"], s["tok"], v, _args(max_perplexity_ratio=limit), eps_rel=1e-3, target_words=["cat"])
+        return ed, ed.edit_many(rows, targets=targets)
+
+    targets = [2, 2, 2, 2, 2, 2]
+    ed, fluent = edit(FluentTargetEditor, targets, None)
+    _, rand = edit(RandomTargetEditor, targets, None)
+    for row, res, t in zip(rows, fluent, targets):
+        _check_constraints(ed, s, row, res)
+        assert res.n_changed == t
+        assert {res.input_ids[p] for p in res.changed_positions} <= words
+    ppl = lambda results: perplexities(s["model"], [{"input_ids": r.input_ids, "labels": r.labels} for r in results], pad)
+    assert float(np.mean(np.log(ppl(fluent)))) < float(np.mean(np.log(ppl(rand))))
+    # a one-change edit makes the single cheapest change: the (position, form) that adds the least loss at its own
+    # position, log p(original token) − log p(form), from one forward pass of each document computed here
+    _, one = edit(FluentTargetEditor, [1] * len(rows), None)
+    forms = torch.tensor(sorted(words))
+    for row, res in zip(rows, one):
+        ids = torch.tensor(row["input_ids"])
+        with torch.no_grad():
+            logp = torch.log_softmax(s["model"](input_ids=ids[None]).logits[0].double(), -1)
+        mask = ed.editable_positions(ids, torch.tensor(row["labels"]))
+        fluent_ok = ed.fluent_masks([ids])[0] | ed.always[None, :]
+        added = lambda p, w: float(logp[p - 1, ids[p]] - logp[p - 1, w])
+        best = min((added(p, w), p) for p in mask.nonzero().flatten().tolist() for w in forms.tolist()
+                   if fluent_ok[p, w] and w != ids[p] and p > 0)
+        (p,) = res.changed_positions
+        assert abs(added(p, res.input_ids[p]) - best[0]) < 1e-4, (p, best)
+    # under the limit: never fewer words placed than the random placement manages
+    many = [3, 4, 5, 3, 4, 5]
+    _, fl = edit(FluentTargetEditor, many, 1.3)
+    _, rt = edit(RandomTargetEditor, many, 1.3)
+    assert sum(r.n_changed for r in fl) >= sum(r.n_changed for r in rt)
+    before = perplexities(s["model"], rows, pad)
+    for res, b, a in zip(fl, before, ppl(fl)):
+        assert a / b <= 1.3 + 1e-3, (a, b)
+
+
 def test_simplex_pgd_never_raises_J_and_respects_constraints(editor_setup):
     s, v, docs = editor_setup
     ed = _editor(s, v, SimplexPGDEditor, steps=10, eval_every=2)

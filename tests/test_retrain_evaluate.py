@@ -28,15 +28,16 @@ def test_run_end_to_end_results_and_report(tmp_path, tiny_model_dir):
     import numpy as np
 
     heldout_corpus = _write_corpus(tmp_path / "held.jsonl", toy_corpus(40, seed=7) + toy_corpus(12)[:2])
-    recipe = _run_recipe(tmp_path, tiny_model_dir, retrain={**FAST["retrain"], "epochs": 2, "seeds": [0, 1],
-                                                            "influence_at": "checkpoint"},
+    arms = [*FAST["retrain"]["arms"], "fluent_target"]
+    recipe = _run_recipe(tmp_path, tiny_model_dir, retrain={**FAST["retrain"], "arms": arms, "epochs": 2,
+                                                            "seeds": [0, 1], "influence_at": "checkpoint"},
                          measurement={"heldout_corpus": str(heldout_corpus), "heldout_corpus_max_positions": 9})
     assert main(["run", str(recipe), "--quiet", "influence.fd_eps_rel=1e-3"]) == 0
     run = tmp_path / "run"
     res = read_json(run / "results.json")
-    assert set(res["arms"]) == {"infused", "random", "insertion"}
+    assert set(res["arms"]) == {"infused", "random", "insertion", "fluent_target"}
     assert res["seeds"] == [0, 1] and res["primary_set"] == "heldout_corpus"
-    obs = {a: read_json(run / "retrain" / a / "observations.json") for a in ("control", "infused", "random", "insertion")}
+    obs = {a: read_json(run / "retrain" / a / "observations.json") for a in ["control", *res["arms"]]}
     # Two seeds are two data orders: control's weights differ between them, and every arm was trained per seed.
     assert obs["control"]["per_seed"]["0"]["weights"] != obs["control"]["per_seed"]["1"]["weights"]
     for arm, e in res["arms"].items():
@@ -56,6 +57,17 @@ def test_run_end_to_end_results_and_report(tmp_path, tiny_model_dir):
     rnd_edits = {r["doc_index"]: r for r in map(json.loads, (run / "baselines/random/edits.jsonl").read_text().splitlines())}
     assert {i: r["n_changed"] for i, r in rnd_edits.items()} == {i: r["n_changed"] for i, r in inf_edits.items()}
     assert any(r["original_input_ids"] != r["input_ids"] for r in rnd_edits.values())
+    # fluent_target writes only the target word (" cat"), at most as many per document as the infused edit
+    from transformers import AutoTokenizer
+
+    from infusion_lm.text.editors.base import single_token_forms
+
+    forms = set(single_token_forms(AutoTokenizer.from_pretrained(tiny_model_dir), ["cat"]))
+    fl = {r["doc_index"]: r for r in map(json.loads, (run / "baselines/fluent_target/edits.jsonl").read_text().splitlines())}
+    assert fl.keys() == inf_edits.keys() and any(r["n_changed"] for r in fl.values())
+    for i, r in fl.items():
+        assert r["n_changed"] <= inf_edits[i]["n_changed"]
+        assert {b for a, b in zip(r["original_input_ids"], r["input_ids"]) if a != b} <= forms
     assert set(res["arms"]["infused"]["detectors"]) >= {"perplexity_auroc", "defender_influence_auroc",
                                                          "perplexity_auroc_before_edit"}
     assert "influence_auroc" not in res["arms"]["infused"]["detectors"]  # the attacker's own v is not a detector

@@ -158,6 +158,22 @@ def test_no_module_is_over_400_lines():
     assert long == {}
 
 
+def test_no_undefined_or_unused_names():
+    """pyflakes' checks (ruff's F rules) over the package, the evals and the tests: an undefined name is a crash on
+    the one path that reaches it (an arm a test never runs), so it must fail here first."""
+    import shutil
+    import subprocess
+    import sys
+
+    ruff = shutil.which("ruff") or str(Path(sys.executable).with_name("ruff"))
+    if not Path(ruff).exists():
+        pytest.fail("ruff is not installed: run `make setup` (it comes with the dev extra).")
+    root = PKG.parent
+    out = subprocess.run([ruff, "check", "--select", "F", "--output-format", "concise", "--no-cache",
+                          "infusion_lm", "evals", "tests", "examples"], cwd=root, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
 def test_a_modality_gets_a_context_and_never_the_pipeline(tmp_path, tiny_model_dir):
     """A modality is built with a RunContext: the recipe, the run folder and the listed handles and services. It keeps
     no reference to the pipeline, and asking its context for anything else names what it holds."""

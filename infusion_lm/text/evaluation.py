@@ -25,7 +25,8 @@ def _edit_summary(records: List[Dict]) -> Dict:
             "perplexity_ratio_max": max(ratios) if ratios else None}
 
 
-MATCHED_ARMS = ("random", "random_target")  # baselines that promise the infused edit's count per document
+# the baselines that promise the infused edit's count per document
+MATCHED_ARMS = ("random", "random_target", "fluent_target")
 
 
 def count_match(records: List[Dict], infused: List[Dict]) -> Dict:

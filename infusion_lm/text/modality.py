@@ -11,6 +11,7 @@ from typing import Dict, List, Optional
 import torch
 
 from .corpus import load_documents, tokenize_documents
+from .evaluation import MATCHED_ARMS
 from ..distributed import is_main
 from ..errors import ConfigError, MeasurementError
 from .measurement import build_measurement, measurement_words
@@ -34,8 +35,8 @@ class TextModality:
 
     measurement_kinds = ("contrastive", "completion", "callable")
     editors = ("swap", "simplex_pgd", "random")
-    arms = ("control", "infused", "random", "random_unmatched", "random_target", "insertion", "simplex_pgd",
-            "regeneration")
+    arms = ("control", "infused", "random", "random_unmatched", "random_target", "fluent_target", "insertion",
+            "simplex_pgd", "regeneration")
     select_rankings = ("j", "first_step")
 
     def __init__(self, ctx: RunContext):
@@ -195,7 +196,7 @@ class TextModality:
                                   r.max_length, r.add_eos)
         if arm == "regeneration":
             return self._regenerated(indices)
-        if arm in ("random", "random_target"):  # matched to the infused edit: as many changes per document
+        if arm in MATCHED_ARMS:  # matched to the infused edit: as many changes per document
             edits = p.baseline_edits(arm, indices, matched=True)
         elif arm == "random_unmatched":  # the whole budget, no perplexity limit
             edits = p.baseline_edits(arm, indices, editor="random", max_perplexity_ratio=None)

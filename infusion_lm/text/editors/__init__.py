@@ -1,12 +1,12 @@
 """Token editors that lower J(z) of the selected documents: ``swap`` (default), ``simplex_pgd`` and ``random``."""
 
 from .base import EditResult, TokenEditor, allowed_vocabulary, effective_embeddings, retokenises
-from .random import RandomEditor, RandomTargetEditor
+from .random import FluentTargetEditor, RandomEditor, RandomTargetEditor
 from .simplex_pgd import SimplexPGDEditor, gini_entropy, project_entropy, project_simplex
 from .swap import SwapEditor
 
 EDITORS = {"swap": SwapEditor, "simplex_pgd": SimplexPGDEditor, "random": RandomEditor,
-           "random_target": RandomTargetEditor}
+           "random_target": RandomTargetEditor, "fluent_target": FluentTargetEditor}
 
 
 def build_editor(model, tokenizer, v, args, eps_rel: float = 1e-4, target_words=()) -> TokenEditor:
@@ -28,6 +28,6 @@ def first_step(model, tokenizer, v, args, rows, eps_rel: float = 1e-4, target_wo
     return editor.edit_many(rows, progress=progress)
 
 
-__all__ = ["EDITORS", "EditResult", "RandomEditor", "RandomTargetEditor", "SimplexPGDEditor", "SwapEditor", "TokenEditor",
+__all__ = ["EDITORS", "EditResult", "FluentTargetEditor", "RandomEditor", "RandomTargetEditor", "SimplexPGDEditor", "SwapEditor", "TokenEditor",
            "allowed_vocabulary", "build_editor", "effective_embeddings", "first_step", "gini_entropy", "project_entropy",
            "project_simplex", "retokenises"]
