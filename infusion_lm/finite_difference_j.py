@@ -23,12 +23,16 @@ from .measurement import to_device
 logger = logging.getLogger(__name__)
 
 
+# Both norms sum in fp64 over the modules sorted by name: ε must not depend on the order of v's keys (v read back from
+# safetensors is sorted by name, v held in memory follows the model), or one v gives two J's ~1e-7 apart, enough to
+# flip a close swap between two front ends.
 def tracked_norm(model: nn.Module, names: Sequence[str]) -> float:
-    return float(torch.sqrt(sum((p.detach().float() ** 2).sum() for n in names for p in module_params(model, n) if p is not None)))
+    return float(torch.sqrt(sum((p.detach().double() ** 2).sum() for n in sorted(names)
+                                for p in module_params(model, n) if p is not None)))
 
 
 def ihvp_norm(v: Mapping[str, torch.Tensor]) -> float:
-    return float(torch.sqrt(sum((t.float() ** 2).sum() for t in v.values())))
+    return float(torch.sqrt(sum((v[k].double() ** 2).sum() for k in sorted(v))))
 
 
 def fd_epsilon(model: nn.Module, v: Mapping[str, torch.Tensor], eps_rel: float = 1e-4) -> float:

@@ -84,6 +84,19 @@ def test_finite_difference_J_matches_autograd(tiny_setup, tiny_factors):
         assert torch.equal(p, before[k]), k
 
 
+def test_J_of_one_v_does_not_depend_on_the_order_of_its_modules(tiny_setup, tiny_factors):
+    """v held in memory follows the model's module order, v read back from safetensors is sorted by name: the two must
+    give the same ε and the same J to the bit, or two front ends on one v edit differently."""
+    s = tiny_setup
+    v = inf.compute_ihvp(s["model"], s["measurement"], s["tracked"], tiny_factors[1]["ekfac"], damping=None)
+    reordered = dict(reversed(list(v.items())))
+    assert list(reordered) != list(v)
+    assert inf.fd_epsilon(s["model"], v) == inf.fd_epsilon(s["model"], reordered)
+    batch = CausalLMCollator(s["tok"].pad_token_id)([s["dataset"][i] for i in range(6)])
+    with torch.no_grad():
+        assert torch.equal(inf.FiniteDifferenceJ(s["model"], v)(batch), inf.FiniteDifferenceJ(s["model"], reordered)(batch))
+
+
 def test_fingerprint_rejects_factors_from_another_model(tiny_setup, tiny_factors):
     s = tiny_setup
     other = copy.deepcopy(s["model"])
