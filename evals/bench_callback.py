@@ -119,12 +119,19 @@ def main(argv=None):
     p.add_argument("--log_every", type=int, default=2, help="logging_steps: MeasurementCallback measures then")
     p.add_argument("--repeats", type=int, default=1, help="runs per variant, alternating; the median counts")
     p.add_argument("--device", default="auto", help="auto (cuda when there is one), cpu, cuda, cuda:N")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (1 when other jobs share the cores)")
+    p.add_argument("--note", default="", help="recorded in the JSON: what else shared the machine")
     p.add_argument("--out", default=str(ROOT / "evals" / "results" / "bench_callback.json"))
     args = p.parse_args(argv)
     args.steps = args.steps or 2 * math.ceil(args.docs / 8)
     if args.k > args.docs:
         raise SystemExit(f"--k {args.k} exceeds --docs {args.docs}")
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]
     tok, rows, measure, f = setup(args)
     runs = {v: [] for v in VARIANTS}
     with tempfile.TemporaryDirectory(prefix="bench_callback_") as tmp:
@@ -172,7 +179,8 @@ def main(argv=None):
 
     result = {"command": "python evals/bench_callback.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "model": args.model, "device": "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu",
-              "torch": torch.__version__,
+              "torch": torch.__version__, "threads": torch.get_num_threads(), "note": args.note,
+              "load_average_1min": {"start": load_before, "end": os.getloadavg()[0]},
               "settings": {"docs": args.docs, "steps": args.steps, "k": args.k, "layers": args.layers,
                            "module_types": ["mlp"], "edit": {"steps": 6, "n_candidates": 8}, "batch_size": 8,
                            "learning_rate": 1e-4, "log_every": args.log_every, "repeats": args.repeats,
