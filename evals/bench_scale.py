@@ -411,6 +411,7 @@ def main(argv=None):
                                                     "or ~/.cache/infusion_lm/bench_scale); finished sizes are reused")
     p.add_argument("--out", default=str(ROOT / "evals" / "results" / "bench_scale.json"))
     p.add_argument("--plot", default=None, help="the plot (default: --out with .png)")
+    p.add_argument("--note", default="", help="recorded in the JSON: what else shared the machine")
     p.add_argument("--_point", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args._point:
@@ -437,6 +438,7 @@ def main(argv=None):
     result = {
         "command": "python evals/bench_scale.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "model": args.model, "device": first["device"], "gpu": first.get("gpu"), "torch": first["torch"],
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "note": args.note,
         "recipe": str(RECIPE.relative_to(ROOT)),
         "settings": {"sizes": args.sizes, "tokens": args.tokens, "lengths": args.lengths,
                      "length_docs": args.length_docs, "k": first["k"], "pool": 3 * first["k"],
