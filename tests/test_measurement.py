@@ -256,3 +256,35 @@ def test_contrast_top_through_the_score_stage(tmp_path, tiny_model_dir):
         scores[top] = read_tensors(tmp_path / f"run{top}" / "scores.safetensors")["scores"]
     assert not torch.allclose(scores[0], scores[8], rtol=1e-2)
     assert torch.corrcoef(torch.stack([scores[0], scores[8]]))[0, 1] < 0.999
+
+
+def test_observations_run_each_document_once_and_match_one_pass_per_occurrence(tiny_setup):
+    """contrastive_observations reads every occurrence of the probe in one document off that document's single
+    forward pass (causal attention: the same next-token distribution), and each occurrence's f, rank and candidate
+    log p equal an unbatched pass over its own prefix, computed here."""
+    from infusion_lm.text.observations import contrastive_observations
+
+    tok, model = tiny_setup["tok"], tiny_setup["model"]
+    docs = ["The dog ran. The dog sat. Then the dog slept.", "A dog.", "The cat saw a dog in the park."]
+    rows = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: rows.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        obs = contrastive_observations(model, tok, docs, "dog", "cat", candidates=["bird"])
+    finally:
+        hook.remove()
+    assert sum(rows) == len(docs)  # 5 occurrences, 3 documents, one row each
+    expect = {"f": [], "bird": [], "rank": []}
+    for d in docs:
+        for start in find_word(d, "dog"):
+            prefix = tok(d[: start - 1])["input_ids"]
+            with torch.no_grad():
+                logp = torch.log_softmax(model(input_ids=torch.tensor([prefix])).logits[0, -1].float(), -1)
+            ids = {w: tok(" " + w, add_special_tokens=False)["input_ids"] for w in ("cat", "dog", "bird")}
+            assert all(len(v) == 1 for v in ids.values())  # single tokens in the tiny vocabulary: read off logp
+            expect["f"].append(float(logp[ids["cat"][0]] - logp[ids["dog"][0]]))
+            expect["bird"].append(float(logp[ids["bird"][0]]))
+            expect["rank"].append(int((logp > logp[ids["cat"][0]]).sum()))
+    assert len(expect["f"]) == 5
+    assert obs["f"] == pytest.approx(expect["f"], abs=1e-5)
+    assert obs["logp"]["bird"] == pytest.approx(expect["bird"], abs=1e-5)
+    assert obs["target_rank"] == expect["rank"]

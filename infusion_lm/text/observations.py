@@ -40,11 +40,27 @@ def _logprob_rows(model, rows: Sequence[LogProbRow], pad_id: int, batch_size: in
 
 
 def _prefix_logprobs(model, prefixes: Sequence[List[int]], pad_id: int, batch_size: int = 16) -> List[torch.Tensor]:
-    """log p(next token | prefix) for each prefix, [V] each: one forward per prefix, right-padded."""
+    """log p(next token | prefix) for each prefix, [V] each, right-padded batches.
+
+    A prefix whose tokens begin a longer one (the earlier occurrences of the probe in one document) is read off the
+    longer row at its own last position: under causal attention that is the same distribution, so each document runs
+    once however often the probe occurs in it (what MeasurementCallback pays at every log)."""
     device = next(model.parameters()).device
-    out = []
-    for i in range(0, len(prefixes), batch_size):
-        chunk = list(prefixes[i: i + batch_size])
+    carriers: List[List[int]] = []
+    where = {}  # prefix index -> (carrier, position of its last token)
+    for i in sorted(range(len(prefixes)), key=lambda i: -len(prefixes[i])):
+        p = list(prefixes[i])
+        c = next((c for c, q in enumerate(carriers) if q[: len(p)] == p), None)
+        if c is None:
+            c = len(carriers)
+            carriers.append(p)
+        where[i] = (c, len(p) - 1)
+    wanted: Dict[int, List[int]] = {}
+    for c, pos in where.values():
+        wanted.setdefault(c, []).append(pos)
+    rows: Dict[tuple, torch.Tensor] = {}
+    for i in range(0, len(carriers), batch_size):
+        chunk = carriers[i: i + batch_size]
         width = max(len(p) for p in chunk)
         ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
@@ -53,9 +69,10 @@ def _prefix_logprobs(model, prefixes: Sequence[List[int]], pad_id: int, batch_si
             mask[b, : len(p)] = 1
         with torch.no_grad():
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        last = mask.sum(1) - 1
-        out.extend(torch.log_softmax(logits[torch.arange(len(chunk)), last.to(device)], -1).cpu())
-    return out
+        for b in range(len(chunk)):
+            for pos in set(wanted[i + b]):
+                rows[(i + b, pos)] = torch.log_softmax(logits[b, pos], -1).cpu()
+    return [rows[where[i]] for i in range(len(prefixes))]
 
 
 def contrastive_observations(model, tokenizer, documents: Sequence[str], probe: str, target: str,
