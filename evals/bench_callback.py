@@ -93,13 +93,26 @@ def train(args, variant: str, tok, rows, measure, f, work: Path) -> dict:
                       callbacks=callbacks)
     if watch is not None:
         watch.attach(trainer)
+    # Time spent inside the callback's own hooks, read directly: on a shared machine the run-to-run spread of the
+    # whole training (10-20%) hides a few percent, the time inside the hooks does not.
+    hooks = {"seconds": 0.0}
+    for cb in callbacks:
+        for name in [n for n in dir(type(cb)) if n.startswith("on_")]:
+            def timed_hook(*a, _f=getattr(cb, name), **kw):
+                t0 = time.perf_counter()
+                try:
+                    return _f(*a, **kw)
+                finally:
+                    hooks["seconds"] += time.perf_counter() - t0
+            setattr(cb, name, timed_hook)
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     out = trainer.train()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    rec = {"seconds": time.perf_counter() - t0, "train_loss": float(out.training_loss), "steps": trainer.state.global_step}
+    rec = {"seconds": time.perf_counter() - t0, "train_loss": float(out.training_loss), "steps": trainer.state.global_step,
+           "in_hooks_seconds": hooks["seconds"]}
     if infuse is not None:
         rec.update(infuse_seconds=timed["seconds"], fired_at=infuse.fired_at, edited=len(infuse.records))
     if watch is not None:
@@ -147,6 +160,11 @@ def main(argv=None):
                       + (f"  (infuse {rec['infuse_seconds']:.2f} s)" if "infuse_seconds" in rec else ""), flush=True)
 
     med = {v: statistics.median(x["seconds"] for x in runs[v]) for v in VARIANTS}
+    # the callbacks' own time (inside their hooks; InfusionCallback's without the infuse() it fires), per repeat,
+    # against the plain run of the same repeat
+    direct = {"infusion": [(x["in_hooks_seconds"] - x["infuse_seconds"]) / p["seconds"]
+                           for x, p in zip(runs["infusion"], runs["plain"])],
+              "measurement": [x["in_hooks_seconds"] / p["seconds"] for x, p in zip(runs["measurement"], runs["plain"])]}
     infuse_s = statistics.median(x["infuse_seconds"] for x in runs["infusion"])
     plain = med["plain"]
     summary = {
@@ -154,24 +172,35 @@ def main(argv=None):
         "infusion": {"seconds": med["infusion"], "ratio": med["infusion"] / plain, "infuse_seconds": infuse_s,
                      "infuse_ratio_to_plain": infuse_s / plain,
                      "beyond_infuse_seconds": med["infusion"] - infuse_s,
-                     "overhead_beyond_infuse": (med["infusion"] - infuse_s) / plain - 1},
+                     "overhead_beyond_infuse": (med["infusion"] - infuse_s) / plain - 1,
+                     "in_hooks_beyond_infuse_overhead": statistics.median(direct["infusion"]),
+                     "in_hooks_beyond_infuse_per_repeat": direct["infusion"]},
         "measurement": {"seconds": med["measurement"], "ratio": med["measurement"] / plain,
                         "overhead": med["measurement"] / plain - 1,
+                        "in_hooks_overhead": statistics.median(direct["measurement"]),
+                        "in_hooks_per_repeat": direct["measurement"],
                         "measurements": runs["measurement"][0]["measurements"]},
     }
+    spread = statistics.pstdev([x["seconds"] for x in runs["plain"]]) / plain if len(runs["plain"]) > 1 else None
+    summary["plain"]["run_to_run_spread"] = spread  # relative sd of the plain runs: what a total-time overhead can resolve
     goals = {
-        "InfusionCallback: training beyond the infusion it runs within 10% of plain":
-            summary["infusion"]["overhead_beyond_infuse"] <= GOAL,
-        f"MeasurementCallback every {args.log_every} steps: within 10% of plain": summary["measurement"]["overhead"] <= GOAL,
+        "InfusionCallback: training beyond the infusion it runs within 10% of plain (time inside its hooks)":
+            summary["infusion"]["in_hooks_beyond_infuse_overhead"] <= GOAL,
+        f"MeasurementCallback every {args.log_every} steps: within 10% of plain (time inside its hooks)":
+            summary["measurement"]["in_hooks_overhead"] <= GOAL,
+        "the same two, from total training times (noisy on a shared machine)":
+            summary["infusion"]["overhead_beyond_infuse"] <= GOAL and summary["measurement"]["overhead"] <= GOAL,
     }
     print(f"\n{'variant':<14}{'seconds':>9}{'ratio':>8}   notes")
-    print(f"{'plain':<14}{plain:>9.2f}{1.0:>8.2f}   {args.steps} steps, {args.docs} documents")
+    print(f"{'plain':<14}{plain:>9.2f}{1.0:>8.2f}   {args.steps} steps, {args.docs} documents"
+          + (f"; run-to-run spread {spread:.1%}" if spread is not None else ""))
     s = summary["infusion"]
     print(f"{'infusion':<14}{s['seconds']:>9.2f}{s['ratio']:>8.2f}   infuse() {s['infuse_seconds']:.2f} s "
-          f"({s['infuse_ratio_to_plain']:.2f}x plain); beyond it {s['overhead_beyond_infuse']:+.1%}")
+          f"({s['infuse_ratio_to_plain']:.2f}x plain); beyond it {s['overhead_beyond_infuse']:+.1%} in total time, "
+          f"{s['in_hooks_beyond_infuse_overhead']:+.1%} inside its hooks")
     s = summary["measurement"]
     print(f"{'measurement':<14}{s['seconds']:>9.2f}{s['ratio']:>8.2f}   {s['measurements']} measurements, "
-          f"{s['overhead']:+.1%}")
+          f"{s['overhead']:+.1%} in total time, {s['in_hooks_overhead']:+.1%} inside its hooks")
     print()
     for g, ok in goals.items():
         print(f"{'met    ' if ok else 'MISSED '}  {g}")
