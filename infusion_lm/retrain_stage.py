@@ -7,6 +7,17 @@ from typing import Dict
 
 from .atomic_io import read_json, write_json
 from .distributed import is_main
+from .fingerprints import fingerprint
+
+
+def unit_fingerprint(pipe, arm: str, seed: int) -> str:
+    """The fingerprint of one (arm, seed): the retrain stage's, without the lists of arms and seeds. Each arm trains
+    alone from the same checkpoint, so adding an arm or a seed to a finished run trains only what is new."""
+    from .stages import fingerprint_key
+
+    key = fingerprint_key(pipe, "retrain")
+    section = {k: v for k, v in (key["settings"].get("retrain") or {}).items() if k not in ("arms", "seeds")}
+    return fingerprint({**key, "settings": {**key["settings"], "retrain": section}, "arm": arm, "seed": seed})
 
 
 def retrain_every_arm(pipe) -> None:
@@ -27,10 +38,10 @@ def retrain_every_arm(pipe) -> None:
     # Seeds in the outer loop: an interrupted run has whole seeds (every arm) to compare.
     for seed in pipe.seeds:
         for arm in t.arms:
-            path = out.arm_seed(arm, seed)
-            if not pipe.force and path.is_file() and read_json(path).get("fingerprint") == fp:
+            path, unit = out.arm_seed(arm, seed), unit_fingerprint(pipe, arm, seed)
+            if not pipe.force and path.is_file() and read_json(path).get("unit_fingerprint") == unit:
                 per_arm[arm][str(seed)] = read_json(path)
-                continue  # this arm and seed finished before the run was interrupted
+                continue  # this arm and seed finished before (an interrupted run, or one with fewer arms or seeds)
             replacements = pipe.modality.replacements(arm, indices)
             shared = (out.shared_control(pipe.stage_fingerprint('control'), seed)
                       if arm == "control" and t.share_control and not t.lora else None)
@@ -43,7 +54,7 @@ def retrain_every_arm(pipe) -> None:
                 if shared is not None and is_main():
                     save_weights(model, shared)
                     write_json(shared / "fingerprint.json", {"fingerprint": pipe.stage_fingerprint("control"), "seed": seed})
-            record = {"fingerprint": fp, "arm": arm, "seed": seed,
+            record = {"fingerprint": fp, "unit_fingerprint": unit, "arm": arm, "seed": seed,
                       "replaced": sorted(int(i) for i in replacements),
                       "weights": weights_fingerprint(model), "checkpoint": str(ckpt) if ckpt else None,
                       **{name: pipe.observe(model, name) for name in sets}}

@@ -331,3 +331,27 @@ def test_heldout_corpus_never_holds_training_or_measurement_documents(tmp_path, 
     held = _write_corpus(tmp_path / "held.jsonl", other + train[:2] + measure)
     recipe = _recipe(tmp_path, tiny_model_dir, corpus, measurement={"heldout_corpus": str(held)})
     assert Pipeline(load_recipe(recipe)).modality.heldout_corpus_documents == other
+
+
+@pytest.mark.slow
+def test_adding_an_arm_or_a_seed_trains_only_what_is_new(tmp_path, tiny_model_dir):
+    """Each (arm, seed) is cached on its own fingerprint, the retrain stage's without the lists of arms and seeds: a
+    finished run given one more arm and one more seed trains those and reads the rest back, to the byte; a training
+    setting changed retrains every unit."""
+    base = {"arms": ["control", "infused"], "batch_size": 4, "learning_rate": 1e-3, "seeds": [0]}
+    recipe = _run_recipe(tmp_path, tiny_model_dir, retrain=base)
+    assert main(["retrain", str(recipe), "--quiet"]) == 0
+    run = tmp_path / "run" / "retrain"
+    first = {a: (run / a / "seed-0.json").read_bytes() for a in ("control", "infused")}
+    recipe = _run_recipe(tmp_path, tiny_model_dir, retrain={**base, "arms": ["control", "infused", "random"],
+                                                            "seeds": [0, 1]})
+    assert main(["retrain", str(recipe), "--quiet"]) == 0
+    assert {a: (run / a / "seed-0.json").read_bytes() for a in ("control", "infused")} == first
+    for arm in ("control", "infused", "random"):
+        assert read_json(run / arm / "observations.json")["seeds"] == [0, 1]
+        assert (run / arm / "seed-1.json").is_file()
+    units = {a: read_json(run / a / "seed-0.json")["unit_fingerprint"] for a in ("control", "infused", "random")}
+    assert len(set(units.values())) == 3  # one per arm
+    recipe = _run_recipe(tmp_path, tiny_model_dir, retrain={**base, "learning_rate": 2e-3})
+    assert main(["retrain", str(recipe), "--quiet"]) == 0
+    assert (run / "infused" / "seed-0.json").read_bytes() != first["infused"]
