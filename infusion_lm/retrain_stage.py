@@ -12,12 +12,24 @@ from .fingerprints import fingerprint
 
 def unit_fingerprint(pipe, arm: str, seed: int) -> str:
     """The fingerprint of one (arm, seed): the retrain stage's, without the lists of arms and seeds. Each arm trains
-    alone from the same checkpoint, so adding an arm or a seed to a finished run trains only what is new."""
+    alone from the same checkpoint, so adding an arm or a seed to a finished run trains only what is new. Control
+    trains on the clean corpus: its unit needs the clean checkpoint (the ``control`` key), not the edits, so a new
+    edit retrains the edited arms and reads control back."""
     from .stages import fingerprint_key
 
     key = fingerprint_key(pipe, "retrain")
     section = {k: v for k, v in (key["settings"].get("retrain") or {}).items() if k not in ("arms", "seeds")}
-    return fingerprint({**key, "settings": {**key["settings"], "retrain": section}, "arm": arm, "seed": seed})
+    key = {**key, "settings": {**key["settings"], "retrain": section}, "arm": arm, "seed": seed}
+    if arm == "control":
+        key["needs"] = {"control": pipe.stage_fingerprint("control")}
+    return fingerprint(key)
+
+
+def finished(record: dict, unit: str, stage: str) -> bool:
+    """A unit's record is current: its own fingerprint matches, or (a record written before units had one) the
+    stage's does, which pins the same arms and seeds."""
+    return record.get("unit_fingerprint", None) == unit or (
+        "unit_fingerprint" not in record and record.get("fingerprint") == stage)
 
 
 def retrain_every_arm(pipe) -> None:
@@ -39,7 +51,7 @@ def retrain_every_arm(pipe) -> None:
     for seed in pipe.seeds:
         for arm in t.arms:
             path, unit = out.arm_seed(arm, seed), unit_fingerprint(pipe, arm, seed)
-            if not pipe.force and path.is_file() and read_json(path).get("unit_fingerprint") == unit:
+            if not pipe.force and path.is_file() and finished(read_json(path), unit, fp):
                 per_arm[arm][str(seed)] = read_json(path)
                 continue  # this arm and seed finished before (an interrupted run, or one with fewer arms or seeds)
             replacements = pipe.modality.replacements(arm, indices)

@@ -352,6 +352,14 @@ def test_adding_an_arm_or_a_seed_trains_only_what_is_new(tmp_path, tiny_model_di
         assert (run / arm / "seed-1.json").is_file()
     units = {a: read_json(run / a / "seed-0.json")["unit_fingerprint"] for a in ("control", "infused", "random")}
     assert len(set(units.values())) == 3  # one per arm
+    # another edit: the edited arms train again, control (the clean corpus) is read back
+    control = (run / "control" / "seed-0.json").read_bytes()
+    edit = {**FAST["edit"], "steps": 2}
+    recipe = _run_recipe(tmp_path, tiny_model_dir, edit=edit, retrain={**base, "arms": ["control", "infused", "random"],
+                                                                       "seeds": [0, 1]})
+    assert main(["retrain", str(recipe), "--quiet"]) == 0
+    assert (run / "control" / "seed-0.json").read_bytes() == control
+    assert read_json(run / "infused" / "seed-0.json")["unit_fingerprint"] != units["infused"]
     recipe = _run_recipe(tmp_path, tiny_model_dir, retrain={**base, "learning_rate": 2e-3})
     assert main(["retrain", str(recipe), "--quiet"]) == 0
     assert (run / "infused" / "seed-0.json").read_bytes() != first["infused"]
