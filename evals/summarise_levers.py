@@ -10,6 +10,9 @@ import glob
 import json
 import sys
 root = sys.argv[1]
+# the eval's primary set (heldout_corpus: 60 probe positions in real stories outside the training slice); --set
+# heldout reads the 6 templated held-out items instead
+SET = sys.argv[sys.argv.index("--set") + 1] if "--set" in sys.argv else None
 COMMON = "python evals/lm_tinystories.py --seeds 0 1 --arms control infused random_target --work_dir WORK2 --pairs PAIRS"
 out = {"commands": {
     "today_f": "PYTHONPATH=src1 python src1/evals/lm_tinystories.py --seeds 0 1 --arms control infused random_target --work_dir WORK --pairs dog:fish cat:bear bird:frog happy:sad toy:ball Lily:Ben --out_dir levers/today_f",
@@ -25,6 +28,7 @@ out = {"commands": {
                 "contrast_top_fluent": "b3a795d (the fluent_target arm)"},
     "machine": "2 CPU cores, 1 torch thread per job; shared with the CIFAR-10 45k run, the chat eval and the test suite",
     "pairs_chosen_before_results": ["dog:fish", "cat:bear", "bird:frog", "happy:sad", "toy:ball", "Lily:Ben"],
+    "evaluation_set": SET or "the eval's primary set (heldout_corpus: 60 real probe positions)",
     "per_pair": {}, "by_lever": {}}
 BASELINE_LEVERS = {}  # lever -> its baseline arm, where that is not random_target
 for f in sorted(glob.glob(f"{root}/*/pairs/*/results.json")):
@@ -34,7 +38,7 @@ for f in sorted(glob.glob(f"{root}/*/pairs/*/results.json")):
     if "random_target" not in d["arms"]:
         BASELINE_LEVERS[lever] = "fluent_target"
         for arm in ["infused", "fluent_target"]:
-            h = d["arms"][arm]["heldout"]
+            h = d["arms"][arm][SET or d["primary_set"]]
             e[arm] = {"delta_f": h["delta_f"]["mean"], "target_specific_gain": h["specificity"]["target_specific_gain"]["mean"],
                       "target_specific_gain_ci": h["specificity"]["target_specific_gain"]["ci"]}
         pair_dir = f.rsplit("/", 1)[0]
@@ -43,7 +47,7 @@ for f in sorted(glob.glob(f"{root}/*/pairs/*/results.json")):
         out.setdefault("baseline_runs", {}).setdefault(lever, {})[pair] = e
         continue
     for arm in ["infused", "random_target"]:
-        h = d["arms"][arm]["heldout"]
+        h = d["arms"][arm][SET or d["primary_set"]]
         sp = h["specificity"]
         e[arm] = {"delta_f": h["delta_f"]["mean"], "delta_f_ci": h["delta_f"]["ci"],
                   "target_specific_gain": sp["target_specific_gain"]["mean"],
@@ -102,7 +106,7 @@ for lever, pairs in out.get("baseline_runs", {}).items():
         # the same recipe on the same work folder: this run's infused arm must be the contrast_top lever's
         "infused_reproduced_max_abs_diff": max(abs(pairs[c]["infused"]["target_specific_gain"]
                                                    - ct[c]["infused"]["target_specific_gain"]) for c in both)}
-json.dump(out, open(f"{root}/summary.json", "w"), indent=1)
+json.dump(out, open(f"{root}/summary{'_' + SET if SET else ''}.json", "w"), indent=1)
 for lever, b in out["by_lever"].items():
     print(lever, b)
 print(out["on_common_pairs"])
