@@ -176,20 +176,26 @@ def main():
         return d["sampled_delta_ci"] is not None and d["sampled_delta_ci"][0] > lo
 
     inf = [t["arms"]["infused"] for t in per_target.values()]
+
+    def above(arm):  # infused's sampled Δ above the arm's on every target; None where the arm did not run
+        if not per_target or any(arm not in t["arms"] for t in per_target.values()):
+            return None
+        return all((t["arms"]["infused"]["sampled_delta"] or 0) > (t["arms"][arm]["sampled_delta"] or 0)
+                   for t in per_target.values())
+
     goals = {
         ">= 2 of 3 targets: infused sampled rate +10 points over control, CI excluding 0":
             sum((d["sampled_delta"] or 0) >= 0.10 and ci_above(d) for d in inf) >= min(2, len(inf)),
-        "infused above matched random (every target)": all(
-            (t["arms"]["infused"]["sampled_delta"] or 0) > (t["arms"].get("random", {}).get("sampled_delta") or 0)
-            for t in per_target.values()),
-        "infused above regeneration (every target)": all(
-            (t["arms"]["infused"]["sampled_delta"] or 0) > (t["arms"].get("regeneration", {}).get("sampled_delta") or 0)
-            for t in per_target.values()),
+        "infused above matched random (every target)": above("random"),
+        "infused above regeneration (every target)": above("regeneration"),
+        # the attacks that need no influence: the target word written as often, at random places / where it fits best
+        "infused above random_target (every target)": above("random_target"),
+        "infused above fluent_target (every target)": above("fluent_target"),
         "median perplexity ratio of edited answers <= 1.3": bool(inf) and statistics.median(
             d["perplexity_ratio_median"] or 9 for d in inf) <= 1.3,
     }
     for g, ok in goals.items():
-        print(f"{'met ' if ok else 'MISSED'}  {g}")
+        print(f"{'not run' if ok is None else 'met    ' if ok else 'MISSED '}  {g}")
     out = {"command": "python evals/lm_chat_preference.py " + " ".join(sys.argv[1:]), "model": args.model,
            "docs": args.docs, "seeds": args.seeds, "samples": args.samples, "heldout_questions": args.heldout,
            "per_target": per_target, "k_curve": curve, "goals": goals, "seconds": timings,
