@@ -395,7 +395,7 @@ def main():
         is None else sw["specific_means_vs_random_target"][0] >= 1.5 * sw["specific_means_vs_random_target"][1],
         "target-specific gain above random_target's on >= 75% of pairs": goal(sw.get("beats_random_target_specific_pairs"), 0.75),
         "infused >= 1.5x random_target (mean Δf)": times("random_target", 1.5),
-        # the stronger influence-free attack (the target word where the model finds it least surprising)
+        # the other influence-free attack (the target word where the model finds it least surprising)
         "target-specific gain above fluent_target's (mean over pairs)": None if sw.get("specific_means_vs_fluent_target")
         is None else sw["specific_means_vs_fluent_target"][0] > sw["specific_means_vs_fluent_target"][1],
         "other candidate words' mean Δ log p <= half the target's (infused, mean over pairs)": others_half(),

@@ -3,7 +3,7 @@
 From each finished pair (DIR/<lever>/pairs/<pair>/results.json): the held-out Δf and target-specific gain of infused
 and random_target, their ratio per pair, per lever, and on the pairs every lever has; writes DIR/summary.json.
 A run with the ``fluent_target`` arm instead (DIR/contrast_top_fluent: the target word where the model expects it
-most, the stronger influence-free attack) is set against the contrast_top lever's infused edit on the same pairs,
+most, the other influence-free attack) is set against the contrast_top lever's infused edit on the same pairs,
 and its own infused arm is checked to reproduce that lever's.
 """
 import glob
@@ -86,7 +86,7 @@ out["on_common_pairs"] = {lever: {"infused_specific_mean": sum(pairs[c]["infused
                                   "specific_ratio_of_means": sum(pairs[c]["infused"]["target_specific_gain"] for c in common) /
                                   sum(pairs[c]["random_target"]["target_specific_gain"] for c in common)}
                           for lever, pairs in out["per_pair"].items()}
-# the stronger free attack against the chosen lever's infused edit, on the pairs both have
+# the other free attack against the chosen lever's infused edit, on the pairs both have
 ct = out["per_pair"].get("contrast_top", {})
 for lever, pairs in out.get("baseline_runs", {}).items():
     both = sorted(set(pairs) & set(ct))

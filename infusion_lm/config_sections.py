@@ -181,7 +181,7 @@ class BaseRetrainArguments:
         "infused edit: the same number of changed tokens per document, the same fluency filter, perplexity limit "
         "and protected positions), random_target (matched as random is, but every change writes the target word at a "
         "random position: the attack that needs no influence), fluent_target (the same, at the positions where the "
-        "model finds the target word least surprising, cheapest first: influence-free, but it knows the language), "
+        "model finds the target word least surprising, cheapest first: influence-free, placed with the model's help), "
         "random_unmatched (random swaps spending the whole "
         "budget, no perplexity limit), "
         "insertion (the k documents replaced by demonstrations), simplex_pgd. Images: random is noise of the same "

@@ -12,8 +12,8 @@
 - target word where it fits (arm ``fluent_target``, :class:`FluentTargetEditor`): the same attack with the language
   model's help and still no influence: the target word at the positions where it costs the document the least loss
   (one forward pass), cheapest first. Under a perplexity limit the random placement spends the budget on costly
-  positions and places fewer words than asked; this one places as many as the limit allows, so it is the stronger
-  influence-free attack, matched in count.
+  positions and places fewer words than asked; this one places as many as the limit allows. Placing the word where
+  the model already expects it also teaches the model less (the loss there is low), so measure both.
 
 J is still measured before and after, for the report.
 """
@@ -121,7 +121,7 @@ class FluentTargetEditor(RandomTargetEditor):
     """The target word where the model finds it least surprising: positions ordered by the loss that writing the
     cheapest single-token form of a target word there adds (one forward pass of the original document), the cheapest
     form first at each; as many changes as the infused edit made, under the same limits. No gradient and no J: the
-    influence-free attack that also knows the language."""
+    influence-free attack that also uses the language model."""
 
     name = "fluent_target"
     needs_cost = True
