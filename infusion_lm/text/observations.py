@@ -55,9 +55,9 @@ def _prefix_logprobs(model, prefixes: Sequence[List[int]], pad_id: int, batch_si
             c = len(carriers)
             carriers.append(p)
         where[i] = (c, len(p) - 1)
-    wanted: Dict[int, List[int]] = {}
+    wanted: Dict[int, set] = {}
     for c, pos in where.values():
-        wanted.setdefault(c, []).append(pos)
+        wanted.setdefault(c, set()).add(pos)
     rows: Dict[tuple, torch.Tensor] = {}
     for i in range(0, len(carriers), batch_size):
         chunk = carriers[i: i + batch_size]
@@ -68,10 +68,10 @@ def _prefix_logprobs(model, prefixes: Sequence[List[int]], pad_id: int, batch_si
             ids[b, : len(p)] = torch.as_tensor(p)
             mask[b, : len(p)] = 1
         with torch.no_grad():
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
         for b in range(len(chunk)):
-            for pos in set(wanted[i + b]):
-                rows[(i + b, pos)] = torch.log_softmax(logits[b, pos], -1).cpu()
+            for pos in wanted[i + b]:  # fp32 for the rows read, not the whole [B, T, V] batch
+                rows[(i + b, pos)] = torch.log_softmax(logits[b, pos].float(), -1).cpu()
     return [rows[where[i]] for i in range(len(prefixes))]
 
 
