@@ -157,7 +157,8 @@ def summarise(per_pair: dict, arms, primary: str = "heldout_corpus") -> dict:
                     "pairs_target_specific_above_0": sum(x > 0 for x in spec) / len(spec),
                     "top1_flip_rate_mean": statistics.mean([x["top1_flips_to_target"] for x in rows]),
                     "delta_target_rank_mean": statistics.mean([x.get("delta_target_rank", 0.0) for x in rows]),
-                    "specific_pairs_p_lt_0.05": sum((x["specificity"].get("wilcoxon_p") or 1) < 0.05 for x in rows) / len(rows)}
+                    # one-sided p of the seed × item t (the item-level Wilcoxon treated a shared seed effect as signal)
+                    "specific_pairs_p_lt_0.05": sum((x["specificity"].get("p_greater") or 1) < 0.05 for x in rows) / len(rows)}
         edits = [p["arms"][arm].get("edits") for p in per_pair.values() if arm in p["arms"]]
         if all(edits):
             out[arm]["perplexity_ratio_median"] = statistics.median(e["perplexity_ratio_median"] for e in edits)

@@ -204,7 +204,7 @@ def infuse(model, tokenizer, train, measurement, *, k: int = 8, rank_by: str = "
 
 
 def retrain_arms(model, tokenizer, arms: Mapping[str, Sequence[Mapping]], measurement, *,
-                 heldout_measurement=None, retrain=None, evaluate=None, seeds: Sequence[int] = (0,),
+                 heldout_measurement=None, retrain=None, evaluate=None, seeds: Sequence[int] = (0, 1, 2),
                  checkpoint: Optional[str] = None,
                  heldout_corpus_documents: Sequence[str] = (), max_length: int = 512, work_dir: Optional[str] = None,
                  progress: bool = True) -> Dict[str, Dict[int, Dict[str, dict]]]:
@@ -226,7 +226,8 @@ def retrain_arms(model, tokenizer, arms: Mapping[str, Sequence[Mapping]], measur
         heldout_measurement: with a ``Measurement``, a second one observed as the ``heldout`` set.
         retrain: a :class:`~infusion_lm.config.RetrainArguments` (learning rate, global batch, epochs, LoRA...).
         evaluate: an :class:`~infusion_lm.config.EvaluateArguments` (candidate words, samples for completions).
-        seeds: retraining seeds; every arm is trained once per seed.
+        seeds: retraining seeds; every arm is trained once per seed. Three by default: with one, a CI covers the
+            items only and says nothing about another retraining.
         checkpoint: a Trainer checkpoint folder to resume every arm from (optimizer, scheduler and RNG included).
         heldout_corpus_documents: real documents outside the training set whose probe positions are observed too
             (contrastive measurements).
@@ -316,7 +317,8 @@ def compare(observations: Mapping[str, Mapping[int, Mapping[str, dict]]], contro
     Args:
         observations: ``{arm: {seed: {set: observations}}}`` as :func:`retrain_arms` returns it.
         control: the arm the others are compared with.
-        samples, confidence, seed: the two-level bootstrap (seeds, then items) of every CI.
+        samples, confidence, seed: the CIs' confidence (seed × item t-intervals, ``stats.seed_item_interval``);
+            samples and seed feed the item bootstraps that remain.
 
     Returns:
         ``{arm: {set: SetComparison}}`` (:mod:`infusion_lm.comparison`): ``delta_f`` as a ``Delta`` (mean, ci,

@@ -22,6 +22,7 @@ class Delta:
         n_seeds, n_items: the seeds and the items (probe positions or prompts) it averages.
         ci_method: how ``ci`` was computed (``infusion_lm.stats.seed_item_interval``).
         per_seed_item: every difference, [seeds][items], so any other summary can be recomputed.
+        p_greater: the one-sided p-value of "the mean is above 0" from the same t as ``ci``.
     """
 
     mean: float
@@ -31,21 +32,30 @@ class Delta:
     n_items: int
     ci_method: str = ""
     per_seed_item: List[List[float]] = field(default_factory=list, repr=False)
+    p_greater: Optional[float] = None
 
     @property
     def excludes_zero(self) -> bool:
-        """The interval lies entirely above or below 0."""
+        """The interval lies entirely above or below 0. With one seed it covers the items only: see
+        ``seed_noise_measured``."""
         return self.ci is not None and (self.ci[0] > 0 or self.ci[1] < 0)
+
+    @property
+    def seed_noise_measured(self) -> bool:
+        """Two or more retraining seeds: only then does the interval say anything about another retraining."""
+        return self.n_seeds >= 2
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Delta":
         return cls(mean=d["mean"], ci=tuple(d["ci"]) if d.get("ci") is not None else None,
                    per_seed=list(d.get("per_seed", [])), n_seeds=d.get("n_seeds", 1), n_items=d.get("n_items", 0),
-                   ci_method=d.get("ci_method", ""), per_seed_item=list(d.get("per_seed_item", [])))
+                   ci_method=d.get("ci_method", ""), per_seed_item=list(d.get("per_seed_item", [])),
+                   p_greater=d.get("p_greater"))
 
     def __str__(self) -> str:
         ci = f" [{self.ci[0]:+.3f}, {self.ci[1]:+.3f}]" if self.ci is not None else ""
-        return f"{self.mean:+.3f}{ci}"
+        caveat = " (one seed: seed noise not measured)" if not self.seed_noise_measured else ""
+        return f"{self.mean:+.3f}{ci}{caveat}"
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,7 @@ def summary_rows(results: Dict) -> List[List[str]]:
             format_ci(e["heldout_corpus"]["delta_f"]) if "heldout_corpus" in e else "–",
             format_ci(spec) if spec else "–",
             format_number(h.get("top1_flips_to_target")), format_number(h.get("delta_target_rank"), 1),
-            format_number(h.get("specificity", {}).get("wilcoxon_p")),
+            format_number(h.get("specificity", {}).get("p_greater")),
             f"{edits.get('tokens_changed', '–')}/{edits.get('budget', '–')}" if edits else "–",
             format_number(edits.get("perplexity_ratio_median")), format_number(edits.get("predicted_delta_f")),
             format_number(det.get("perplexity_auroc")), format_number(det.get("defender_influence_auroc")),
@@ -125,7 +125,7 @@ def plots(results: Dict, records: List[Dict]) -> Dict[str, bytes]:
     ax.set_xticks(range(len(arms)), arms)
     ax.set_ylabel("Δf against control")
     ax.legend()
-    ax.set_title("Behaviour change per arm (two-level bootstrap CI: seeds, items)")
+    ax.set_title("Behaviour change per arm (seed × item t-interval)")
     out["delta_f.png"] = png_bytes(fig)
     plt.close(fig)
 
@@ -195,7 +195,8 @@ def write_report(run_dir: Path, results: Dict, tokenizer) -> None:
              f"{format_number((results.get('theta_hat') or {}).get('heldout'))}); control after retraining: "
              f"{format_number(results['control']['measurement'])} (held-out {format_number(results['control'].get('heldout'))}). "
              f"{results['k']} of {results['n_documents']} documents edited. Every Δ is against control, paired by "
-             f"retraining seed ({len(seeds)}: {seeds}) and by item; CIs are two-level bootstraps (seeds, then items).")
+             f"retraining seed ({len(seeds)}: {seeds}) and by item; CIs are seed × item t-intervals"
+             f"{' (one seed: they cover the items only, seed noise not measured)' if len(seeds) < 2 else ''}.")
     rates = results.get("theta_hat_target_rate")
     if rates:  # completion measurements: how often answers already name the target before any edit
         intro += " Target rate at θ̂: " + "; ".join(

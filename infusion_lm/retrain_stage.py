@@ -10,6 +10,11 @@ from .distributed import is_main
 from .fingerprints import fingerprint
 
 
+# What an observation holds; bump it when that changes, so a cached (arm, seed) observed the old way is retrained
+# rather than compared with new ones. 2: the measurement set observed with the measurement's own f (f_pairwise beside).
+OBSERVATIONS_SCHEMA = 2
+
+
 def unit_fingerprint(pipe, arm: str, seed: int) -> str:
     """The fingerprint of one (arm, seed): the retrain stage's, without the lists of arms and seeds. Each arm trains
     alone from the same checkpoint, so adding an arm or a seed to a finished run trains only what is new. Control
@@ -19,7 +24,8 @@ def unit_fingerprint(pipe, arm: str, seed: int) -> str:
 
     key = fingerprint_key(pipe, "retrain")
     section = {k: v for k, v in (key["settings"].get("retrain") or {}).items() if k not in ("arms", "seeds")}
-    key = {**key, "settings": {**key["settings"], "retrain": section}, "arm": arm, "seed": seed}
+    key = {**key, "settings": {**key["settings"], "retrain": section}, "arm": arm, "seed": seed,
+           "observations_schema": OBSERVATIONS_SCHEMA}
     if arm == "control":
         key["needs"] = {"control": pipe.stage_fingerprint("control")}
     return fingerprint(key)

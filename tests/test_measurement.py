@@ -229,6 +229,32 @@ def test_the_default_contrastive_measurement_contrasts_the_top_alternatives(tiny
         MeasurementArguments(kind="completion", prompts=["Q?"], completions=[" cat"], contrast_top=20)
 
 
+@pytest.mark.parametrize("extra", [{}, {"contrast_top": 3}, {"contrast_words": ["bird", "fish"]}, {"contrast_top": 0}],
+                         ids=["default-top-20", "top-3", "contrast-words", "pairwise"])
+def test_the_measurement_set_is_observed_with_the_f_v_was_built_from(tiny_setup, extra):
+    """predicted Δf is a change of the measurement's f; the actual Δf is read off the observations of the measurement
+    set. Both must be one function: the observed f_mean is the built measurement's own value (the top-20 contrast by
+    default), f_pairwise is log p(target) − log p(probe), and held-out sets stay pairwise. (Before, every set was
+    observed with the pairwise f, so the default's predicted and actual Δf were two different quantities.)"""
+    from infusion_lm.text.config import EvaluateArguments, MeasurementArguments
+    from infusion_lm.text.measurement import build_measurement, contrastive_measurement
+    from infusion_lm.text.observations import observe
+
+    tok, model = tiny_setup["tok"], tiny_setup["model"]
+    docs = ["The dog ran to the park. The dog sat.", "A small dog ate the food."]
+    args = MeasurementArguments(kind="contrastive", documents=docs, probe="dog", target="cat",
+                                heldout_documents=["The dog looked at the lake."], **extra)
+    ev = EvaluateArguments(candidates=["bird"], n_samples=0)
+    obs = observe(model, tok, args, ev, "measurement", max_length=64)
+    assert obs["f_mean"] == pytest.approx(build_measurement(args, tok, 64).value(model), rel=1e-5, abs=1e-6)
+    pairwise = contrastive_measurement(tok, docs, "dog", "cat").value(model)
+    assert sum(obs["f_pairwise"]) / len(obs["f_pairwise"]) == pytest.approx(pairwise, rel=1e-5)
+    if extra.get("contrast_top") != 0:
+        assert obs["f_mean"] < pairwise - 1e-3  # a set's log-sum is above the probe's alone
+    held = observe(model, tok, args, ev, "heldout", max_length=64)
+    assert held["f"] == held["f_pairwise"]
+
+
 @pytest.mark.slow
 def test_contrast_top_through_the_score_stage(tmp_path, tiny_model_dir):
     """The score stage (kronfluence's query gradients, through batches with the measurement's extra tensors) takes

@@ -138,6 +138,7 @@ def write_recipe(tmp_path, model_dir, corpus, name="recipe.yaml", **over):
                         "documents": ["The dog ran to the park.", "The dog sat in the house."]},
         "influence": {"strategy": "ekfac", "layers": [1], "batch_size": 8},
         "select": {"k": 3},
+        "retrain": {"seeds": [0]},  # one seed keeps the tests fast; the library's default is three
     }
     for key, value in over.items():
         if isinstance(value, dict):

@@ -138,8 +138,10 @@ def evaluate_run(pipe) -> Dict:
             entry["edits"] = _edit_summary(records)
             if arm in MATCHED_ARMS and infused_records:
                 entry["edits"]["count_match"] = count_match(records, infused_records)
+            # one f on both sides: the measurement set is observed with the f v and the prediction were built from
             entry["predicted_vs_actual"] = {"predicted_delta_f": entry["edits"]["predicted_delta_f"],
-                                            "actual_delta_f": entry["measurement"]["delta_f"]["mean"]}
+                                            "actual_delta_f": entry["measurement"]["delta_f"]["mean"],
+                                            "f": pipe.measurement.description}
             if defender is not None:
                 entry["detectors"] = defender.scores(records)
         results["arms"][arm] = entry

@@ -1,8 +1,11 @@
 """What one model does on a measurement set, item by item: the raw observations every arm is compared on.
 
-- contrastive: one item per probe occurrence. f_i = log p(target | prefix) − log p(probe | prefix) (whole words,
-  every token teacher-forced), p(target) = exp log p(target | prefix), whether the target's first token is the model's
-  top-1 next token, whether the target outranks the probe, and log p of each other candidate word (specificity).
+- contrastive: one item per probe occurrence. f_i is the f of the measurement the set is observed for: on the
+  measurement set, the one v and the predicted Δf were built from (against the model's own top m alternatives, or
+  the contrast_words set, at each position); on held-out sets, and always as ``f_pairwise``, log p(target | prefix)
+  − log p(probe | prefix) (whole words, every token teacher-forced). Also p(target) = exp log p(target | prefix),
+  whether the target's first token is the model's top-1 next token, whether the target outranks the probe, and
+  log p of each other candidate word (specificity).
 - completion: one item per prompt. f_i = log p(completion | prompt), and whether the greedy answer and each of
   ``n_samples`` sampled answers contain the completion (case-insensitive, whole word).
 - callable: a single item, f itself.
@@ -77,15 +80,23 @@ def _prefix_logprobs(model, prefixes: Sequence[List[int]], pad_id: int, batch_si
 
 def contrastive_observations(model, tokenizer, documents: Sequence[str], probe: str, target: str,
                              candidates: Sequence[str] = (), max_positions: Optional[int] = None,
-                             max_prefix_tokens: Optional[int] = None) -> Dict[str, List]:
-    """Per probe occurrence: f, p(target), top-1, target over probe, and log p of every candidate word.
+                             max_prefix_tokens: Optional[int] = None, contrast_top: int = 0,
+                             contrast_words: Sequence[str] = ()) -> Dict[str, List]:
+    """Per probe occurrence: f, f_pairwise, p(target), top-1, target over probe, and log p of every candidate word.
+
+    f is the pairwise f unless ``contrast_top`` (m > 0: log p(target) − log Σ p(t) over the probe's first token and
+    the model's own m likeliest other next tokens, the target's first token excluded, chosen on this model as
+    ``TopAlternativesMeasurement`` chooses them) or ``contrast_words`` (log p(target) − log Σ p(w) over the probe and
+    those words) names the measurement's own f.
 
     Each prefix runs once: a single-token word's log p is read off the prefix's next-token distribution, and only
     multi-token words need their own teacher-forced rows. ``max_positions`` keeps the first occurrences;
     ``max_prefix_tokens`` keeps the last tokens of long prefixes (real documents)."""
     probe, target = probe.strip(), target.strip()
     others = [c.strip() for c in candidates if c.strip() and c.strip() not in {probe, target}]
+    set_words = [w.strip() for w in contrast_words if w.strip() and w.strip() not in {probe, target}]
     words = [target, probe] + others
+    scored = words + [w for w in set_words if w not in words]
     occ = probe_occurrences(tokenizer, documents, probe)
     if max_positions is not None:
         occ = occ[:max_positions]
@@ -93,29 +104,47 @@ def contrastive_observations(model, tokenizer, documents: Sequence[str], probe: 
         occ = [(prefix[-max_prefix_tokens:], lead) for prefix, lead in occ]
     next_logp = _prefix_logprobs(model, [prefix for prefix, _ in occ], tokenizer.pad_token_id)
     leads = {l for _, l in occ}
-    word_ids = {(w, lead): word_token_ids(tokenizer, lead + w, "candidate") for w in words for lead in leads}
+    word_ids = {(w, lead): word_token_ids(tokenizer, lead + w, "candidate") for w in scored for lead in leads}
     multi, where = [], {}
     for j, (prefix, lead) in enumerate(occ):
-        for w in words:
+        for w in scored:
             ids = word_ids[(w, lead)]
             if len(ids) > 1:
                 where[(j, w)] = len(multi)
                 multi.append(LogProbRow(prefix + ids, [0] * len(prefix) + [1] * len(ids), 1.0))
     multi_lp = _logprob_rows(model, multi, tokenizer.pad_token_id)[0] if multi else []
-    out: Dict[str, List] = {"f": [], "p_target": [], "top1_is_target": [], "target_over_probe": [],
+    out: Dict[str, List] = {"f": [], "f_pairwise": [], "p_target": [], "top1_is_target": [], "target_over_probe": [],
                             "target_rank": [], "logp": {w: [] for w in words}}
     for j, (prefix, lead) in enumerate(occ):
         first = word_ids[(target, lead)][0]
         out["target_rank"].append(int((next_logp[j] > next_logp[j][first]).sum()))  # 0: the target's first token is top-1
         lp = [multi_lp[where[(j, w)]] if (j, w) in where else float(next_logp[j][word_ids[(w, lead)][0]])
-              for w in words]
+              for w in scored]
         for w, v in zip(words, lp):
             out["logp"][w].append(v)
-        out["f"].append(lp[0] - lp[1])
+        out["f_pairwise"].append(lp[0] - lp[1])
+        if contrast_top:
+            out["f"].append(lp[0] - _top_alternatives_logsumexp(next_logp[j], first, word_ids[(probe, lead)][0],
+                                                                  contrast_top))
+        elif set_words:
+            rest = [lp[1]] + [lp[scored.index(w)] for w in set_words]
+            out["f"].append(lp[0] - float(torch.logsumexp(torch.tensor(rest), 0)))
+        else:
+            out["f"].append(lp[0] - lp[1])
         out["p_target"].append(float(torch.tensor(lp[0]).exp()))
         out["top1_is_target"].append(bool(int(next_logp[j].argmax()) == word_ids[(target, lead)][0]))
         out["target_over_probe"].append(bool(lp[0] > lp[1]))
     return out
+
+
+def _top_alternatives_logsumexp(logp: torch.Tensor, target_first: int, probe_first: int, m: int) -> float:
+    """log Σ p(t) over the probe's first token and the m likeliest other next tokens, the target's excluded: the set
+    ``TopAlternativesMeasurement`` sums over (the same rule, one position)."""
+    ranked = logp.clone()
+    ranked[target_first] = -float("inf")
+    top = ranked.topk(min(m + 1, ranked.numel() - 1)).indices
+    keep = top if bool((top == probe_first).any()) else torch.cat([top[:-1], torch.tensor([probe_first])])
+    return float(torch.logsumexp(logp[keep], 0))
 
 
 def target_rates(obs: dict) -> Dict[str, float]:
@@ -185,7 +214,10 @@ def observe(model, tokenizer, measurement_args, eval_args, which: str | bool = "
                                            max_prefix_tokens=max_length)
         elif m.kind == "contrastive":
             docs = m.heldout_documents if heldout else m.documents
-            obs = contrastive_observations(model, tokenizer, docs, m.probe, m.target, eval_args.candidates)
+            # the measurement set is observed with the f v was built from (so predicted and actual Δf are one f);
+            # held-out sets keep the pairwise f, comparable whatever the measurement
+            own = {} if heldout else {"contrast_top": m.top_alternatives, "contrast_words": m.contrast_words}
+            obs = contrastive_observations(model, tokenizer, docs, m.probe, m.target, eval_args.candidates, **own)
         elif m.kind == "completion":
             prompts = m.heldout_prompts if heldout else m.prompts
             obs = completion_observations(model, tokenizer, prompts, m.completions, m.chat_template,
