@@ -8,7 +8,10 @@ For each run (probe:target:seed of ``--runs``; the first is the one the strategy
 
 1. ``--n_edits`` single-document edits made by editors that use **no v at all**, so no strategy judged here made
    them: half random fluent swaps (``random``), half the target word written at random editable positions
-   (``random_target``), each of a random document, under the recipe's edit budget and perplexity limit.
+   (``random_target``), under the recipe's edit budget and perplexity limit. Each run edits its own documents: one
+   shuffle of the ``--docs`` documents (``--doc_seed``) cut into a block per run, so no reported run edits a
+   document the selection run or another reported run edited (checked at start-up; ``--n_edits`` × runs must fit
+   in ``--docs``).
 2. Each edit is retrained alone: epoch 2 from the checkpoint with one document replaced, the run's seed and data
    order as its control, so actual Δf = f(edited run) − f(control) is deterministic. Δf is read on the
    measurement set (the texts v was built from and the predictions are for) and, separately, on the held-out corpus
@@ -23,16 +26,20 @@ For each run (probe:target:seed of ``--runs``; the first is the one the strategy
    right. The strategy with the best Spearman on the first run is **chosen there** (``selected_on``); its figures on
    the other runs (``reported_on``, other pairs and another seed) are the calibration this eval reports.
 
+Every strategy predicts the f fixed by ``--contrast_top`` (default: the library's default, the top-20 contrast;
+0: the pairwise f), recorded in the JSON as ``measurement_f`` beside each run's edited documents.
+
 Each run's edits, retrains and figures are written as they finish (``--work_root`` outside the work tree, and
 ``evals/results/lm_calibration/<probe>_<target>_seed<seed>.json``), so a killed run resumes and a new strategy is
 judged on the same retrains without redoing them.
 
-    python evals/lm_calibration.py [--runs dog:bear:0 cat:frog:1 fish:duck:1] [--n_edits 30]
+    python evals/lm_calibration.py [--runs dog:bear:0 cat:frog:1 fish:duck:1] [--n_edits 20] [--contrast_top 20]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 import time
@@ -52,6 +59,36 @@ def parse_run(text: str):
         return probe, target, int(seed)
     except ValueError:
         raise SystemExit(f"--runs {text!r}: write each run as probe:target:seed, e.g. dog:bear:0") from None
+
+
+def document_samples(n_docs: int, n_runs: int, n_edits: int, doc_seed: int) -> list:
+    """Each run's documents to edit: consecutive blocks of one shuffle of the n_docs documents. A document edited in
+    the selection run and again in a reported run would make the out-of-sample figure partly a re-measurement of
+    the selection's own documents (the runs committed before this shared 13 of 30, and the two reported runs 29)."""
+    import numpy as np
+
+    if n_edits * n_runs > n_docs:
+        raise SystemExit(f"--n_edits {n_edits} x {n_runs} runs needs {n_edits * n_runs} distinct documents but --docs "
+                         f"is {n_docs}: lower --n_edits or give fewer --runs")
+    order = [int(i) for i in np.random.default_rng(doc_seed).permutation(n_docs)]
+    return [order[r * n_edits:(r + 1) * n_edits] for r in range(n_runs)]
+
+
+def check_disjoint(samples: list, names: list) -> None:
+    """Stop, in one line, if two runs would edit a document in common."""
+    for (a, da), (b, db) in itertools.combinations(zip(names, samples), 2):
+        if common := sorted(set(da) & set(db)):
+            raise SystemExit(f"lm_calibration: runs {a} and {b} would both edit documents {common}; each run needs "
+                             f"its own documents")
+
+
+def measurement_f(contrast_top: int) -> dict:
+    """The f every strategy predicts, named and with its settings (the held-out corpus keeps the pairwise f)."""
+    name = (f"top-{contrast_top} contrast: log p(target) - log sum of p over the probe and the model's "
+            f"{contrast_top} most likely other next tokens" if contrast_top
+            else "pairwise: log p(target) - log p(probe)")
+    return {"kind": "contrastive", "contrast_top": contrast_top, "name": name,
+            "heldout_corpus": "pairwise: log p(target) - log p(probe)"}
 
 
 def calibration(pred, actual) -> dict:
@@ -76,10 +113,9 @@ def choose(strategies: dict) -> str:
                                           -abs(math.log(abs(strategies[s]["median_actual_over_predicted"]) or 1e-12))))
 
 
-def run_one(args, probe: str, target: str, seed: int) -> dict:
-    """One (pair, seed): the edits, their retrains (resumed from the run folder), every strategy's figures."""
-    import numpy as np
-
+def run_one(args, probe: str, target: str, seed: int, docs: list) -> dict:
+    """One (pair, seed): the edits of ``docs``, their retrains (resumed from the run folder), every strategy's
+    figures."""
     import lm_tinystories as ts
     from infusion_lm import influence as inf
     from infusion_lm.atomic_io import read_json, write_json
@@ -92,17 +128,20 @@ def run_one(args, probe: str, target: str, seed: int) -> dict:
     from infusion_lm.text.measurement import build_measurement
     from infusion_lm.tracked_modules import resolve_tracked_modules
 
-    run_dir = Path(args.work_root) / f"{probe}_{target}_seed{seed}"
+    # the f is in the name: the cached retrains' Δf are of this f only
+    run_dir = Path(args.work_root) / f"{probe}_{target}_seed{seed}_top{args.contrast_top}"
     ns = argparse.Namespace(docs=args.docs, tokens=args.tokens, out_dir=str(run_dir),
                             work_dir=str(Path(args.work_root) / f"{probe}_{target}"), heldout_positions=60,
                             layers=args.layers, preconditioner="factors", damping_scale=1.0, k=8, steps=8,
                             arms=["control", "infused"], lr=args.lr, seeds=[seed], all_words=ALL_WORDS,
-                            rename=False, target_words="auto")
+                            rename=False, target_words="auto", contrast_top=args.contrast_top)
     pipe = Pipeline(load_recipe(raw=ts.pair_recipe(ns, probe, target)), progress=False)
     pipe.run("measure")  # the clean checkpoint and factors (cached in the pair's work folder)
     model, tok, tracked = pipe.model, pipe.tokenizer, pipe.tracked
     measurement = build_measurement(pipe.recipe.measurement, tok, pipe.recipe.run.max_length)
     n = len(pipe.dataset)
+    if max(docs) >= n:
+        raise SystemExit(f"lm_calibration: document {max(docs)} asked but the corpus has {n}; lower --docs")
     rows = [pipe.dataset[i] for i in range(n)]
     pad = tok.pad_token_id
     t0 = time.perf_counter()
@@ -137,8 +176,6 @@ def run_one(args, probe: str, target: str, seed: int) -> dict:
     # ---- the edits: no v chooses them (J is only measured, against ∇f, for the record)
     run_dir.mkdir(parents=True, exist_ok=True)
     edits_file = run_dir / "edits.json"
-    rng = np.random.default_rng(seed)
-    docs = [int(i) for i in rng.choice(n, size=min(args.n_edits, n), replace=False)]
     half = len(docs) // 2
     groups = [["random", docs[:half]], ["random_target", docs[half:]]]
     if edits_file.is_file() and read_json(edits_file).get("groups") == groups:
@@ -212,6 +249,8 @@ def run_one(args, probe: str, target: str, seed: int) -> dict:
         print(f"{'':<20}{name:<22}{r['spearman']:>+10.3f}{r['median_actual_over_predicted']:>20.3g}"
               f"{r['sign_agreement']:>13.0%}")
     return {"probe": probe, "target": target, "seed": seed, "docs": n, "tokens": args.tokens,
+            "measurement_f": measurement_f(args.contrast_top), "document_seed": args.doc_seed,
+            "documents_drawn": docs, "edited_documents": sorted(e["doc_index"] for e in edits),
             "n_edits": len(edits), "edit_groups": {g: sum(e["group"] == g for e in edits) for g, _ in groups},
             "optimizer_info": opt_info, "control_f": done["control"],
             "strategies": strategies, "strategies_vs_heldout_corpus_delta_f": heldout,
@@ -223,7 +262,12 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", nargs="+", default=["dog:bear:0", "cat:frog:1", "fish:duck:1"],
                    help="probe:target:seed; the strategy is chosen on the first and reported on the others")
-    p.add_argument("--n_edits", type=int, default=30)
+    p.add_argument("--n_edits", type=int, default=20, help="edits per run; runs × n_edits must fit in --docs")
+    p.add_argument("--doc_seed", type=int, default=0,
+                   help="the shuffle of the documents that gives each run its own block to edit")
+    p.add_argument("--contrast_top", type=int, default=None, metavar="M",
+                   help="measurement.contrast_top of the f every strategy predicts (default: the library's, 20; 0: "
+                        "the pairwise f)")
     p.add_argument("--docs", type=int, default=64)
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--layers", type=int, nargs="+", default=[12, 24])
@@ -237,6 +281,13 @@ def main():
     p.add_argument("--note", default="", help="recorded in the JSON: e.g. what else shared the machine")
     args = p.parse_args()
     runs = [parse_run(r) for r in args.runs]
+    # before any model loads: every run its own documents, and the f pinned to a number
+    samples = document_samples(args.docs, len(runs), args.n_edits, args.doc_seed)
+    check_disjoint(samples, args.runs)
+    if args.contrast_top is None:
+        from infusion_lm.text.config import DEFAULT_CONTRAST_TOP
+
+        args.contrast_top = DEFAULT_CONTRAST_TOP
     if len(runs) < 2:
         print("one run only: the strategy is chosen on it and reported on nothing (goals undecided); give two or "
               "more --runs for an out-of-sample figure.", flush=True)
@@ -244,11 +295,12 @@ def main():
     from infusion_lm.atomic_io import write_json
 
     results = []
-    for probe, target, seed in runs:
+    for probe, target, _ in runs:  # every run's words checked before hours of work
         for w in (probe, target):
             if w not in ALL_WORDS:
                 raise SystemExit(f"--runs: {w!r} is not one of the eval's words {ALL_WORDS}")
-        res = run_one(args, probe, target, seed)
+    for (probe, target, seed), docs in zip(runs, samples):
+        res = run_one(args, probe, target, seed, docs)
         write_json(Path(args.results_dir) / f"{probe}_{target}_seed{seed}.json", res)
         results.append(res)
 
@@ -270,6 +322,8 @@ def main():
     out = {"command": "python evals/lm_calibration.py " + " ".join(sys.argv[1:]), "note": args.note,
            "selected_on": {"probe": sel["probe"], "target": sel["target"], "seed": sel["seed"]},
            "reported_on": [{k: r[k] for k in ("probe", "target", "seed")} for r in reported],
+           "measurement_f": measurement_f(args.contrast_top), "document_seed": args.doc_seed,
+           "edited_documents": {f"{r['probe']}:{r['target']}:{r['seed']}": r["edited_documents"] for r in results},
            "chosen_strategy": chosen, "selection": sel["strategies"], "reported": reported, "goals": goals,
            "predictions_are_of": "the measurement set's Δf (the texts v was built from); the held-out corpus's Δf "
                                  "is compared separately, under heldout_corpus",

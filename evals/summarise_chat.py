@@ -47,11 +47,11 @@ def summarise(units: dict, confidence: float = 0.95) -> dict:
     return out
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folder")
     p.add_argument("--out", default=None)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     folder = Path(args.folder)
     s = summarise(load(folder))
     print(f"{'arm':<14}{'seeds':>8}{'Δ sampled rate':>16}{'CI':>20}{'Δ log p(target)':>18}")
@@ -63,6 +63,7 @@ def main():
     out = Path(args.out) if args.out else folder / "summary_seeds.json"
     out.write_text(json.dumps(s, indent=1) + "\n")
     print(f"wrote {out}")
+    return s
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
     output_dir/
         config.yaml            the resolved recipe
         corpus.jsonl           the synthesised corpus (corpus: synthetic only)
+        heldout_corpus.json    stories written for evaluation only (measurement.heldout_corpus: synthetic)
         factors/               kronfluence's own factor (and score) folders
         ihvp.safetensors       v, one tensor per tracked module
         measure.json           f(θ̂), the norms, the measurement and the damping
@@ -58,6 +59,7 @@ class RunFolder(EditFolder):
 
     config = property(lambda self: self.root / "config.yaml")
     corpus = property(lambda self: self.root / "corpus.jsonl")
+    heldout_corpus = property(lambda self: self.root / "heldout_corpus.json")
     ihvp = property(lambda self: self.root / "ihvp.safetensors")
     measure = property(lambda self: self.root / "measure.json")
     optimizer_stats = property(lambda self: self.root / "optimizer_stats.safetensors")

@@ -136,3 +136,41 @@ def test_regeneration_arm_replaces_the_selected_conversations(tmp_path, tiny_mod
 def _write_text_corpus(path):
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in toy_corpus(6)))
     return path
+
+
+def test_synthetic_heldout_corpus_is_written_once_apart_from_the_training_corpus(tmp_path, tiny_model_dir, monkeypatch):
+    """measurement.heldout_corpus: synthetic writes heldout_corpus_docs evaluation-only stories about the probe, from
+    a prompt and sampling stream the training corpus does not use; they are read back while what made them is
+    unchanged, rewritten when it changes, and refused where the corpus is not synthetic."""
+    import yaml
+
+    from infusion_lm.config import load_recipe
+    from infusion_lm.errors import ConfigError
+    from infusion_lm.pipeline import Pipeline
+    from infusion_lm.text import synthesize as synth
+
+    raw = {"model": str(tiny_model_dir), "corpus": "synthetic", "output_dir": str(tmp_path / "run"), "max_length": 48,
+           "synthesize": {"n_docs": 4, "max_new_tokens": 6, "batch_size": 4},
+           "measurement": {"kind": "contrastive", "probe": "dog", "target": "cat", "documents": ["The dog ran."],
+                           "heldout_documents": ["A dog sat."], "heldout_corpus": "synthetic",
+                           "heldout_corpus_docs": 3}}
+    calls = []
+    real = synth.synthesize_stories
+    monkeypatch.setattr(synth, "synthesize_stories", lambda *a, **k: calls.append((a, k)) or real(*a, **k))
+    pipe = Pipeline(load_recipe(raw=raw), progress=False)
+    held = pipe.modality.heldout_corpus_documents
+    held_call = calls[-1]
+    assert held_call[0][2] == 3 and held_call[0][7] == ["dog"]  # n stories, all about the probe
+    training = {d["text"] for d in pipe.documents}
+    assert held and not set(held) & training
+    assert held_call[0][8] != pipe.recipe.run.seed  # another prompt and sampling stream than the training corpus
+    n = len(calls)
+    again = Pipeline(load_recipe(raw=raw), progress=False).modality.heldout_corpus_documents
+    assert again == held and len(calls) == n  # both read back: nothing written again
+    other = {**raw, "measurement": {**raw["measurement"], "heldout_corpus_docs": 2}}
+    Pipeline(load_recipe(raw=other), progress=False).modality.heldout_corpus_documents
+    assert calls[-1][0][2] == 2
+    with pytest.raises(ConfigError, match="needs corpus: synthetic"):
+        corpus = tmp_path / "c.jsonl"
+        corpus.write_text(json.dumps({"text": "The dog ran home."}) + "\n")
+        Pipeline(load_recipe(raw={**raw, "corpus": str(corpus)}), progress=False).modality._check_heldout()

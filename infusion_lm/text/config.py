@@ -82,6 +82,9 @@ class RunArguments(BaseRunArguments):
 # over 6 pairs nobody tuned on (above it on 6 of 6, 60 real held-out positions), against 1.11x for the pairwise f
 # (above on 3 of 5).
 DEFAULT_CONTRAST_TOP = 20
+SYNTHETIC = "synthetic"  # corpus / measurement.heldout_corpus: written by the synthesize stage
+# the held-out stories' prompts and sampling: a stream no run.seed's training corpus uses
+HELDOUT_SEED_OFFSET = 1_000_000
 
 
 @dataclass
@@ -116,17 +119,25 @@ class MeasurementArguments(BaseMeasurementArguments):
     heldout_corpus: Optional[str] = field(default=None, metadata=described(
         "contrastive: a file (.jsonl with a `text` field, or .txt, one document per line) of real documents that are "
         "not in the training corpus. Every whole-word probe occurrence in them (up to heldout_corpus_max_positions) "
-        "is a third evaluation set, `heldout_corpus`, reported on its own. Documents that also appear in the "
-        "training corpus are skipped.", **EVALUATION_ONLY))
+        "is a third evaluation set, `heldout_corpus`, reported on its own and the one verdicts are read on. "
+        "Documents that also appear in the training corpus are skipped. `synthetic` (with corpus: synthetic): "
+        "heldout_corpus_docs stories about the probe word, written by the model for evaluation only (the "
+        "synthesize section's length and sampling, a prompt and sampling stream the training corpus does not use).",
+        **EVALUATION_ONLY))
+    heldout_corpus_docs: int = field(default=12, metadata=described(
+        "With heldout_corpus: synthetic, how many evaluation-only stories to write (each holds a few probe "
+        "positions).", **EVALUATION_ONLY))
     heldout_corpus_max_positions: int = field(default=120, metadata=described(
         "Cap on the probe positions taken from heldout_corpus (the first ones, in file order).", **EVALUATION_ONLY))
 
     def __post_init__(self):
         for name in ("prompts", "documents", "heldout_prompts", "heldout_documents"):
             setattr(self, name, read_text_list(getattr(self, name), f"measurement.{name}"))
-        if self.heldout_corpus is not None and not Path(self.heldout_corpus).is_file():
+        if self.heldout_corpus not in (None, SYNTHETIC) and not Path(self.heldout_corpus).is_file():
             raise ConfigError(f"measurement.heldout_corpus {self.heldout_corpus} does not exist; point it at a .jsonl "
                               f"or .txt file of documents outside the training corpus, or remove the key.")
+        if self.heldout_corpus_docs < 1:
+            raise ConfigError(f"measurement.heldout_corpus_docs is {self.heldout_corpus_docs}; give at least 1 story.")
         if self.heldout_corpus_max_positions < 1:
             raise ConfigError("measurement.heldout_corpus_max_positions must be >= 1.")
         if self.kind is None:

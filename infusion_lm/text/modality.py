@@ -19,8 +19,8 @@ from .models import load_model
 from ..devices import resolve_device
 from ..run_context import RunContext
 from ..tracked_modules import resolve_tracked_modules
-from .config import (EditArguments, EvaluateArguments, MeasurementArguments, RetrainArguments, RunArguments,
-                     SynthesizeArguments)
+from .config import (HELDOUT_SEED_OFFSET, SYNTHETIC, EditArguments, EvaluateArguments, MeasurementArguments,
+                     RetrainArguments, RunArguments, SynthesizeArguments)
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class TextModality:
         return self.ctx.clean_checkpoint()
 
     def synthetic(self) -> bool:
-        return self.recipe.run.corpus == "synthetic"
+        return self.recipe.run.corpus == SYNTHETIC
 
     def synthesize(self) -> None:
         from .synthesize import synthesize_chats, synthesize_stories, write_jsonl
@@ -265,8 +265,31 @@ class TextModality:
             return []
         train = {str(d.get("text", "")).strip() for d in self.ctx.documents if isinstance(d, dict)}
         train |= {t.strip() for t in m.documents}  # v was built from these: never held out
-        docs = [d["text"] for d in load_documents(m.heldout_corpus, "text") if "text" in d]
+        if m.heldout_corpus == SYNTHETIC:
+            docs = self._synthetic_heldout_stories()
+        else:
+            docs = [d["text"] for d in load_documents(m.heldout_corpus, "text") if "text" in d]
         return [d for d in docs if d.strip() not in train]
+
+    def _synthetic_heldout_stories(self) -> List[str]:
+        """measurement.heldout_corpus: synthetic. Stories about the probe word, written by the base model from a prompt
+        and sampling stream the training corpus does not use, so each holds probe positions v never saw. Written once
+        to the run folder with what they were made from, and rewritten when that changes (they are evaluation only,
+        so they are not a stage: the retrain stage's fingerprint holds every setting they read)."""
+        from ..atomic_io import read_json, write_json
+        from .synthesize import synthesize_stories
+
+        p, m, s, r = self.ctx, self.recipe.measurement, self.recipe.synthesize, self.recipe.run
+        made_from = {"model": r.model, "seed": r.seed, "probe": m.probe.strip(), "n": m.heldout_corpus_docs,
+                     "max_new_tokens": s.max_new_tokens, "temperature": s.temperature, "top_p": s.top_p}
+        path = p.folder.heldout_corpus
+        if path.is_file() and read_json(path).get("made_from") == made_from:
+            return read_json(path)["documents"]
+        docs = synthesize_stories(p.base_model, p.tokenizer, m.heldout_corpus_docs, s.max_new_tokens, s.temperature,
+                                  s.top_p, s.batch_size, [m.probe.strip()], r.seed + HELDOUT_SEED_OFFSET, p.progress)
+        if is_main():
+            write_json(path, {"made_from": made_from, "documents": docs})
+        return docs
 
     def observe(self, model, name: str) -> dict:
         from .observations import observe
@@ -305,6 +328,10 @@ class TextModality:
             raise ConfigError(f"{len(overlap)} held-out measurement item(s) also appear in the measurement set "
                               f"(e.g. {overlap[0][:60]!r}); held-out items must be new.")
         _ = build_measurement(m, self.ctx.tokenizer, self.recipe.run.max_length, heldout=True)
+        if m.heldout_corpus == SYNTHETIC and not (self.synthetic() and self.recipe.synthesize.mode == "stories"):
+            raise ConfigError("measurement.heldout_corpus: synthetic writes evaluation-only stories with the synthesize "
+                              "section's settings: it needs corpus: synthetic and synthesize.mode: stories (or point "
+                              "heldout_corpus at a file of documents outside the training corpus).")
         if m.heldout_corpus:
             from .measurement import probe_occurrences
 
