@@ -142,8 +142,6 @@ def test_synthetic_heldout_corpus_is_written_once_apart_from_the_training_corpus
     """measurement.heldout_corpus: synthetic writes heldout_corpus_docs evaluation-only stories about the probe, from
     a prompt and sampling stream the training corpus does not use; they are read back while what made them is
     unchanged, rewritten when it changes, and refused where the corpus is not synthetic."""
-    import yaml
-
     from infusion_lm.config import load_recipe
     from infusion_lm.errors import ConfigError
     from infusion_lm.pipeline import Pipeline
