@@ -23,9 +23,8 @@ SGD: v_s = lr_s c_s P_c[∇f] / N_s. A document drawn in several epochs sums its
 
 The gradients g_u are those of θ̂ on the batches the seeded sampler draws (:func:`infusion_lm.retrain.batch_order`);
 m and v start from the checkpoint's ``optimizer.pt`` (:func:`checkpoint_moments`) or at zero for a fresh optimizer.
-A and B are accumulated from the last step backwards while m and v are rolled back in float64, one module at a
-time, so memory is the per-step v_s (float32) and, while they are built, the per-step gradients (float32, then bf16
-for the clipped steps' projection): about 1.5–2 × steps × tracked parameters × 4 bytes.
+They stream forward in float64 (:class:`TrajectoryResponse`): memory is bounded per group of tracked modules, not by
+the corpus or the steps; time is one pass over the batches per group.
 """
 
 from __future__ import annotations
@@ -38,35 +37,202 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
-from .influence import grads_by_module, measurement_gradients, module_params
+from .influence import grads_by_module, measurement_gradients
+from .param_layout import module_params
 from .optimizer_influence import batch_gradients, learning_rates
 
 
-class TrajectoryResponse:
-    """Per-step v of one retraining (:func:`trajectory_response`) and the steps each document is drawn at."""
+# Bytes per tracked parameter while its group streams: ∇f, m, v, the two open segment sums (float64), the tangent
+# (float32); and per needed step, its clipped gradient (float32).
+_BYTES_PER_PARAM, _BYTES_PER_PARAM_PER_STEP = 44, 4
+PREDICTION_MEMORY_BYTES = 1 << 30  # the state one group of modules may hold; more modules -> more passes over the data
 
-    def __init__(self, model: nn.Module, v_steps: List[Dict[str, torch.Tensor]], order: Sequence[Sequence[int]],
-                 info: dict):
-        self.model, self.v_steps, self.order, self.info = model, v_steps, [list(b) for b in order], info
+
+def second_moment_term(m, sq, D, lr: float, bc1: float, bc2: float) -> torch.Tensor:
+    """b_u = lr_u m̂_u / ((1 − β2^t) √v̂_u D_u²): step u's share of B_s (zero where v̂ is zero)."""
+    return torch.where(sq > 0, lr * (m / bc1) / (bc2 * sq.clamp_min(1e-300) * D * D), torch.zeros_like(sq))
+
+
+class TrajectoryResponse:
+    """The retraining's first-order response (:func:`trajectory_response`), computed for the rows asked for.
+
+    Nothing of size steps × parameters is held. v_s enters J only through ⟨∇L(z), v_s⟩ for the steps s that draw an
+    asked-for document, and A_s (B_s alike) of those steps splits over the segments between them: A_{s_j} =
+    Σ_{i ≥ j} β1^(s_i − s_j) Seg_i, Seg_i = Σ_{s_i ≤ u < s_{i+1}} β1^(u − s_i) a_u. One pass over the steps (gradients
+    recomputed, moments rolled forward) keeps one open segment; when it closes, forward-mode J takes its share of
+    every earlier step's rows (tangent ∇f ⊙ Seg, or ∇f ⊙ g̃_{s_j} ⊙ Seg for the second moment). The clip's projection
+    needs ⟨g_s, v_s⟩, ‖g_s‖² and ⟨∇L(z), g_s⟩. Modules go in groups whose state fits ``memory_bytes``, one pass over
+    the data per group; every quantity adds over groups."""
+
+    def __init__(self, model: nn.Module, measurement, rows: Sequence[Mapping], order: Sequence[Sequence[int]], retrain,
+                 tracked: Sequence[str], pad_token_id: int, start_step: int, state: Optional[Mapping], betas, eps: float,
+                 progress: bool, memory_bytes: int):
+        optim = retrain.optim
+        if not (optim.startswith("adam") or optim.startswith("sgd")):
+            raise ConfigError(f"influence.prediction=optimizer models AdamW and SGD, not retrain.optim={optim!r}; "
+                              f"use influence.prediction: same_v.")
+        self.model, self.measurement, self.rows, self.retrain = model, measurement, rows, retrain
+        self.tracked, self.pad, self.start_step, self.state = list(tracked), pad_token_id, start_step, state
+        self.betas, self.eps, self.progress, self.memory_bytes = betas, eps, progress, memory_bytes
+        self.adam = optim.startswith("adam")
+        self.order = [list(b) for b in order]
+        total = max(start_step + len(order), math.ceil(len(rows) / retrain.batch_size) * retrain.epochs)
+        self.lrs = learning_rates(retrain.learning_rate, retrain.lr_scheduler_type, total)
         self.doc_steps: Dict[int, List[int]] = {}
         for s, batch in enumerate(self.order):
             for i in batch:
                 self.doc_steps.setdefault(int(i), []).append(s)
+        self._steps: Optional[dict] = None  # per-step clip factors, gradient norms and tokens, once a pass has run
+        self.passes = 0
+
+    @property
+    def info(self) -> dict:
+        if self._steps is None:  # one pass over the batches for their norms alone
+            norms, tokens = [], []
+            for _, norm, n_tok in batch_gradients(self.model, self.rows, self.order, self.tracked[:1], self.pad,
+                                                  "optimizer trajectory (norms)", self.progress):
+                norms, tokens = norms + [norm], tokens + [n_tok]
+            self._steps = {"clip_factors": [self._clip(x) for x in norms], "gradient_norms": norms,
+                           "tokens_per_batch": tokens}
+        return {"steps": len(self.order), "start_step": self.start_step,
+                "optimizer_state": "checkpoint" if self.state is not None else "fresh",
+                "optim": self.retrain.optim, "passes_over_the_data": self.passes, **self._steps}
+
+    def _clip(self, norm: float) -> float:
+        c = self.retrain.max_grad_norm
+        return min(1.0, c / (norm + 1e-6)) if c > 0 else 1.0
+
+    def _groups(self, n_needed_steps: int) -> List[List[str]]:
+        """The tracked modules in order, cut into groups whose streaming state fits ``memory_bytes``."""
+        per = _BYTES_PER_PARAM + _BYTES_PER_PARAM_PER_STEP * n_needed_steps
+        groups, size = [[]], 0
+        for name in self.tracked:
+            n = sum(p.numel() for p in module_params(self.model, name) if p is not None)
+            if groups[-1] and (size + n) * per > self.memory_bytes:
+                groups.append([])
+                size = 0
+            groups[-1].append(name)
+            size += n
+        return groups
 
     def j(self, indices: Sequence[int], rows: Sequence[Mapping], pad_token_id: int) -> torch.Tensor:
         """J(z) = Σ over the steps that draw document indices[i] of ⟨∇L(rows[i]), v_s⟩ (rows may be edited texts)."""
-        from .forward_mode_j import ForwardModeJ
-
+        pairs = [(pos, s) for pos, i in enumerate(indices) for s in self.doc_steps.get(int(i), [])]
         out = torch.zeros(len(rows), dtype=torch.float64)
-        by_step: Dict[int, List[int]] = {}
-        for pos, i in enumerate(indices):
-            for s in self.doc_steps.get(int(i), []):
-                by_step.setdefault(s, []).append(pos)
+        if not pairs:
+            return out
         strip = lambda r: {"input_ids": list(r["input_ids"]), "labels": list(r["labels"])}
-        for s, positions in sorted(by_step.items()):
-            js = ForwardModeJ(self.model, self.v_steps[s]).dataset([strip(rows[p]) for p in positions], pad_token_id)
-            out[positions] += js.double()
+        rows = [strip(r) for r in rows]
+        needed = sorted({s for _, s in pairs})
+        at_step = {s: [k for k, (_, t) in enumerate(pairs) if t == s] for s in needed}
+        U = torch.zeros(len(pairs), dtype=torch.float64)  # ⟨∇L(z), w_s⟩, w_s the unprojected v_s before c_s/N_s
+        Gz = torch.zeros(len(pairs), dtype=torch.float64)  # ⟨∇L(z), g_s⟩ (clipped steps only)
+        dot = {s: 0.0 for s in needed}  # ⟨g_s, w_s⟩
+        gn2 = {s: 0.0 for s in needed}  # ‖g_s‖²
+        steps = {"norms": [], "tokens": []}
+
+        def jvp(tangent: Dict[str, torch.Tensor], which: List[int]) -> torch.Tensor:
+            """⟨∇L(rows[pos]), tangent⟩ for the pairs ``which`` (each distinct row once)."""
+            from .forward_mode_j import ForwardModeJ
+
+            positions = sorted({pairs[k][0] for k in which})
+            js = ForwardModeJ(self.model, {k: t.float() for k, t in tangent.items()}).dataset(
+                [rows[p] for p in positions], pad_token_id).double()
+            by_pos = dict(zip(positions, js.tolist()))
+            return torch.tensor([by_pos[pairs[k][0]] for k in which], dtype=torch.float64)
+
+        for g_index, group in enumerate(self._groups(len(needed))):
+            self._stream_group(group, needed, at_step, jvp, U, Gz, dot, gn2, steps if g_index == 0 else None)
+        if self._steps is None:
+            self._steps = {"clip_factors": [self._clip(x) for x in steps["norms"]], "gradient_norms": steps["norms"],
+                           "tokens_per_batch": steps["tokens"]}
+        clips, tokens = self._steps["clip_factors"], self._steps["tokens_per_batch"]
+        for k, (pos, s) in enumerate(pairs):
+            w = U[k] - (Gz[k] * dot[s] / gn2[s] if clips[s] < 1.0 and gn2[s] > 0 else 0.0)
+            out[pos] += clips[s] / tokens[s] * w
         return out
+
+    def _stream_group(self, group, needed, at_step, jvp, U, Gz, dot, gn2, steps) -> None:
+        """One pass over the steps for one group of modules: Adam's moments forward, the open segment's sums, and
+        each closed segment's contribution to U (and to the clip's dot products)."""
+        b1, b2 = self.betas
+        params = {n: module_params(self.model, n) for n in group}
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        grad_f = {k: g.double() for k, g in measurement_gradients(self.model, self.measurement, group).items()}
+        moments = {k: _initial_moments(k, params[k], names, self.state) if self.adam else None for k in group}
+        t0 = int(self.state["step"]) if self.state is not None else 0  # a fresh optimizer counts from 0
+        saved: Dict[int, Dict[str, torch.Tensor]] = {}  # needed step -> its clipped gradient g̃ (float32)
+        clip_of: Dict[int, float] = {}
+        seg = {"start": None, "A": {}, "B": {}}
+        is_needed = set(needed)
+
+        def close_segment():
+            """Adam: the open segment's sums reach every earlier needed step's rows, weighted by β^(s_i − s_j)."""
+            si = seg["start"]
+            if si is None:
+                return
+            earlier = [sj for sj in needed if sj <= si]
+            # the first-moment term: one tangent for every earlier step's rows
+            which = [k for sj in earlier for k in at_step[sj]]
+            weight = torch.tensor([(1 - b1) * b1 ** (si - sj) for sj in earlier for _ in at_step[sj]],
+                                  dtype=torch.float64)
+            tangent = {k: grad_f[k] * seg["A"][k] for k in group}
+            U[which] += weight * jvp(tangent, which)
+            for sj in earlier:  # the second-moment term: its tangent carries the step's own gradient
+                c, fa, fb = clip_of[sj], (1 - b1) * b1 ** (si - sj), (1 - b2) * b2 ** (si - sj)
+                tb = {k: grad_f[k] * saved[sj][k].double() * seg["B"][k] for k in group}
+                U[at_step[sj]] -= fb * jvp(tb, at_step[sj])
+                if c < 1.0:
+                    dot[sj] += sum(float((saved[sj][k].double() / c * (fa * tangent[k] - fb * tb[k])).sum())
+                                   for k in group)
+            seg["start"], seg["A"], seg["B"] = None, {}, {}
+
+        self.passes += 1
+        for u, (grads, norm, n_tok) in enumerate(batch_gradients(
+                self.model, self.rows, self.order, group, self.pad, "optimizer trajectory", self.progress)):
+            c = self._clip(norm)
+            if steps is not None:
+                steps["norms"], steps["tokens"] = steps["norms"] + [norm], steps["tokens"] + [n_tok]
+            g_t = {k: (c * x.double()).float() for k, x in grads_by_module(params, grads).items()}
+            del grads
+            if u in is_needed:
+                if self.adam:
+                    close_segment()  # the open segment ends where the next needed step begins
+                saved[u], clip_of[u] = g_t, c
+                seg["start"] = u
+                if c < 1.0:
+                    gn2[u] += sum(float((x.double() / c).pow(2).sum()) for x in g_t.values())
+                    Gz[at_step[u]] += jvp({k: x / c for k, x in g_t.items()}, at_step[u])
+            if not self.adam:
+                continue
+            t, lr = t0 + u + 1, self.lrs[self.start_step + u]
+            bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
+            for k in group:
+                m, v = moments[k]
+                gd = g_t[k].double()
+                m = b1 * m + (1 - b1) * gd
+                v = b2 * v + (1 - b2) * gd * gd
+                moments[k] = (m, v)
+                if seg["start"] is None:
+                    continue  # before the first needed step: only the moments matter
+                sq = (v.clamp_min(0) / bc2).sqrt()
+                D = sq + self.eps
+                a = lr / (bc1 * D)
+                b = second_moment_term(m, sq, D, lr, bc1, bc2)
+                decay = u - seg["start"]
+                if decay == 0:
+                    seg["A"][k], seg["B"][k] = a, b
+                else:
+                    seg["A"][k].add_(a, alpha=b1 ** decay)
+                    seg["B"][k].add_(b, alpha=b2 ** decay)
+        if not self.adam:  # SGD: v_s = lr_s ∇f, nothing accumulates over later steps
+            for sj in needed:
+                lr = self.lrs[self.start_step + sj]
+                U[at_step[sj]] += lr * jvp(grad_f, at_step[sj])
+                if clip_of[sj] < 1.0:
+                    dot[sj] += lr * sum(float((saved[sj][k].double() / clip_of[sj] * grad_f[k]).sum()) for k in group)
+            return
+        close_segment()
 
     def effects(self, rows: Sequence[Mapping], pad_token_id: int) -> torch.Tensor:
         """d f(θ_T) / d w_z for every document of the corpus (rows in corpus order): −J(z)."""
@@ -74,86 +240,27 @@ class TrajectoryResponse:
 
     def predicted(self, indices: Sequence[int], before: Sequence[Mapping], after: Sequence[Mapping],
                   pad_token_id: int) -> List[float]:
-        """Predicted Δf of replacing document indices[i] (before[i]) by after[i]: −(J(after) − J(before))."""
-        return (-(self.j(indices, after, pad_token_id) - self.j(indices, before, pad_token_id))).tolist()
+        """Predicted Δf of replacing document indices[i] (before[i]) by after[i]: −(J(after) − J(before)), one pass."""
+        n = len(indices)
+        js = self.j(list(indices) + list(indices), list(before) + list(after), pad_token_id)
+        return (-(js[n:] - js[:n])).tolist()
 
 
 def trajectory_response(model: nn.Module, measurement, rows: Sequence[Mapping], order: Sequence[Sequence[int]],
                         retrain, tracked: Sequence[str], pad_token_id: int, start_step: int = 0,
                         state: Optional[Mapping] = None, betas=(0.9, 0.999), eps: float = 1e-8,
-                        progress: bool = False) -> TrajectoryResponse:
-    """The per-step v of the retraining ``retrain`` (a RetrainArguments) that runs the global batches ``order``
-    (row indices of each optimizer step, after ``start_step`` steps already taken), from θ̂ = ``model``.
+                        progress: bool = False, memory_bytes: int = PREDICTION_MEMORY_BYTES) -> TrajectoryResponse:
+    """The first-order response of the retraining ``retrain`` (a RetrainArguments) that runs the global batches
+    ``order`` (row indices of each optimizer step, after ``start_step`` steps already taken), from θ̂ = ``model``:
+    per step s, v_s as in the module docstring, evaluated for the rows :meth:`TrajectoryResponse.j` is asked about.
 
     ``state``: Adam's moments at the start, ``{"m": {name: tensor}, "v": {...}, "step": int}`` with parameter names
     as in ``model.named_parameters()`` (:func:`checkpoint_moments` reads them from a Trainer checkpoint); None starts
     a fresh optimizer (m = v = 0, its step counter at 0, while the learning-rate schedule continues from
-    ``start_step``). Weight decay is left out (first order it only shrinks later changes by (1 − lr·wd) per step)."""
-    optim = retrain.optim
-    adam = optim.startswith("adam")
-    if not (adam or optim.startswith("sgd")):
-        raise ConfigError(f"influence.prediction=optimizer models AdamW and SGD, not retrain.optim={optim!r}; "
-                          f"use influence.prediction: same_v.")
-    total = max(start_step + len(order), math.ceil(len(rows) / retrain.batch_size) * retrain.epochs)
-    lrs = learning_rates(retrain.learning_rate, retrain.lr_scheduler_type, total)
-    b1, b2 = betas
-    params = {n: module_params(model, n) for n in tracked}
-    names = {id(p): n for n, p in model.named_parameters()}
-    grad_f = {k: g.double() for k, g in measurement_gradients(model, measurement, tracked).items()}
-
-    # the clipped batch gradients g̃_s of θ̂ at every step (module layout), their clip factors and token counts
-    g_steps, clips, norms, tokens = [], [], [], []
-    for grads, norm, n_tok in batch_gradients(model, rows, order, tracked, pad_token_id, "optimizer trajectory",
-                                              progress):
-        c = min(1.0, retrain.max_grad_norm / (norm + 1e-6)) if retrain.max_grad_norm > 0 else 1.0
-        g_steps.append({k: (c * x.double()).float() for k, x in grads_by_module(params, grads).items()})
-        clips.append(c)
-        norms.append(norm)
-        tokens.append(n_tok)
-
-    S = len(order)
-    v_steps: List[Dict[str, torch.Tensor]] = [{} for _ in range(S)]
-    t0 = int(state["step"]) if state is not None else 0  # a fresh optimizer counts its steps from 0
-    for k in grad_f:  # module by module: the float64 moments and sums are one module's size at a time
-        if not adam:
-            for s in range(S):
-                v_steps[s][k] = (lrs[start_step + s] * grad_f[k]).float()
-                g_steps[s][k] = g_steps[s][k].bfloat16() if clips[s] < 1.0 else None
-            continue
-        m, v = _initial_moments(k, params[k], names, state)
-        for s in range(S):  # forward: the moments after the last step
-            gd = g_steps[s][k].double()
-            m = b1 * m + (1 - b1) * gd
-            v = b2 * v + (1 - b2) * gd * gd
-        A, B = torch.zeros_like(m), torch.zeros_like(m)
-        for s in reversed(range(S)):
-            t = t0 + s + 1
-            lr = lrs[start_step + s]
-            bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
-            sq = (v.clamp_min(0) / bc2).sqrt()
-            D = sq + eps
-            A = lr / (bc1 * D) + b1 * A
-            B = torch.where(sq > 0, lr * (m / bc1) / (bc2 * sq.clamp_min(1e-300) * D * D), torch.zeros_like(sq)) + b2 * B
-            g = g_steps[s][k].double()
-            v_steps[s][k] = (grad_f[k] * ((1 - b1) * A - (1 - b2) * g * B)).float()
-            # kept only for the clip's rank-one projection below, in bf16: memory peaks near 1.5 × steps × params
-            g_steps[s][k] = g_steps[s][k].bfloat16() if clips[s] < 1.0 else None
-            # roll the moments back to the step before s (float64: the error grows as 1/β per step)
-            m = (m - (1 - b1) * g) / b1 if b1 > 0 else torch.zeros_like(m)
-            v = (v - (1 - b2) * g * g) / b2 if b2 > 0 else torch.zeros_like(v)
-    for s in range(S):
-        c = clips[s]
-        out = v_steps[s]
-        if c < 1.0:  # the clip factor moves with the gradient: project out the batch gradient's own direction
-            g_hat_norm2 = sum(float((g_steps[s][k].double() ** 2).sum()) for k in out) / (c * c)
-            dot = sum(float((out[k] * g_steps[s][k].double()).sum()) for k in out) / c
-            for k in out:
-                out[k] = out[k] - (dot / g_hat_norm2) * (g_steps[s][k].double() / c)
-        v_steps[s] = {k: (c * x / tokens[s]).float().cpu() for k, x in out.items()}
-        g_steps[s] = None  # free as we go
-    info = {"steps": S, "start_step": start_step, "optimizer_state": "checkpoint" if state is not None else "fresh",
-            "clip_factors": clips, "gradient_norms": norms, "tokens_per_batch": tokens, "optim": optim}
-    return TrajectoryResponse(model, v_steps, order, info)
+    ``start_step``). Weight decay is left out (first order it only shrinks later changes by (1 − lr·wd) per step).
+    ``memory_bytes`` bounds the streaming state of one group of modules (see :class:`TrajectoryResponse`)."""
+    return TrajectoryResponse(model, measurement, rows, order, retrain, tracked, pad_token_id, start_step, state,
+                              betas, eps, progress, memory_bytes)
 
 
 def _initial_moments(name: str, module: tuple, names: Mapping[int, str], state: Optional[Mapping]):
@@ -223,8 +330,8 @@ def predict_edits(model: nn.Module, measurement, rows: Sequence[Mapping], retrai
     does not apply (LoRA adapters, whose optimizer state is not over the tracked weights, and ``from_scratch``).
 
     The retraining replays the epochs after ``start_step`` (all of them from the model, the last from a clean
-    checkpoint), with Adam's moments from the checkpoint's ``optimizer.pt`` when there is one. One seed's per-step v
-    lives at a time: memory is (steps per retrained epoch × epochs) × the tracked parameters."""
+    checkpoint), with Adam's moments from the checkpoint's ``optimizer.pt`` when there is one. Each seed streams its
+    own batches; memory is bounded per group of modules (:class:`TrajectoryResponse`), whatever the number of steps."""
     if retrain.lora or retrain.from_scratch:
         return None
     per_seed, infos = [], []

@@ -341,7 +341,14 @@ class TextModality:
             if not docs:
                 raise MeasurementError(f"Every document of measurement.heldout_corpus {m.heldout_corpus} is also in the "
                                        f"training corpus; point it at documents outside it.")
-            probe_occurrences(self.ctx.tokenizer, docs, m.probe)  # no probe occurrence: a clear error now
+            try:
+                probe_occurrences(self.ctx.tokenizer, docs, m.probe)  # no probe occurrence: a clear error now
+            except MeasurementError:
+                where = (f"the {len(docs)} stories the model wrote for evaluation" if m.heldout_corpus == SYNTHETIC
+                         else f"the {len(docs)} documents of {m.heldout_corpus}")
+                raise MeasurementError(f"measurement.heldout_corpus: the probe {m.probe.strip()!r} occurs in none of "
+                                       f"{where}; give documents that contain it (or more: heldout_corpus_docs), or "
+                                       f"remove measurement.heldout_corpus.") from None
 
     @staticmethod
     def evaluate(pipe) -> None:
