@@ -23,8 +23,8 @@ SGD: v_s = lr_s c_s P_c[∇f] / N_s. A document drawn in several epochs sums its
 
 The gradients g_u are those of θ̂ on the batches the seeded sampler draws (:func:`infusion_lm.retrain.batch_order`);
 m and v start from the checkpoint's ``optimizer.pt`` (:func:`checkpoint_moments`) or at zero for a fresh optimizer.
-They stream forward in float64 (:class:`TrajectoryResponse`): memory is bounded per group of tracked modules, not by
-the corpus or the steps; time is one pass over the batches per group.
+They stream forward in float32, as the Trainer keeps them (:class:`TrajectoryResponse`): memory is bounded per group
+of tracked modules, not by the corpus or the steps; time is one pass over the batches per group.
 """
 
 from __future__ import annotations
@@ -42,10 +42,10 @@ from .param_layout import module_params
 from .optimizer_influence import batch_gradients, learning_rates
 
 
-# Bytes per tracked parameter while its group streams: ∇f, m, v, the two open segment sums (float64), the tangent
-# (float32); and per needed step, its clipped gradient (float32).
-_BYTES_PER_PARAM, _BYTES_PER_PARAM_PER_STEP = 44, 4
-PREDICTION_MEMORY_BYTES = 1 << 30  # the state one group of modules may hold; more modules -> more passes over the data
+# Bytes per tracked parameter while its group streams: ∇f, m, v and per-module temporaries (float32); and per needed
+# step, its w_s so far and its clipped gradient (float32).
+_BYTES_PER_PARAM, _BYTES_PER_PARAM_PER_STEP = 24, 8
+PREDICTION_MEMORY_BYTES = 2 << 30  # the state one group of modules may hold; more modules -> more passes over the data
 
 
 def second_moment_term(m, sq, D, lr: float, bc1: float, bc2: float) -> torch.Tensor:
@@ -57,12 +57,11 @@ class TrajectoryResponse:
     """The retraining's first-order response (:func:`trajectory_response`), computed for the rows asked for.
 
     Nothing of size steps × parameters is held. v_s enters J only through ⟨∇L(z), v_s⟩ for the steps s that draw an
-    asked-for document, and A_s (B_s alike) of those steps splits over the segments between them: A_{s_j} =
-    Σ_{i ≥ j} β1^(s_i − s_j) Seg_i, Seg_i = Σ_{s_i ≤ u < s_{i+1}} β1^(u − s_i) a_u. One pass over the steps (gradients
-    recomputed, moments rolled forward) keeps one open segment; when it closes, forward-mode J takes its share of
-    every earlier step's rows (tangent ∇f ⊙ Seg, or ∇f ⊙ g̃_{s_j} ⊙ Seg for the second moment). The clip's projection
-    needs ⟨g_s, v_s⟩, ‖g_s‖² and ⟨∇L(z), g_s⟩. Modules go in groups whose state fits ``memory_bytes``, one pass over
-    the data per group; every quantity adds over groups."""
+    asked-for document, so one pass over the steps in their order (each batch's gradient recomputed, Adam's moments
+    rolled forward) accumulates the unprojected v_s of those steps alone as each later step u passes (A_s and B_s are
+    sums over u ≥ s), and forward-mode J reads each at the end. The clip's projection needs ⟨g_s, v_s⟩, ‖g_s‖² and
+    ⟨∇L(z), g_s⟩. Modules go in groups whose state fits ``memory_bytes``, one pass over the data per group; every
+    quantity adds over groups."""
 
     def __init__(self, model: nn.Module, measurement, rows: Sequence[Mapping], order: Sequence[Sequence[int]], retrain,
                  tracked: Sequence[str], pad_token_id: int, start_step: int, state: Optional[Mapping], betas, eps: float,
@@ -153,40 +152,19 @@ class TrajectoryResponse:
         return out
 
     def _stream_group(self, group, needed, at_step, jvp, U, Gz, dot, gn2, steps) -> None:
-        """One pass over the steps for one group of modules: Adam's moments forward, the open segment's sums, and
-        each closed segment's contribution to U (and to the clip's dot products)."""
+        """One pass over the steps for one group of modules: Adam's moments forward (float32, as the Trainer keeps
+        them) and, for each needed step s, w_s = ∇f ⊙ Σ_{u ≥ s} [(1 − β1) β1^(u−s) a_u − (1 − β2) β2^(u−s) g̃_s b_u]
+        accumulated as u passes; then one JVP per needed step (two where its batch was clipped)."""
         b1, b2 = self.betas
         params = {n: module_params(self.model, n) for n in group}
         names = {id(p): n for n, p in self.model.named_parameters()}
-        grad_f = {k: g.double() for k, g in measurement_gradients(self.model, self.measurement, group).items()}
-        moments = {k: _initial_moments(k, params[k], names, self.state) if self.adam else None for k in group}
+        grad_f = {k: g.float() for k, g in measurement_gradients(self.model, self.measurement, group).items()}
+        moments = {k: tuple(x.float() for x in _initial_moments(k, params[k], names, self.state)) if self.adam
+                   else None for k in group}
         t0 = int(self.state["step"]) if self.state is not None else 0  # a fresh optimizer counts from 0
-        saved: Dict[int, Dict[str, torch.Tensor]] = {}  # needed step -> its clipped gradient g̃ (float32)
+        saved: Dict[int, Dict[str, torch.Tensor]] = {}  # needed step -> its clipped gradient g̃
+        w: Dict[int, Dict[str, torch.Tensor]] = {}  # needed step -> its w_s, so far
         clip_of: Dict[int, float] = {}
-        seg = {"start": None, "A": {}, "B": {}}
-        is_needed = set(needed)
-
-        def close_segment():
-            """Adam: the open segment's sums reach every earlier needed step's rows, weighted by β^(s_i − s_j)."""
-            si = seg["start"]
-            if si is None:
-                return
-            earlier = [sj for sj in needed if sj <= si]
-            # the first-moment term: one tangent for every earlier step's rows
-            which = [k for sj in earlier for k in at_step[sj]]
-            weight = torch.tensor([(1 - b1) * b1 ** (si - sj) for sj in earlier for _ in at_step[sj]],
-                                  dtype=torch.float64)
-            tangent = {k: grad_f[k] * seg["A"][k] for k in group}
-            U[which] += weight * jvp(tangent, which)
-            for sj in earlier:  # the second-moment term: its tangent carries the step's own gradient
-                c, fa, fb = clip_of[sj], (1 - b1) * b1 ** (si - sj), (1 - b2) * b2 ** (si - sj)
-                tb = {k: grad_f[k] * saved[sj][k].double() * seg["B"][k] for k in group}
-                U[at_step[sj]] -= fb * jvp(tb, at_step[sj])
-                if c < 1.0:
-                    dot[sj] += sum(float((saved[sj][k].double() / c * (fa * tangent[k] - fb * tb[k])).sum())
-                                   for k in group)
-            seg["start"], seg["A"], seg["B"] = None, {}, {}
-
         self.passes += 1
         for u, (grads, norm, n_tok) in enumerate(batch_gradients(
                 self.model, self.rows, self.order, group, self.pad, "optimizer trajectory", self.progress)):
@@ -195,44 +173,34 @@ class TrajectoryResponse:
                 steps["norms"], steps["tokens"] = steps["norms"] + [norm], steps["tokens"] + [n_tok]
             g_t = {k: (c * x.double()).float() for k, x in grads_by_module(params, grads).items()}
             del grads
-            if u in is_needed:
-                if self.adam:
-                    close_segment()  # the open segment ends where the next needed step begins
+            if u in at_step:
                 saved[u], clip_of[u] = g_t, c
-                seg["start"] = u
-                if c < 1.0:
-                    gn2[u] += sum(float((x.double() / c).pow(2).sum()) for x in g_t.values())
-                    Gz[at_step[u]] += jvp({k: x / c for k, x in g_t.items()}, at_step[u])
-            if not self.adam:
-                continue
+                if not self.adam:  # SGD: v_s = lr_s ∇f, nothing accumulates over later steps
+                    w[u] = {k: self.lrs[self.start_step + u] * grad_f[k] for k in group}
+                    continue
+                w[u] = {k: torch.zeros_like(grad_f[k]) for k in group}
+            if not self.adam or not w:
+                continue  # before the first needed step only the moments matter
             t, lr = t0 + u + 1, self.lrs[self.start_step + u]
             bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
             for k in group:
                 m, v = moments[k]
-                gd = g_t[k].double()
-                m = b1 * m + (1 - b1) * gd
-                v = b2 * v + (1 - b2) * gd * gd
-                moments[k] = (m, v)
-                if seg["start"] is None:
-                    continue  # before the first needed step: only the moments matter
+                m.mul_(b1).add_(g_t[k], alpha=1 - b1)
+                v.mul_(b2).addcmul_(g_t[k], g_t[k], value=1 - b2)
                 sq = (v.clamp_min(0) / bc2).sqrt()
                 D = sq + self.eps
-                a = lr / (bc1 * D)
-                b = second_moment_term(m, sq, D, lr, bc1, bc2)
-                decay = u - seg["start"]
-                if decay == 0:
-                    seg["A"][k], seg["B"][k] = a, b
-                else:
-                    seg["A"][k].add_(a, alpha=b1 ** decay)
-                    seg["B"][k].add_(b, alpha=b2 ** decay)
-        if not self.adam:  # SGD: v_s = lr_s ∇f, nothing accumulates over later steps
-            for sj in needed:
-                lr = self.lrs[self.start_step + sj]
-                U[at_step[sj]] += lr * jvp(grad_f, at_step[sj])
-                if clip_of[sj] < 1.0:
-                    dot[sj] += lr * sum(float((saved[sj][k].double() / clip_of[sj] * grad_f[k]).sum()) for k in group)
-            return
-        close_segment()
+                fa, fb = grad_f[k] * (lr / (bc1 * D)), grad_f[k] * second_moment_term(m, sq, D, lr, bc1, bc2)
+                for s in w:
+                    w[s][k].add_(fa, alpha=(1 - b1) * b1 ** (u - s)).sub_(saved[s][k] * fb, alpha=(1 - b2) * b2 ** (u - s))
+        for s in w:
+            U[at_step[s]] += jvp(w[s], at_step[s])
+            c = clip_of[s]
+            if c < 1.0:  # the projection's pieces: ⟨g_s, w_s⟩, ‖g_s‖², ⟨∇L(z), g_s⟩ (they add over groups)
+                g = {k: x / c for k, x in saved[s].items()}
+                dot[s] += sum(float((g[k].double() * w[s][k].double()).sum()) for k in group)
+                gn2[s] += sum(float(g[k].double().pow(2).sum()) for k in group)
+                Gz[at_step[s]] += jvp(g, at_step[s])
+            w[s] = saved[s] = None  # free as we go
 
     def effects(self, rows: Sequence[Mapping], pad_token_id: int) -> torch.Tensor:
         """d f(θ_T) / d w_z for every document of the corpus (rows in corpus order): −J(z)."""
