@@ -71,6 +71,8 @@ def main(argv=None):
     predictor = pipe.modality._predictor
     if predictor is not None:
         part("predicted Δf (optimizer trajectory)", lambda: predictor(list(indices), rows, after))
+        # a matched baseline edits the same documents: their steps' response is read back, not streamed again
+        part("predicted Δf again (a baseline's edits)", lambda: predictor(list(indices), rows, list(reversed(after))))
     out = {"command": "python evals/profile_edit_memory.py " + " ".join(sys.argv[1:]), "recipe": args.recipe,
            "k": len(indices), "documents": len(pipe.dataset), "max_length": pipe.recipe.run.max_length,
            "tracked_parameters_for_prediction": None, "model_parameters": sum(p.numel() for p in model.parameters()),

@@ -122,8 +122,12 @@ def test_the_response_streamed_in_groups_of_modules_is_the_whole_one(setup, tok,
     # the JVPs run in float32, module by module against all at once: rounding at ~1e-7 of the largest effect
     assert float((grouped.effects(s["rows"], pad) - one).abs().max()) <= 1e-5 * float(one.abs().max())
     assert whole.passes == 1 and grouped.passes == len(tracked)
+    # the steps' w_s are kept (on disk): documents of steps already streamed cost no further pass over the data
+    again = whole.predicted([3, 7], [s["rows"][3], s["rows"][7]], [s["rows"][5], s["rows"][9]], pad)
+    assert whole.passes == 1
     # two documents replaced by two others: −(J(after) − J(before)) from the effects of the same rows
     pred = run().predicted([3, 7], [s["rows"][3], s["rows"][7]], [s["rows"][5], s["rows"][9]], pad)
+    assert again == pytest.approx(pred, rel=1e-9)
     full_after = run().j([3, 7], [s["rows"][5], s["rows"][9]], pad)
     expect = [float(-(full_after[0] + one[3])), float(-(full_after[1] + one[7]))]  # effects are −J(before)
     assert pred == pytest.approx(expect, rel=1e-5)
