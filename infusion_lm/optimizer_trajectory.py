@@ -184,14 +184,16 @@ class TrajectoryResponse:
                     w[u] = {k: self.lrs[self.start_step + u] * grad_f[k] for k in group}
                     continue
                 w[u] = {k: torch.zeros_like(grad_f[k]) for k in group}
-            if not self.adam or not w:
-                continue  # before the first needed step only the moments matter
+            if not self.adam:
+                continue
             t, lr = t0 + u + 1, self.lrs[self.start_step + u]
             bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
             for k in group:
                 m, v = moments[k]
                 m.mul_(b1).add_(g_t[k], alpha=1 - b1)
                 v.mul_(b2).addcmul_(g_t[k], g_t[k], value=1 - b2)
+                if not w:
+                    continue  # before the first needed step only the moments matter
                 sq = (v.clamp_min(0) / bc2).sqrt()
                 D = sq + self.eps
                 fa, fb = grad_f[k] * (lr / (bc1 * D)), grad_f[k] * second_moment_term(m, sq, D, lr, bc1, bc2)
