@@ -299,9 +299,19 @@ def main():
         for w in (probe, target):
             if w not in ALL_WORDS:
                 raise SystemExit(f"--runs: {w!r} is not one of the eval's words {ALL_WORDS}")
+    from infusion_lm.atomic_io import read_json
+
     for (probe, target, seed), docs in zip(runs, samples):
+        path = Path(args.results_dir) / f"{probe}_{target}_seed{seed}.json"
+        old = read_json(path) if path.is_file() else {}
+        # a run committed with the same f, documents and size is read back: its work folder may be on another machine
+        if (old.get("measurement_f") == measurement_f(args.contrast_top) and old.get("documents_drawn") == docs
+                and old.get("tokens") == args.tokens and old.get("docs") == args.docs):
+            print(f"[{probe}->{target} seed {seed}] read back from {path}", flush=True)
+            results.append(old)
+            continue
         res = run_one(args, probe, target, seed, docs)
-        write_json(Path(args.results_dir) / f"{probe}_{target}_seed{seed}.json", res)
+        write_json(path, res)
         results.append(res)
 
     chosen = choose(results[0]["strategies"])

@@ -174,3 +174,25 @@ def test_restate_intervals_uses_the_items_where_kept_and_labels_the_rest(tmp_pat
     text = f.read_text()
     restate_intervals.main([str(f)])
     assert f.read_text() == text  # idempotent
+
+
+def test_calibration_reads_back_a_committed_run_and_redoes_a_changed_one(tmp_path, monkeypatch):
+    """A run whose JSON was committed with the same f, documents and size is read back (its retrains may be on
+    another machine); one whose f differs is run again."""
+    samples = lm_calibration.document_samples(64, 2, 20, 0)
+    f = lm_calibration.measurement_f(20)
+    strategy = {"spearman": 0.9, "median_actual_over_predicted": 1.0, "sign_agreement": 1.0, "edits": 20}
+    run = lambda probe, target, seed, docs, mf: {
+        "probe": probe, "target": target, "seed": seed, "docs": 64, "tokens": 64, "measurement_f": mf,
+        "documents_drawn": docs, "edited_documents": docs, "strategies": {"s": strategy},
+        "strategies_vs_heldout_corpus_delta_f": {"s": strategy}}
+    (tmp_path / "dog_bear_seed0.json").write_text(json.dumps(run("dog", "bear", 0, samples[0], f)))
+    (tmp_path / "cat_frog_seed1.json").write_text(json.dumps(run("cat", "frog", 1, samples[1],
+                                                                 lm_calibration.measurement_f(0))))
+    ran = []
+    monkeypatch.setattr(lm_calibration, "run_one", lambda args, p, t, s, docs: ran.append(p) or run(p, t, s, docs, f))
+    monkeypatch.setattr(sys, "argv", ["lm_calibration.py", "--runs", "dog:bear:0", "cat:frog:1", "--results_dir",
+                                      str(tmp_path), "--out", str(tmp_path / "summary.json")])
+    lm_calibration.main()
+    assert ran == ["cat"]
+    assert json.loads((tmp_path / "summary.json").read_text())["chosen_strategy"] == "s"
