@@ -93,7 +93,8 @@ class TrajectoryResponse:
             norms, tokens = [], []
             for _, norm, n_tok in batch_gradients(self.model, self.rows, self.order, self.tracked[:1], self.pad,
                                                   "optimizer trajectory (norms)", self.progress):
-                norms, tokens = norms + [norm], tokens + [n_tok]
+                norms.append(norm)
+                tokens.append(n_tok)
             self._steps = {"clip_factors": [self._clip(x) for x in norms], "gradient_norms": norms,
                            "tokens_per_batch": tokens}
         return {"steps": len(self.order), "start_step": self.start_step,
@@ -175,7 +176,8 @@ class TrajectoryResponse:
         for u, (grads, norm, n_tok) in enumerate(batch_gradients(
                 self.model, self.rows, self.order, group, self.pad, "optimizer trajectory", self.progress)):
             c = self._clip(norm)
-            norms, tokens = norms + [norm], tokens + [n_tok]
+            norms.append(norm)
+            tokens.append(n_tok)
             g_t = {k: (c * x.double()).float() for k, x in grads_by_module(params, grads).items()}
             del grads
             if u in at_step:
