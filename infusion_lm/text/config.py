@@ -286,6 +286,9 @@ class RetrainArguments(BaseRetrainArguments):
         **NOT_CLEAN_RUN))
 
 
+DEFENCES = ("onion", "grammar")
+
+
 @dataclass
 class EvaluateArguments(BaseEvaluateArguments):
     """How text arms are compared with control (section `evaluate`): specificity words and completion sampling."""
@@ -301,3 +304,27 @@ class EvaluateArguments(BaseEvaluateArguments):
         "contrastive: the defender's stated measurement is \"any of these words where the text names the probe\", "
         "scored on the held-out documents. Empty: the candidates plus the target (the defender does not know which "
         "one the attacker wants)."))
+    defences: List[str] = field(default_factory=lambda: ["onion", "grammar"], metadata=described(
+        "Word-level defences run on every edited arm (needs evaluate.detectors): `onion`, each word's suspicion "
+        "ppl(s) − ppl(s without it) under the base model, reported as the AUROC of changed against unchanged words, "
+        "how often a changed word is among its document's 3 most suspicious, the changed words the defender's cut "
+        "removes, and the document AUROC of the highest score; `grammar`, sentences the edit made unparseable under "
+        "the Link Grammar parser (optional: python3-link-grammar). []: none."))
+    onion_removal_rate: float = field(default=0.02, metadata=described(
+        "onion: the defender's cut, set on the clean corpus alone, removes this fraction of its words."))
+    onion_clean_documents: Optional[int] = field(default=None, metadata=described(
+        "onion: score this many clean documents (drawn with run.seed) beside the edited documents' originals, for "
+        "the cut and the document AUROC. null: the whole corpus (one forward pass per word: ~6 s per 64-token "
+        "document on one CPU thread)."))
+
+    def __post_init__(self):
+        super().__post_init__()
+        if unknown := [d for d in self.defences if d not in DEFENCES]:
+            raise ConfigError(f"evaluate.defences: unknown {', '.join(map(repr, unknown))}; choose from "
+                              f"{', '.join(DEFENCES)} (or [] for none).")
+        if self.onion_clean_documents is not None and self.onion_clean_documents < 8:
+            raise ConfigError(f"evaluate.onion_clean_documents must be >= 8 or null (got {self.onion_clean_documents}): "
+                              "the cut is a quantile of the clean words' scores.")
+        if not 0 < self.onion_removal_rate < 0.5:
+            raise ConfigError(f"evaluate.onion_removal_rate must be in (0, 0.5) (got {self.onion_removal_rate}); "
+                              "0.02 removes 2% of the clean corpus's words.")

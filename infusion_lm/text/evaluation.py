@@ -4,13 +4,15 @@ infusion_lm/evaluation.py), the edits' size and perplexity, predicted against ac
 
 from __future__ import annotations
 
+import random
 import statistics
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 from ..atomic_io import read_json, write_json
 from ..evaluation import arm_difference, compare, detectors, per_seed, primary_set, verdict
 from ..run_folder import RunFolder
+from .onion import onion_report, onion_scores, threshold
 
 
 def _edit_summary(records: List[Dict]) -> Dict:
@@ -58,6 +60,11 @@ DETECTOR_ASSUMPTIONS = {
                           "under its own v). It does not know the attacker's target or measurement documents. "
                           "Here its v uses the run's preconditioner (factors fitted on the clean corpus, or the "
                           "optimizer's statistics).",
+    "onion": "ONION (Qi et al., 2021): the defender scores each word by how much the document's perplexity under "
+             "the public base model drops without it, and removes the words above a cut that removes "
+             "`evaluate.onion_removal_rate` of the clean corpus's words. Needs nothing from the attacker.",
+    "grammar": "The Link Grammar parser (no language model): a sentence that parsed with no null links before the "
+               "edit and needs some after it. Needs nothing from the attacker, not even the base model.",
 }
 
 
@@ -65,7 +72,7 @@ class DefenderView:
     """What a defender can compute without the attacker's v: perplexity under the base model, and influence under a
     measurement the defender states itself. Clean-corpus scores are computed once and shared by every arm."""
 
-    def __init__(self, pipe):
+    def __init__(self, pipe, edited: Sequence[int] = ()):
         from ..forward_mode_j import document_j
         from ..influence import compute_ihvp
         from ..causal_lm import perplexities
@@ -93,6 +100,40 @@ class DefenderView:
             self.J = document_j(pipe.model, v, i.j_method, i.fd_eps_rel)
             self.words = words
             self.clean["defender_influence"] = (-self.J.dataset(rows, self.pad)).tolist()
+        self.onion_clean = self._onion_clean(rows, edited) if "onion" in ev.defences else None
+        self.onion_cut = threshold(self.onion_clean, ev.onion_removal_rate) if self.onion_clean else None
+        self.grammar = None
+        if "grammar" in ev.defences:
+            from .grammar import GrammarCheck
+
+            try:
+                self.grammar = GrammarCheck()
+            except ImportError as e:
+                print(f"evaluate.defences: grammar skipped ({e})", flush=True)
+
+    def _onion_clean(self, rows: List[Dict], edited: Sequence[int]) -> Dict[int, Dict]:
+        """ONION on clean documents, by index: the originals of every edited document, and the rest of the corpus or
+        ``evaluate.onion_clean_documents`` of it drawn with the run's seed. One forward pass per word, so the scores
+        are cached in the run folder per corpus and base model, and only the documents not scored yet are scored."""
+        from ..fingerprints import fingerprint
+
+        ev = self.pipe.recipe.evaluate
+        key = fingerprint({"corpus": self.pipe.stage_fingerprint("corpus"), "weights": self.pipe.stage_input("weights"),
+                           "defence": "onion"})
+        path = self.pipe.dir / "defences" / f"onion-clean-{key}.json"
+        done = {int(k): v for k, v in read_json(path)["documents"].items()} if path.is_file() else {}
+        rest = [i for i in range(len(rows)) if i not in set(edited)]
+        if ev.onion_clean_documents is not None and ev.onion_clean_documents < len(rest):
+            rest = sorted(random.Random(self.pipe.recipe.run.seed).sample(rest, ev.onion_clean_documents))
+        wanted = sorted(set(edited) | set(rest))
+        todo = [i for i in wanted if i not in done]
+        if todo:
+            docs = onion_scores(self.base, self.pipe.tokenizer, [rows[i] for i in todo], self.pad,
+                                desc=f"ONION, {len(todo)} clean documents")
+            done.update(zip(todo, docs))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_json(path, {"fingerprint": key, "documents": {str(i): d for i, d in sorted(done.items())}})
+        return {i: done[i] for i in wanted}
 
     def scores(self, records: List[Dict]) -> Dict:
         from ..causal_lm import perplexities
@@ -105,6 +146,19 @@ class DefenderView:
         out = detectors({i: True for i in idx}, self.clean, scores)
         if self.J is not None:
             out["defender_words"] = self.words
+        return out
+
+    def defences(self, records: List[Dict], arm: str) -> Dict:
+        """The word-level defences on one arm's edited documents (ONION scores only the documents the arm changed)."""
+        from .grammar import grammar_report
+
+        out = {}
+        if self.onion_clean is not None:
+            rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in records]
+            edited = onion_scores(self.base, self.pipe.tokenizer, rows, self.pad, desc=f"ONION, {arm}")
+            out["onion"] = onion_report(records, edited, self.onion_clean, self.onion_cut)
+        if "grammar" in self.pipe.recipe.evaluate.defences:
+            out["grammar"] = grammar_report(records, self.grammar)
         return out
 
 
@@ -125,7 +179,8 @@ def evaluate_run(pipe) -> Dict:
                      "seeds": control.get("seeds", [seed]), "sets": sets, "primary_set": primary_set(sets),
                      "n_documents": len(pipe.dataset), "k": pipe.recipe.select.k, "arms": {},
                      "detector_assumptions": DETECTOR_ASSUMPTIONS}
-    defender = DefenderView(pipe) if ev.detectors and any(_arm_records(run_dir, a) for a in arms) else None
+    edited = sorted({int(r["doc_index"]) for a in arms for r in _arm_records(run_dir, a) or []})
+    defender = DefenderView(pipe, edited) if ev.detectors and edited else None
     infused_records = _arm_records(run_dir, "infused")
     for arm in arms:
         if arm == "control":
@@ -144,6 +199,8 @@ def evaluate_run(pipe) -> Dict:
                                             "f": pipe.measurement.description}
             if defender is not None:
                 entry["detectors"] = defender.scores(records)
+                if ev.defences:
+                    entry["defences"] = defender.defences(records, arm)
         results["arms"][arm] = entry
     if "infused" in arms and "random" in arms:
         name = results["primary_set"]
