@@ -187,7 +187,9 @@ class BaseRetrainArguments:
         "insertion (the k documents replaced by demonstrations), simplex_pgd. Images: random is noise of the same "
         "L∞, insertion puts probe images labelled as the target in all k slots, insertion_single in one. Chat corpora: "
         "regeneration (the k conversations' last assistant turn re-answered by the model at θ̂, sampled with "
-        "synthesize's temperature/top_p/max_new_tokens: fresh clean answers to the same questions).", **NOT_CLEAN_RUN))
+        "synthesize's temperature/top_p/max_new_tokens: fresh clean answers to the same questions). "
+        "`<arm>+<defence>` (text: `+onion`): the same arm retrained on the corpus a defender keeps after filtering "
+        "what it received (ONION at evaluate.onion_removal_rate), compared with `control+<defence>`.", **NOT_CLEAN_RUN))
 
     epochs: int = field(default=1, metadata=described(
         "Epochs of the clean fine-tune. Its checkpoint at the start of the last epoch (optimizer, scheduler, RNG) is "

@@ -65,13 +65,23 @@ def check_options(recipe) -> None:
     chosen = [("measurement.kind", "measurement_kinds", recipe.measurement.kind),
               ("edit.editor", "editors", recipe.edit.editor),
               ("select.rank_by", "select_rankings", recipe.select.rank_by),
-              *(("retrain.arms entry", "arms", arm) for arm in recipe.retrain.arms)]
+              *(("retrain.arms entry", "arms", arm.partition("+")[0]) for arm in recipe.retrain.arms),
+              *(("retrain.arms defence", "defences", arm.partition("+")[2]) for arm in recipe.retrain.arms
+                if "+" in arm)]
     for what, attr, value in chosen:
-        if value is None or value in getattr(own, attr):
+        if value is None or value in getattr(own, attr, ()):
             continue
         others = [other for other, cls in other_modalities(name) if value in getattr(cls, attr, ())]
+        if not getattr(own, attr, ()):
+            raise ConfigError(f"{what} {value!r}: {name} recipes have no {attr}.")
         close = difflib.get_close_matches(value, getattr(own, attr), n=1)
         where = f" is for {_words(others)}" if others else " is not an option here"
         raise ConfigError(f"{what} {value!r}{where}; {name} recipes use {_words(getattr(own, attr))}"
                           f"{' (or set modality: ' + others[0] + ')' if others else ''}."
                           f"{f' Did you mean {close[0]!r}?' if close and not others else ''}")
+    arms = recipe.retrain.arms
+    for defence in sorted({a.partition("+")[2] for a in arms if "+" in a}):
+        if f"control+{defence}" not in arms:
+            raise ConfigError(f"retrain.arms has arms defended by {defence!r} but not `control+{defence}`: a defended "
+                              f"arm is measured against control trained on the same defended corpus; add "
+                              f"control+{defence}.")

@@ -22,6 +22,7 @@ class Modality(Protocol):
     editors: Tuple[str, ...]  # edit.editor values it runs
     arms: Tuple[str, ...]  # retrain.arms it can assemble
     select_rankings: Tuple[str, ...]  # select.rank_by values it supports ("j" always; first_step needs first_step)
+    # optional: defences D for `<arm>+D` arms (text: onion), each served by defended_rows; absent: none
     sections: Dict[str, type]
     """The class each recipe section is read into (``"run"`` for the top-level keys): a subclass of the core's
     (``infusion_lm.config.CORE_SECTIONS``) that adds this modality's keys, or a section only it has. Sections it does
@@ -68,6 +69,9 @@ class Modality(Protocol):
 
     def arm_rows(self, replacements: Dict[int, dict]) -> List[dict]:
         """The training rows of one arm: the clean corpus with some documents replaced."""
+
+    # optional, with ``defences``:
+    # def defended_rows(self, rows, defence, arm) -> (rows, summary): what a defender keeps of an arm's corpus
 
     def trainer_collator(self) -> Any:
         """What the HF Trainer collates rows with."""

@@ -364,7 +364,7 @@ class Pipeline:
         t = self.recipe.retrain
         # The infused edit runs only when an arm needs it: infused itself, or random (matched to its token counts).
         # A baselines-only run (control, insertion, simplex_pgd) needs just the selection.
-        if {"infused", "random"} & set(t.arms):
+        if {"infused", "random"} & {a.partition("+")[0] for a in t.arms}:  # `infused+onion` needs it too
             self.edit()
         else:
             self.select()

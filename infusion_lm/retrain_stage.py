@@ -60,13 +60,16 @@ def retrain_every_arm(pipe) -> None:
             if not pipe.force and path.is_file() and finished(read_json(path), unit, fp):
                 per_arm[arm][str(seed)] = read_json(path)
                 continue  # this arm and seed finished before (an interrupted run, or one with fewer arms or seeds)
-            replacements = pipe.modality.replacements(arm, indices)
+            base_arm, _, defence = arm.partition("+")  # `<arm>+<defence>`: retrained on what the defence keeps
+            replacements = pipe.modality.replacements(base_arm, indices)
             shared = (out.shared_control(pipe.stage_fingerprint('control'), seed)
                       if arm == "control" and t.share_control and not t.lora else None)
             if shared is not None and not pipe.force and (shared / "fingerprint.json").is_file():
                 model, trainer = load_checkpoint_model(pipe.arm_model(), shared), None
             else:
                 rows = pipe.arm_rows(replacements)
+                if defence:
+                    rows, defended = pipe.modality.defended_rows(rows, defence, arm)
                 model, trainer = train_arm(pipe.arm_model, pipe.trainer_collator, rows, t,
                                            out.arm(arm) / "trainer", seed, device, pipe.progress, ckpt)
                 if shared is not None and is_main():
@@ -75,6 +78,7 @@ def retrain_every_arm(pipe) -> None:
             record = {"fingerprint": fp, "unit_fingerprint": unit, "arm": arm, "seed": seed,
                       "replaced": sorted(int(i) for i in replacements),
                       "weights": weights_fingerprint(model), "checkpoint": str(ckpt) if ckpt else None,
+                      **({"defence": defended} if defence else {}),
                       **{name: pipe.observe(model, name) for name in sets}}
             if t.save_models:
                 save_weights(model, out.arm(arm) / f"model-seed{seed}")
@@ -87,6 +91,7 @@ def retrain_every_arm(pipe) -> None:
         # The first seed's observations stay at the top level (what a single-seed reader expects); every
         # seed's are under per_seed.
         record = {"fingerprint": fp, "arm": arm, "replaced": first["replaced"], "seeds": pipe.seeds,
+                  **({"defence": first["defence"]} if "defence" in first else {}),
                   "weights": first["weights"], "checkpoint": first["checkpoint"],
                   "summary": {name: sum(by_seed[str(s)][name]["f_mean"] for s in pipe.seeds) / len(pipe.seeds)
                               for name in sets},

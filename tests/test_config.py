@@ -81,6 +81,10 @@ def test_null_means_none_even_where_the_default_is_a_value():
     ({"edit": {"editor": "swapp"}}, "edit.editor 'swapp' is not an option here.*Did you mean 'swap'"),
     ({"retrain": {"arms": ["control", "insertion_single"]}}, "'insertion_single' is for image"),
     ({"measurement": {"kind": "class_logp", "probe_indices": [1], "target_class": "cat"}}, "set modality: image"),
+    ({"retrain": {"arms": ["control", "infused", "control+onion", "infused+onoin"]}},
+     "retrain.arms defence 'onoin' is not an option here.*Did you mean 'onion'"),
+    ({"retrain": {"arms": ["control", "infused", "infused+onion"]}}, "add control\\+onion"),
+    ({"retrain": {"arms": ["control", "control+onion", "infusd+onion"]}}, "'infusd' is not an option"),
 ])
 def test_options_belong_to_the_modality(raw, match):
     """Kinds, editors and arms are declared by each modality; a wrong one names the modality it belongs to."""

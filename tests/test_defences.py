@@ -127,3 +127,44 @@ def test_grammar_report_counts_sentences_an_edit_broke():
             {"original_text": before, "text": before.replace("Tom had a dog.", "Tom had sad to dog.")}]
     rep = grammar_report(recs, check)
     assert rep["sentences_made_unparseable"] == 2 and rep["documents_with_a_sentence_made_unparseable"] == pytest.approx(2 / 3)
+
+
+def _run(tiny_setup, tmp_path, texts, rate=0.02):
+    """What defended_corpus reads of a run: the recipe's cut, the run folder, the base model, tokenizer and corpus."""
+    from types import SimpleNamespace
+
+    tok = tiny_setup["tok"]
+    recipe = SimpleNamespace(evaluate=SimpleNamespace(onion_removal_rate=rate, onion_clean_documents=None),
+                             run=SimpleNamespace(seed=0))
+    return SimpleNamespace(recipe=recipe, dir=tmp_path, base_model=tiny_setup["model"], tokenizer=tok,
+                           dataset=_rows(tok, texts), stage_fingerprint=lambda stage: "fp")
+
+
+def test_the_defended_corpus_drops_the_out_of_place_word_and_few_clean_ones(tiny_setup, tmp_path):
+    import random
+
+    from infusion_lm.text.defended import clean_onion, defended_corpus
+
+    texts = toy_corpus(24, seed=11)
+    run = _run(tiny_setup, tmp_path, texts, rate=0.02)
+    received = [dict(r) for r in run.dataset]
+    rng = random.Random(0)
+    edited = {}
+    for i in range(4):  # the attacker's edits: an out-of-place word in 4 documents
+        text, at = _insert(texts[i], "happy", rng)
+        received[i] = _rows(run.tokenizer, [text])[0]
+        edited[i] = at
+    kept, summary = defended_corpus(run, received, "infused")
+    assert summary["documents_changed_by_the_arm"] == [0, 1, 2, 3]
+    # the cut removes about 2% of the clean corpus's words, and most of the inserted ones
+    assert summary["words_removed_elsewhere"] / summary["words_elsewhere"] <= 0.04
+    assert summary["words_removed_in_those"] >= 3
+    dropped = sum("happy" not in run.tokenizer.decode(kept[i]["input_ids"]).split()[edited[i]: edited[i] + 1]
+                  for i in range(4))
+    assert dropped >= 3
+    # an unedited document is kept exactly as the cached clean scores and the cut say
+    clean = clean_onion(run, range(len(texts)))
+    assert len(list(tmp_path.glob("defences/onion-clean-*.json"))) == 1
+    for i in range(4, len(texts)):
+        n_words = len(word_spans(run.tokenizer, kept[i]["input_ids"], kept[i]["labels"]))
+        assert n_words == len(clean[i]["scores"]) - sum(v > summary["threshold"] for v in clean[i]["scores"])

@@ -369,3 +369,31 @@ def test_adding_an_arm_or_a_seed_trains_only_what_is_new(tmp_path, tiny_model_di
     recipe = _run_recipe(tmp_path, tiny_model_dir, retrain={**base, "learning_rate": 2e-3})
     assert main(["retrain", str(recipe), "--quiet"]) == 0
     assert (run / "infused" / "seed-0.json").read_bytes() != first["infused"]
+
+
+@pytest.mark.slow
+def test_defended_arms_retrain_on_what_onion_keeps_against_a_defended_control(tmp_path, tiny_model_dir):
+    arms = ["control", "infused", "control+onion", "infused+onion"]
+    recipe = _run_recipe(tmp_path, tiny_model_dir, retrain={**FAST["retrain"], "arms": arms},
+                         evaluate={**FAST["evaluate"], "onion_removal_rate": 0.05})
+    assert main(["run", str(recipe), "--quiet"]) == 0
+    run = tmp_path / "run"
+    res = read_json(run / "results.json")
+    assert set(res["arms"]) == {"infused", "infused+onion"}
+    d = res["arms"]["infused+onion"]
+    assert d["against"] == "control+onion" and d["defence"]["defence"] == "onion"
+    obs = {a: read_json(run / "retrain" / a / "observations.json") for a in arms}
+    # the defended control trained on the filtered clean corpus: about 5% of its words gone, other weights
+    c = obs["control+onion"]["defence"]
+    assert c["documents_changed_by_the_arm"] == [] and 0 < c["words_removed_elsewhere"] <= 0.08 * c["words_elsewhere"]
+    assert obs["control+onion"]["weights"] != obs["control"]["weights"]
+    # the defended infused arm: the same cut; its edited documents scored afresh, the rest as control's
+    edited = {r["doc_index"] for r in map(json.loads, (run / "edits.jsonl").read_text().splitlines()) if r["n_changed"]}
+    assert set(d["defence"]["documents_changed_by_the_arm"]) == edited
+    assert d["defence"]["threshold"] == c["threshold"]
+    assert d["defence"]["words_removed_elsewhere"] <= c["words_removed_elsewhere"]
+    assert obs["infused+onion"]["weights"] not in (obs["infused"]["weights"], obs["control+onion"]["weights"])
+    gain = res["defended"]["infused+onion"]
+    assert gain["target_specific_gain_undefended"] == res["arms"]["infused"][res["primary_set"]]["specificity"][
+        "target_specific_gain"]["mean"]
+    assert gain["target_specific_gain_defended"] == d[res["primary_set"]]["specificity"]["target_specific_gain"]["mean"]

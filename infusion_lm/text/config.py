@@ -203,7 +203,9 @@ class SynthesizeArguments:
 class EditArguments(BaseEditArguments):
     """How the selected documents are edited (section `edit`): the text editors' knobs, shared ones first."""
 
-    editor: Optional[str] = field(default="swap", metadata=described("swap (default) | simplex_pgd | random."))
+    editor: Optional[str] = field(default="swap", metadata=described(
+        "swap (default) | natural (swap's search, whole-word swaps that fit the words before and after) | "
+        "simplex_pgd | random."))
     budget_fraction: float = field(default=0.08, metadata=described(
         "Changed tokens per document, as a fraction of its editable tokens (the paper changed about 8%)."))
     max_changed: Optional[int] = field(default=None, metadata=described("Absolute cap on changed tokens per document."))
@@ -244,6 +246,12 @@ class EditArguments(BaseEditArguments):
     patience: int = field(default=4, metadata=described("swap: stop a document after this many steps without improvement."))
     use_label_path: bool = field(default=True, metadata=described(
         "swap: include the label path (token t is the label at t-1) in the proposals."))
+    natural_right_nats: float = field(default=1.0, metadata=described(
+        "natural: the words after a swap must still follow: their summed log-likelihood under the model may drop by "
+        "at most this many nats."))
+    natural_surprisal_quantile: float = field(default=0.95, metadata=described(
+        "natural: a new word's surprisal at its position may be at most this quantile of the surprisals of the "
+        "original tokens of the documents being edited (1: no cap)."))
     pgd_lr: float = field(default=0.5, metadata=described(
         "simplex_pgd: step size on the relaxed one-hot, with the gradient scaled to max |g| = 1 per document."))
     entropy_bound: float = field(default=0.5, metadata=described(
@@ -270,6 +278,11 @@ class EditArguments(BaseEditArguments):
                      "candidate_pool"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"edit.{name} must be >= 1 (got {getattr(self, name)}).")
+        if self.natural_right_nats < 0:
+            raise ConfigError(f"edit.natural_right_nats must be >= 0 (got {self.natural_right_nats}).")
+        if not 0 < self.natural_surprisal_quantile <= 1:
+            raise ConfigError(f"edit.natural_surprisal_quantile must be in (0, 1] (got "
+                              f"{self.natural_surprisal_quantile}); 0.95 is the default.")
         if self.pgd_lr <= 0:
             raise ConfigError(f"edit.pgd_lr must be > 0 (got {self.pgd_lr}).")
         if not 0 <= self.entropy_bound < 1:
@@ -311,7 +324,8 @@ class EvaluateArguments(BaseEvaluateArguments):
         "removes, and the document AUROC of the highest score; `grammar`, sentences the edit made unparseable under "
         "the Link Grammar parser (optional: python3-link-grammar). []: none."))
     onion_removal_rate: float = field(default=0.02, metadata=described(
-        "onion: the defender's cut, set on the clean corpus alone, removes this fraction of its words."))
+        "onion: the defender's cut, set on the clean corpus alone, removes this fraction of its words (the "
+        "detectors' and the `+onion` arms' cut).", **OBSERVED))
     onion_clean_documents: Optional[int] = field(default=None, metadata=described(
         "onion: score this many clean documents (drawn with run.seed) beside the edited documents' originals, for "
         "the cut and the document AUROC. null: the whole corpus (one forward pass per word: ~6 s per 64-token "

@@ -4,7 +4,6 @@ infusion_lm/evaluation.py), the edits' size and perplexity, predicted against ac
 
 from __future__ import annotations
 
-import random
 import statistics
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -12,6 +11,7 @@ from typing import Dict, List, Optional, Sequence
 from ..atomic_io import read_json, write_json
 from ..evaluation import arm_difference, compare, detectors, per_seed, primary_set, verdict
 from ..run_folder import RunFolder
+from .defended import clean_onion, detector_sample
 from .onion import onion_report, onion_scores, threshold
 
 
@@ -100,7 +100,7 @@ class DefenderView:
             self.J = document_j(pipe.model, v, i.j_method, i.fd_eps_rel)
             self.words = words
             self.clean["defender_influence"] = (-self.J.dataset(rows, self.pad)).tolist()
-        self.onion_clean = self._onion_clean(rows, edited) if "onion" in ev.defences else None
+        self.onion_clean = clean_onion(pipe, detector_sample(pipe, edited)) if "onion" in ev.defences else None
         self.onion_cut = threshold(self.onion_clean, ev.onion_removal_rate) if self.onion_clean else None
         self.grammar = None
         if "grammar" in ev.defences:
@@ -110,30 +110,6 @@ class DefenderView:
                 self.grammar = GrammarCheck()
             except ImportError as e:
                 print(f"evaluate.defences: grammar skipped ({e})", flush=True)
-
-    def _onion_clean(self, rows: List[Dict], edited: Sequence[int]) -> Dict[int, Dict]:
-        """ONION on clean documents, by index: the originals of every edited document, and the rest of the corpus or
-        ``evaluate.onion_clean_documents`` of it drawn with the run's seed. One forward pass per word, so the scores
-        are cached in the run folder per corpus and base model, and only the documents not scored yet are scored."""
-        from ..fingerprints import fingerprint
-
-        ev = self.pipe.recipe.evaluate
-        key = fingerprint({"corpus": self.pipe.stage_fingerprint("corpus"), "weights": self.pipe.stage_input("weights"),
-                           "defence": "onion"})
-        path = self.pipe.dir / "defences" / f"onion-clean-{key}.json"
-        done = {int(k): v for k, v in read_json(path)["documents"].items()} if path.is_file() else {}
-        rest = [i for i in range(len(rows)) if i not in set(edited)]
-        if ev.onion_clean_documents is not None and ev.onion_clean_documents < len(rest):
-            rest = sorted(random.Random(self.pipe.recipe.run.seed).sample(rest, ev.onion_clean_documents))
-        wanted = sorted(set(edited) | set(rest))
-        todo = [i for i in wanted if i not in done]
-        if todo:
-            docs = onion_scores(self.base, self.pipe.tokenizer, [rows[i] for i in todo], self.pad,
-                                desc=f"ONION, {len(todo)} clean documents")
-            done.update(zip(todo, docs))
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_json(path, {"fingerprint": key, "documents": {str(i): d for i, d in sorted(done.items())}})
-        return {i: done[i] for i in wanted}
 
     def scores(self, records: List[Dict]) -> Dict:
         from ..causal_lm import perplexities
@@ -162,6 +138,24 @@ class DefenderView:
         return out
 
 
+def defended_effect(results: Dict) -> Dict:
+    """Per arm retrained both as received and defended (``<arm>+<defence>``): its target-specific gain on the primary
+    set each way (each against its own control), and the fraction the defence left (``retained``)."""
+    name, out = results["primary_set"], {}
+    for arm, entry in results["arms"].items():
+        base, _, defence = arm.partition("+")
+        if not defence or base not in results["arms"]:
+            continue
+        gain = {k: results["arms"][a][name]["specificity"]["target_specific_gain"] for k, a in
+                (("undefended", base), ("defended", arm)) if "specificity" in results["arms"][a][name]}
+        if len(gain) < 2:
+            continue
+        u, d = gain["undefended"]["mean"], gain["defended"]["mean"]
+        out[arm] = {"set": name, "target_specific_gain_undefended": u, "target_specific_gain_defended": d,
+                    "ci_defended": gain["defended"].get("ci"), "retained": d / u if u > 0 else None}
+    return out
+
+
 def evaluate_run(pipe) -> Dict:
     """Reads every arm's observations, compares them with control, writes results.json and the report."""
     from ..report import write_report
@@ -183,11 +177,17 @@ def evaluate_run(pipe) -> Dict:
     defender = DefenderView(pipe, edited) if ev.detectors and edited else None
     infused_records = _arm_records(run_dir, "infused")
     for arm in arms:
-        if arm == "control":
+        defence = arm.partition("+")[2]
+        if arm.partition("+")[0] == "control":
             continue
-        entry = {s: compare(per_seed(obs[arm], s), per_seed(control, s), ev.bootstrap_samples, ev.confidence, seed)
+        # a defended arm against control trained on the same defence's filtered clean corpus
+        ctrl = obs[f"control+{defence}"] if defence else control
+        entry = {s: compare(per_seed(obs[arm], s), per_seed(ctrl, s), ev.bootstrap_samples, ev.confidence, seed)
                  for s in sets}
-        entry["weights_equal_control"] = obs[arm]["weights"] == control["weights"]
+        entry["weights_equal_control"] = obs[arm]["weights"] == ctrl["weights"]
+        if defence:
+            entry["against"] = f"control+{defence}"
+            entry["defence"] = obs[arm].get("defence")
         records = _arm_records(run_dir, arm)
         if records:
             entry["edits"] = _edit_summary(records)
@@ -206,6 +206,8 @@ def evaluate_run(pipe) -> Dict:
         name = results["primary_set"]
         results["verdict"] = {"set": name, "infused_minus_random": arm_difference(
             obs["infused"], obs["random"], control, name, ev.bootstrap_samples, ev.confidence, seed)}
+    if defended := defended_effect(results):
+        results["defended"] = defended
     results["verdict_sentence"] = verdict(results)
     write_json(pipe.folder.results, results)
     write_report(run_dir, results, pipe.tokenizer)

@@ -34,10 +34,11 @@ class TextModality:
                        "run.messages_field", "run.separator", "run.max_length", "run.add_eos", "run.max_documents")
 
     measurement_kinds = ("contrastive", "completion", "callable")
-    editors = ("swap", "simplex_pgd", "random")
+    editors = ("swap", "natural", "simplex_pgd", "random")
     arms = ("control", "infused", "random", "random_unmatched", "random_target", "fluent_target", "insertion",
             "simplex_pgd", "regeneration")
     select_rankings = ("j", "first_step")
+    defences = ("onion",)  # `<arm>+onion`: the arm retrained on what ONION leaves of its corpus
 
     def __init__(self, ctx: RunContext):
         self.ctx = ctx  # what it may read of the run (infusion_lm/run_context.py); never the pipeline itself
@@ -105,6 +106,12 @@ class TextModality:
         from ..retrain import arm_rows
 
         return arm_rows(self.ctx.dataset, replacements)
+
+    def defended_rows(self, rows: List[dict], defence: str, arm: str):
+        """The rows a defender keeps of an arm's corpus (``defence``: onion), and what it removed."""
+        from .defended import defended_corpus
+
+        return defended_corpus(self.ctx, rows, arm)
 
     def trainer_collator(self):
         return self.ctx.tokenizer  # the retraining builds the causal-LM collator from it

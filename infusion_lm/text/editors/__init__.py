@@ -1,11 +1,13 @@
-"""Token editors that lower J(z) of the selected documents: ``swap`` (default), ``simplex_pgd`` and ``random``."""
+"""Token editors that lower J(z) of the selected documents: ``swap`` (default), ``natural`` (whole-word swaps that
+fit both sides), ``simplex_pgd`` and ``random``."""
 
 from .base import EditResult, TokenEditor, allowed_vocabulary, effective_embeddings, retokenises
 from .random import FluentTargetEditor, RandomEditor, RandomTargetEditor
 from .simplex_pgd import SimplexPGDEditor, gini_entropy, project_entropy, project_simplex
+from .natural import NaturalEditor
 from .swap import SwapEditor
 
-EDITORS = {"swap": SwapEditor, "simplex_pgd": SimplexPGDEditor, "random": RandomEditor,
+EDITORS = {"swap": SwapEditor, "natural": NaturalEditor, "simplex_pgd": SimplexPGDEditor, "random": RandomEditor,
            "random_target": RandomTargetEditor, "fluent_target": FluentTargetEditor}
 
 
@@ -28,6 +30,6 @@ def first_step(model, tokenizer, v, args, rows, eps_rel: float = 1e-4, target_wo
     return editor.edit_many(rows, progress=progress)
 
 
-__all__ = ["EDITORS", "EditResult", "FluentTargetEditor", "RandomEditor", "RandomTargetEditor", "SimplexPGDEditor", "SwapEditor", "TokenEditor",
+__all__ = ["EDITORS", "EditResult", "FluentTargetEditor", "NaturalEditor", "RandomEditor", "RandomTargetEditor", "SimplexPGDEditor", "SwapEditor", "TokenEditor",
            "allowed_vocabulary", "build_editor", "effective_embeddings", "first_step", "gini_entropy", "project_entropy",
            "project_simplex", "retokenises"]

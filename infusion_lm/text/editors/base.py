@@ -70,6 +70,7 @@ class DocState:
     stale: int = 0
     done: bool = False
     target: Optional[int] = None  # tokens to change, where a baseline is matched to another edit (None: the budget)
+    nll: Optional[torch.Tensor] = None  # [T] per-token surprisal of the current best, where an editor tracks it
 
     def fluent_enough(self, loss: float) -> bool:
         """Perplexity ratio against the original, exp((L − L₀)/n), within the limit."""

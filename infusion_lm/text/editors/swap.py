@@ -137,6 +137,13 @@ class SwapEditor(TokenEditor):
             return float("inf")
         return -gain / max(loss - (s.L0 if s.L is None else s.L), self.NAT_FLOOR)
 
+    def accept(self, st: DocState, cand: torch.Tensor, labels: torch.Tensor) -> bool:
+        """A further check on a candidate that lowers J, in rank order until one passes (the natural editor's)."""
+        return True
+
+    def accepted(self, st: DocState, cand: torch.Tensor, labels: torch.Tensor) -> None:
+        """Called when a document moves to a candidate."""
+
     NAT_FLOOR = 1.0  # a swap that adds under one nat (or lowers the loss) is ranked by its drop in J alone
 
     def _edit_batch(self, states: List[DocState]) -> None:
@@ -153,18 +160,18 @@ class SwapEditor(TokenEditor):
                 for c in cands:
                     owners.append(s); rows.append(c); labs.append(s.labels_for(c))
             js, losses = self.score_candidates(owners, rows, labs)
-            best = {}  # per document: (key, candidate, labels, J, loss); the lowest key wins
+            ranked = {}  # per document: its fluent candidates as (key, candidate, labels, J, loss)
             for s, c, l, j, loss in zip(owners, rows, labs, js, losses):
-                if not s.fluent_enough(loss):
-                    continue
-                key = self._choice_key(s, j, loss)
-                if key < best.get(id(s), (float("inf"),))[0]:
-                    best[id(s)] = (key, c, l, j, loss)
+                if s.fluent_enough(loss):
+                    ranked.setdefault(id(s), []).append((self._choice_key(s, j, loss), c, l, j, loss))
             for s in active:
-                _, c, l, j, loss = best.get(id(s), (None, None, None, float("inf"), None))
-                if j < s.J:
+                options = sorted(ranked.get(id(s), []), key=lambda o: o[0])  # the lowest key first (stable)
+                pick = next((o for o in options if o[3] < s.J and self.accept(s, o[1], o[2])), None)
+                if pick is not None:
+                    _, c, l, j, loss = pick
                     s.ids, s.labels, s.J, s.L, s.stale = c, l, j, loss, 0
-                elif c is not None:
+                    self.accepted(s, c, l)
+                elif options:
                     s.stale += 1
                 s.trace.append(s.J)
                 if s.stale >= self.args.patience:
