@@ -345,7 +345,7 @@ def main():
             shutil.copy2(pipe.dir / name, dest / name)
         res = with_selection(res, dest)
         # each edited arm's own records (the top-level edits.jsonl is the infused arm's: stale when it did not run)
-        for arm in ("infused", "random", "random_target", "fluent_target", "simplex_pgd"):
+        for arm in ("infused", "random", "random_target", "fluent_target", "natural_target", "simplex_pgd"):
             if arm in args.arms:
                 shutil.copy2(pipe.folder.edits_of(arm).edits, dest / ("edits.jsonl" if arm == "infused" else f"edits_{arm}.jsonl"))
         per_pair[key] = res

@@ -182,6 +182,8 @@ class BaseRetrainArguments:
         "and protected positions), random_target (matched as random is, but every change writes the target word at a "
         "random position: the attack that needs no influence), fluent_target (the same, at the positions where the "
         "model finds the target word least surprising, cheapest first: influence-free, placed with the model's help), "
+        "natural_target (fluent_target under the natural editor's checks: whole words, the surprisal cap, the words "
+        "after it still following), "
         "random_unmatched (random swaps spending the whole "
         "budget, no perplexity limit), "
         "insertion (the k documents replaced by demonstrations), simplex_pgd. Images: random is noise of the same "

@@ -77,7 +77,7 @@ def test_null_means_none_even_where_the_default_is_a_value():
 
 
 @pytest.mark.parametrize("raw, match", [
-    ({"edit": {"editor": "sign_pgd"}}, "edit.editor 'sign_pgd' is for image; text recipes use swap, simplex_pgd or random"),
+    ({"edit": {"editor": "sign_pgd"}}, "edit.editor 'sign_pgd' is for image; text recipes use swap, natural, simplex_pgd or random"),
     ({"edit": {"editor": "swapp"}}, "edit.editor 'swapp' is not an option here.*Did you mean 'swap'"),
     ({"retrain": {"arms": ["control", "insertion_single"]}}, "'insertion_single' is for image"),
     ({"measurement": {"kind": "class_logp", "probe_indices": [1], "target_class": "cat"}}, "set modality: image"),

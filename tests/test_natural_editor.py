@@ -88,3 +88,34 @@ def test_bad_natural_settings_are_refused():
         EditArguments(natural_right_nats=-1)
     with pytest.raises(ConfigError, match="natural_surprisal_quantile"):
         EditArguments(natural_surprisal_quantile=0)
+
+
+def test_natural_target_writes_the_target_word_where_it_fits_both_sides(setup):
+    from infusion_lm.text.editors import FluentTargetEditor, NaturalTargetEditor
+    from infusion_lm.text.editors.base import single_token_forms
+
+    s, v, rows = setup
+    tok, model = s["tok"], s["model"]
+    args = EditArguments(budget_fraction=0.3, seed=0, max_perplexity_ratio=None, natural_right_nats=0.5,
+                         natural_surprisal_quantile=1.0)
+    forms = set(single_token_forms(tok, ["cat"]))
+    ed = NaturalTargetEditor(model, tok, v, args, eps_rel=1e-3, target_words=["cat"])
+    res = ed.edit_many(rows, targets=[1] * len(rows))  # one change each: the bound is exact on the result
+    assert sum(r.n_changed for r in res) > 0
+    for row, r in zip(rows, res):
+        assert r.n_changed <= 1
+        ids = list(row["input_ids"])
+        for p in r.changed_positions:
+            assert r.input_ids[p] in forms and tok.decode([r.input_ids[p]]) == " cat"  # a whole lower-case word
+            assert tok.decode([ids[p]])[:1] == " " and tok.decode([ids[p]])[1:].isalpha()
+        # the change cost the words after it at most 0.5 nats
+        before, after = _nll(model, ids), _nll(model, r.input_ids)
+        if r.changed_positions:
+            p = r.changed_positions[0]
+            assert (after[p + 1:] - before[p + 1:]).sum() <= 0.5 + 1e-4
+    # the fluent placement without the checks writes the word where the natural one may not: over a word of
+    # another case, a word's fragment, or punctuation
+    more = FluentTargetEditor(model, tok, v, args, eps_rel=1e-3, target_words=["cat"]).edit_many(
+        rows, targets=[3] * len(rows))
+    replaced = [tok.decode([row["input_ids"][p]]) for row, f in zip(rows, more) for p in f.changed_positions]
+    assert any(not (w[:1] == " " and w[1:].isalpha() and w[1:].islower()) for w in replaced)

@@ -28,7 +28,7 @@ def _edit_summary(records: List[Dict]) -> Dict:
 
 
 # the baselines that promise the infused edit's count per document
-MATCHED_ARMS = ("random", "random_target", "fluent_target")
+MATCHED_ARMS = ("random", "random_target", "fluent_target", "natural_target")
 
 
 def count_match(records: List[Dict], infused: List[Dict]) -> Dict:

@@ -35,8 +35,8 @@ class TextModality:
 
     measurement_kinds = ("contrastive", "completion", "callable")
     editors = ("swap", "natural", "simplex_pgd", "random")
-    arms = ("control", "infused", "random", "random_unmatched", "random_target", "fluent_target", "insertion",
-            "simplex_pgd", "regeneration")
+    arms = ("control", "infused", "random", "random_unmatched", "random_target", "fluent_target", "natural_target",
+            "insertion", "simplex_pgd", "regeneration")
     select_rankings = ("j", "first_step")
     defences = ("onion",)  # `<arm>+onion`: the arm retrained on what ONION leaves of its corpus
 

@@ -4,11 +4,12 @@ fit both sides), ``simplex_pgd`` and ``random``."""
 from .base import EditResult, TokenEditor, allowed_vocabulary, effective_embeddings, retokenises
 from .random import FluentTargetEditor, RandomEditor, RandomTargetEditor
 from .simplex_pgd import SimplexPGDEditor, gini_entropy, project_entropy, project_simplex
-from .natural import NaturalEditor
+from .natural import NaturalEditor, NaturalTargetEditor
 from .swap import SwapEditor
 
 EDITORS = {"swap": SwapEditor, "natural": NaturalEditor, "simplex_pgd": SimplexPGDEditor, "random": RandomEditor,
-           "random_target": RandomTargetEditor, "fluent_target": FluentTargetEditor}
+           "random_target": RandomTargetEditor, "fluent_target": FluentTargetEditor,
+           "natural_target": NaturalTargetEditor}
 
 
 def build_editor(model, tokenizer, v, args, eps_rel: float = 1e-4, target_words=()) -> TokenEditor:
@@ -30,6 +31,6 @@ def first_step(model, tokenizer, v, args, rows, eps_rel: float = 1e-4, target_wo
     return editor.edit_many(rows, progress=progress)
 
 
-__all__ = ["EDITORS", "EditResult", "FluentTargetEditor", "NaturalEditor", "RandomEditor", "RandomTargetEditor", "SimplexPGDEditor", "SwapEditor", "TokenEditor",
+__all__ = ["EDITORS", "EditResult", "FluentTargetEditor", "NaturalEditor", "NaturalTargetEditor", "RandomEditor", "RandomTargetEditor", "SimplexPGDEditor", "SwapEditor", "TokenEditor",
            "allowed_vocabulary", "build_editor", "effective_embeddings", "first_step", "gini_entropy", "project_entropy",
            "project_simplex", "retokenises"]

@@ -304,6 +304,14 @@ class TokenEditor:
     def stable(self, st: DocState, cand: torch.Tensor) -> bool:
         return retokenises(self.tok, cand.tolist(), st.add_special)
 
+    def accept(self, st: DocState, cand: torch.Tensor, labels: torch.Tensor) -> bool:
+        """A further check on an edit the search would keep, tried in its order until one passes (the natural
+        checks' hook; every edit passes here)."""
+        return True
+
+    def accepted(self, st: DocState, cand: torch.Tensor, labels: torch.Tensor) -> None:
+        """Called when a document moves to an edit."""
+
     # ---------------------------------------------------------------- driver
     def edit(self, input_ids: Sequence[int], labels: Sequence[int]) -> EditResult:
         return self.edit_many([{"input_ids": input_ids, "labels": labels}])[0]

@@ -18,11 +18,14 @@ limit still holds.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 
 from ...causal_lm import IGNORE_INDEX, upcast
 from .base import DocState
+from .random import FluentTargetEditor
 from .swap import SwapEditor
 
 
@@ -40,22 +43,16 @@ def word_vocabulary(tokenizer, vocab_size: int):
     return word, upper, glues
 
 
-class NaturalEditor(SwapEditor):
-    name = "natural"
-    revision = 1
+class NaturalConstraints:
+    """The natural checks, for any editor (a mixin before the editor class): whole-word positions and tokens of the
+    same case in ``prepare``; the surprisal cap and the right-context bound in ``accept``."""
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
         word, upper, glues = word_vocabulary(self.tok, self.vocab_size)
         self.word, self.upper, self.glues = word.to(self.device), upper.to(self.device), glues.to(self.device)
-        self.args = self._one_swap(self.args)
-
-    @staticmethod
-    def _one_swap(args):
         # the right-context check is per swap: candidates carry one swap each (renaming would change several words)
-        import dataclasses
-
-        return dataclasses.replace(args, swaps_per_candidate=1, rename=False)
+        self.args = dataclasses.replace(self.args, swaps_per_candidate=1, rename=False)
 
     def word_positions(self, ids: torch.Tensor) -> torch.Tensor:
         """[T] bool: positions holding a whole one-token word (the next token does not continue it)."""
@@ -86,7 +83,6 @@ class NaturalEditor(SwapEditor):
             positions = self.word_positions(st.ids0) & st.editable
             same_case = self.upper[None, :] == self.upper[st.ids0][:, None]
             st.fluent &= positions[:, None] & self.word[None, :] & same_case
-            # a word may also go back to the original (the swap editor allows it once the budget is spent)
         return states
 
     def accept(self, st: DocState, cand: torch.Tensor, labels: torch.Tensor) -> bool:
@@ -106,3 +102,18 @@ class NaturalEditor(SwapEditor):
 
     def accepted(self, st: DocState, cand: torch.Tensor, labels: torch.Tensor) -> None:
         st.nll = self.token_nll(cand, labels)
+
+
+class NaturalEditor(NaturalConstraints, SwapEditor):
+    """The swap editor's search under the natural checks (``edit.editor: natural``)."""
+
+    name = "natural"
+    revision = 1
+
+
+class NaturalTargetEditor(NaturalConstraints, FluentTargetEditor):
+    """The natural free attack (arm ``natural_target``): the target word where it fits both sides, cheapest first,
+    under the same natural checks as the natural editor and matched in count to the infused edit. No influence: it
+    isolates what influence adds once both edits are natural."""
+
+    name = "natural_target"

@@ -14,6 +14,8 @@
   (one forward pass), cheapest first. Under a perplexity limit the random placement spends the budget on costly
   positions and places fewer words than asked; this one places as many as the limit allows. Placing the word where
   the model already expects it also teaches the model less (the loss there is low), so measure both.
+- the target word where it is natural (arm ``natural_target``, in ``natural.py``): fluent_target under the natural
+  editor's checks (whole words, the surprisal cap, the right-context bound).
 
 J is still measured before and after, for the report.
 """
@@ -84,13 +86,19 @@ class RandomEditor(TokenEditor):
                         trials.append(trial)
                 if not trials:
                     continue
-                if s.max_ppl_ratio is not None:  # keep the first (random) option that stays within the limit
+                losses = [None] * len(trials)
+                if s.max_ppl_ratio is not None:  # the options that stay within the limit
                     losses = self.losses_at_theta(trials, [s.labels_for(t) for t in trials]).tolist()
-                    kept = [(t, loss) for t, loss in zip(trials, losses) if s.fluent_enough(loss)]
-                    if not kept:
-                        continue
-                    trials, current = [kept[0][0]], kept[0][1]
-                s.ids, s.labels = trials[0], s.labels_for(trials[0])
+                    kept = [i for i, loss in enumerate(losses) if s.fluent_enough(loss)]
+                    trials, losses = [trials[i] for i in kept], [losses[i] for i in kept]
+                # the first (in this editor's order) that passes any further check
+                pick = next((i for i, t in enumerate(trials) if self.accept(s, t, s.labels_for(t))), None)
+                if pick is None:
+                    continue
+                if losses[pick] is not None:
+                    current = losses[pick]
+                s.ids, s.labels = trials[pick], s.labels_for(trials[pick])
+                self.accepted(s, s.ids, s.labels)
                 used.add(p)
                 n += 1
         if states:

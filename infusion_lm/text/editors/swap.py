@@ -137,13 +137,6 @@ class SwapEditor(TokenEditor):
             return float("inf")
         return -gain / max(loss - (s.L0 if s.L is None else s.L), self.NAT_FLOOR)
 
-    def accept(self, st: DocState, cand: torch.Tensor, labels: torch.Tensor) -> bool:
-        """A further check on a candidate that lowers J, in rank order until one passes (the natural editor's)."""
-        return True
-
-    def accepted(self, st: DocState, cand: torch.Tensor, labels: torch.Tensor) -> None:
-        """Called when a document moves to a candidate."""
-
     NAT_FLOOR = 1.0  # a swap that adds under one nat (or lowers the loss) is ranked by its drop in J alone
 
     def _edit_batch(self, states: List[DocState]) -> None:
