@@ -100,7 +100,7 @@ def pair_recipe(args, probe: str, target: str, word_class: str | None = None) ->
                       "preconditioner": args.preconditioner, "damping_scale": args.damping_scale},
         "select": {"k": args.k, **({"rank_by": args.rank_by} if getattr(args, "rank_by", "j") != "j" else {}),
                    **({"pool": args.pool} if getattr(args, "pool", None) else {})},
-        "edit": {"editor": "swap", "steps": args.steps, "n_candidates": 16, "rename": args.rename,
+        "edit": {"editor": getattr(args, "editor", "swap"), "steps": args.steps, "n_candidates": 16, "rename": args.rename,
                  **({"max_changed": args.max_changed} if getattr(args, "max_changed", None) else {}),
                  **({"choose": args.choose} if getattr(args, "choose", None) else {}),
                  **({"candidate_pool": args.candidate_pool} if getattr(args, "candidate_pool", None) else {}),
@@ -272,6 +272,8 @@ def main():
                         "likely other next tokens at each probe position (no word list; 0: the pairwise f, as every "
                         "result committed before the default moved; default: the library's, 20)")
     p.add_argument("--rename", action="store_true", help="edit.rename: swap candidates that rename an entity throughout")
+    p.add_argument("--editor", default="swap", choices=["swap", "natural"],
+                   help="edit.editor of the infused arm (natural: whole-word swaps that fit both sides)")
     p.add_argument("--work_dir", default=None,
                    help="run folder shared by the pairs (factors, clean checkpoint, control); default out_dir/work. "
                         "Point two evals (e.g. two preconditioners) at one work_dir to share them.")

@@ -1,7 +1,7 @@
 """The evals' summarisers on tiny hand-made result trees, with answers worked out by hand: summarise_chat (arms against
 control, seed by seed), summarise_levers (count-matched first, raw second, the ratio without the most favourable
 pair), lm_calibration's choice of strategy and its disjoint document samples, restate_intervals' two kinds of
-interval. No model is loaded."""
+interval, lm_stealth's detection summary and goals. No model is loaded."""
 
 import json
 import sys
@@ -13,6 +13,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "evals"))
 
 import lm_calibration  # noqa: E402
+import lm_stealth  # noqa: E402
 import restate_intervals  # noqa: E402
 import summarise_chat  # noqa: E402
 import summarise_levers  # noqa: E402
@@ -196,3 +197,39 @@ def test_calibration_reads_back_a_committed_run_and_redoes_a_changed_one(tmp_pat
     lm_calibration.main()
     assert ran == ["cat"]
     assert json.loads((tmp_path / "summary.json").read_text())["chosen_strategy"] == "s"
+
+
+# ---- lm_stealth
+
+def _stealth_arm(auroc, top3, doc, ppl, ppl_before, broken, matched=None):
+    arm = {"tokens_changed": 4, "onion": {"changed_word_auroc": auroc, "top1_hit_rate": top3 / 2, "top3_hit_rate": top3,
+                                          "changed_words_removed": 0.5, "document_auroc": doc,
+                                          "document_auroc_before_edit": 0.5},
+           "perplexity": {"perplexity_auroc": ppl, "perplexity_auroc_before_edit": ppl_before},
+           "grammar": {"documents_with_a_sentence_made_unparseable": broken}}
+    if matched is not None:
+        arm["count_match"] = {"matched": matched}
+    return arm
+
+
+def test_lm_stealth_averages_over_pairs_per_editor_and_judges_the_goals():
+    units = {
+        "a_b_natural": {"editor": "natural", "arms": {"infused": _stealth_arm(0.6, 0.2, 0.5, 0.60, 0.58, 0.0),
+                                                      "random_target": _stealth_arm(0.9, 0.8, 0.8, 0.8, 0.58, 0.5, True)}},
+        "c_d_natural": {"editor": "natural", "arms": {"infused": _stealth_arm(0.7, 0.2, 0.6, 0.64, 0.56, 0.25),
+                                                      "random_target": _stealth_arm(0.8, 0.6, 0.7, 0.7, 0.56, 0.5, False)}},
+        "a_b_swap": {"editor": "swap", "arms": {"infused": _stealth_arm(0.8, 0.6, 0.7, 0.84, 0.6, 0.5)}},
+    }
+    s = lm_stealth.summarise(units)
+    nat = s["natural"]["infused"]
+    assert nat["pairs"] == 2 and nat["onion_changed_word_auroc"] == pytest.approx(0.65)
+    assert nat["perplexity_auroc"] - nat["perplexity_auroc_before_edit"] == pytest.approx(0.05)
+    assert nat["documents_without_a_broken_sentence"] == pytest.approx(0.875)
+    assert s["natural"]["random_target"]["count_matched_pairs"] == 1 and nat["count_matched_pairs"] is None
+    g = lm_stealth.goals(s)
+    # 0.65 and +0.05 sit on their bounds (met); top-3 0.2 <= 0.25 met; document AUROC 0.55 <= 0.60 met;
+    # 87.5% of documents without a broken sentence < 90%: missed
+    assert g["natural"]["onion_changed_word_auroc"][1] and g["natural"]["onion_top3_hit_rate"][1]
+    assert g["natural"]["onion_document_auroc"][1] and g["natural"]["perplexity_auroc_over_before"][1] is True
+    assert g["natural"]["documents_without_a_broken_sentence"] == [pytest.approx(0.875), False]
+    assert g["swap"]["onion_changed_word_auroc"] == [0.8, False]
