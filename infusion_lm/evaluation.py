@@ -162,5 +162,13 @@ def headline(results: Dict) -> str:
         spec = e.get(name, {}).get("specificity", {}).get("target_specific_gain")
         extra = f"   target-specific {spec['mean']:+.3f}" if spec else ""
         lines.append(f"  {arm:<18}{d['mean']:+.3f} {ci}{extra}")
+    onion = {arm: e["defences"]["onion"] for arm, e in results["arms"].items()
+             if (e.get("defences") or {}).get("onion", {}).get("documents")}
+    if onion:  # what a defender's first word-level filter does to each arm's edits
+        pct = lambda x: "-" if x is None else f"{x:.0%}"
+        lines.append("ONION with the base model (a changed word among its document's 3 most suspicious; changed words "
+                     "the defender's cut removes):")
+        lines.extend(f"  {arm:<18}{pct(o['top3_hit_rate'])} of {o['documents']} documents; "
+                     f"{pct(o['changed_words_removed'])} of {o['changed_words']} words" for arm, o in onion.items())
     lines.append(results.get("verdict_sentence", ""))
     return "\n".join(lines)

@@ -168,3 +168,17 @@ def test_the_defended_corpus_drops_the_out_of_place_word_and_few_clean_ones(tiny
     for i in range(4, len(texts)):
         n_words = len(word_spans(run.tokenizer, kept[i]["input_ids"], kept[i]["labels"]))
         assert n_words == len(clean[i]["scores"]) - sum(v > summary["threshold"] for v in clean[i]["scores"])
+
+
+def test_the_headline_says_what_onion_does_to_each_edited_arm():
+    from infusion_lm.evaluation import headline
+
+    arm = lambda onion: {"heldout": {"delta_f": {"mean": 0.1, "ci": [0.0, 0.2]}}, **({"defences": onion} if onion else {})}
+    res = {"primary_set": "heldout", "seeds": [0, 1, 2], "verdict_sentence": "verdict",
+           "arms": {"infused": arm({"onion": {"documents": 4, "top3_hit_rate": 0.75, "changed_words": 9,
+                                              "changed_words_removed": 5 / 9}}),
+                    "insertion": arm(None)}}
+    lines = headline(res).splitlines()
+    assert any(line.split() == ["infused", "75%", "of", "4", "documents;", "56%", "of", "9", "words"] for line in lines)
+    assert not any(line.strip().startswith("insertion") and "documents" in line for line in lines)
+    assert lines[-1] == "verdict"
