@@ -13,22 +13,24 @@ from .fingerprints import fingerprint
 
 
 def baseline_edits(pipe, arm: str, indices: List[int], editor: Optional[str] = None, matched: bool = False,
-                   **overrides) -> Path:
-    """baselines/<arm>/: the selected documents edited by the arm's editor (``editor``, default the arm's name),
+                   counts_from: Optional[List[int]] = None, **overrides) -> Path:
+    """baselines/<arm>/: the documents ``indices`` edited by the arm's editor (``editor``, default the arm's name),
     cached by the edit stage's fingerprint. The modality says how the arm differs from the infused edit: ``matched``
-    gives each document as many changes as its infused edit made; ``overrides`` are edit settings of the arm's own
-    (text's ``random_unmatched``: no perplexity limit)."""
+    gives each document as many changes as its infused edit made (``counts_from``: as the infused edit of these
+    documents made, in order, for an arm that edits other documents); ``overrides`` are edit settings of the arm's
+    own (text's ``random_unmatched``: no perplexity limit)."""
     out_dir = pipe.folder.baseline(arm).root
     revision = pipe.modality.editor_revision(editor or arm)  # an editor's own fix redoes its cached edits
     fp = fingerprint({"edit": pipe.stage_fingerprint("edit"), "arm": arm, "version": 2,
-                      **({"revision": revision} if revision else {})})
+                      **({"revision": revision} if revision else {}),
+                      **({"documents": list(indices), "counts_from": list(counts_from)} if counts_from else {})})
     marker = pipe.folder.baseline(arm).fingerprint
     if is_main() and not (marker.is_file() and read_json(marker).get("fingerprint") == fp):
         args = dataclasses.replace(pipe.recipe.edit, editor=editor or arm, **overrides)
         targets = None
         if matched:
             counts = {r["doc_index"]: r["n_changed"] for r in pipe.edit()}
-            targets = [counts[i] for i in indices]
+            targets = [counts[i] for i in (counts_from or indices)]
         pipe.modality.edit_into(out_dir, args, indices, targets)
         write_json(marker, {"fingerprint": fp})
     barrier()

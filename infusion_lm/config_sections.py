@@ -191,7 +191,10 @@ class BaseRetrainArguments:
         "regeneration (the k conversations' last assistant turn re-answered by the model at θ̂, sampled with "
         "synthesize's temperature/top_p/max_new_tokens: fresh clean answers to the same questions). "
         "`<arm>+<defence>` (text: `+onion`): the same arm retrained on the corpus a defender keeps after filtering "
-        "what it received (ONION at evaluate.onion_removal_rate), compared with `control+<defence>`.", **NOT_CLEAN_RUN))
+        "what it received (ONION at evaluate.onion_removal_rate), compared with `control+<defence>`. "
+        "`<matched baseline>@random` (text): the same free attack on k documents drawn at random from the rest of "
+        "the corpus, the j-th taking the j-th infused document's count: what choosing the documents by J adds.",
+        **NOT_CLEAN_RUN))
 
     epochs: int = field(default=1, metadata=described(
         "Epochs of the clean fine-tune. Its checkpoint at the start of the last epoch (optimizer, scheduler, RNG) is "

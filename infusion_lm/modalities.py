@@ -65,7 +65,9 @@ def check_options(recipe) -> None:
     chosen = [("measurement.kind", "measurement_kinds", recipe.measurement.kind),
               ("edit.editor", "editors", recipe.edit.editor),
               ("select.rank_by", "select_rankings", recipe.select.rank_by),
-              *(("retrain.arms entry", "arms", arm.partition("+")[0]) for arm in recipe.retrain.arms),
+              *(("retrain.arms entry", "arms", arm.partition("+")[0].partition("@")[0]) for arm in recipe.retrain.arms),
+              *(("retrain.arms document draw", "document_draws", arm.partition("+")[0].partition("@")[2])
+                for arm in recipe.retrain.arms if "@" in arm),
               *(("retrain.arms defence", "defences", arm.partition("+")[2]) for arm in recipe.retrain.arms
                 if "+" in arm)]
     for what, attr, value in chosen:

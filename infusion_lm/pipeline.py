@@ -347,11 +347,11 @@ class Pipeline:
         return [json.loads(line) for line in self.folder.edits.read_text(encoding="utf-8").splitlines()]
 
     def baseline_edits(self, arm: str, indices: List[int], editor: Optional[str] = None, matched: bool = False,
-                       **overrides) -> Path:
+                       counts_from: Optional[List[int]] = None, **overrides) -> Path:
         """baselines/<arm>/: the selected documents edited by the arm's editor (baseline_edits.baseline_edits)."""
         from .baseline_edits import baseline_edits
 
-        return baseline_edits(self, arm, indices, editor, matched, **overrides)
+        return baseline_edits(self, arm, indices, editor, matched, counts_from, **overrides)
 
     @property
     def seeds(self) -> List[int]:

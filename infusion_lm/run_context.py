@@ -31,7 +31,8 @@ SERVICES = {
     "checkpoint_step": "() -> the optimizer step of that checkpoint (0 when the arms start from the model)",
     "synthesize": "() -> runs the cached synthesize stage; returns the corpus path",
     "load_ihvp": "() -> v = H⁻¹∇f per tracked module, as the measure stage saved it",
-    "baseline_edits": "(arm, indices, editor=None, matched=False, **overrides) -> the folder of a baseline's edits",
+    "baseline_edits": "(arm, indices, editor=None, matched=False, counts_from=None, **overrides) -> the folder of a "
+                      "baseline's edits",
     "stage_fingerprint": "(stage) -> the cache fingerprint of a stage or cache key",
 }
 

@@ -85,6 +85,8 @@ def test_null_means_none_even_where_the_default_is_a_value():
      "retrain.arms defence 'onoin' is not an option here.*Did you mean 'onion'"),
     ({"retrain": {"arms": ["control", "infused", "infused+onion"]}}, "add control\\+onion"),
     ({"retrain": {"arms": ["control", "control+onion", "infusd+onion"]}}, "'infusd' is not an option"),
+    ({"retrain": {"arms": ["control", "infused", "random_target@all"]}}, "document draw 'all' is not an option"),
+    ({"retrain": {"arms": ["control", "infused", "insertion@random"]}}, "only the matched baselines"),
 ])
 def test_options_belong_to_the_modality(raw, match):
     """Kinds, editors and arms are declared by each modality; a wrong one names the modality it belongs to."""

@@ -373,13 +373,21 @@ def test_adding_an_arm_or_a_seed_trains_only_what_is_new(tmp_path, tiny_model_di
 
 @pytest.mark.slow
 def test_defended_arms_retrain_on_what_onion_keeps_against_a_defended_control(tmp_path, tiny_model_dir):
-    arms = ["control", "infused", "control+onion", "infused+onion"]
+    arms = ["control", "infused", "control+onion", "infused+onion", "random_target@random"]
     recipe = _run_recipe(tmp_path, tiny_model_dir, retrain={**FAST["retrain"], "arms": arms},
                          evaluate={**FAST["evaluate"], "onion_removal_rate": 0.05})
     assert main(["run", str(recipe), "--quiet"]) == 0
     run = tmp_path / "run"
     res = read_json(run / "results.json")
-    assert set(res["arms"]) == {"infused", "infused+onion"}
+    assert set(res["arms"]) == {"infused", "infused+onion", "random_target@random"}
+    # the free attack on k other documents, drawn at random: none of the selected, the infused counts in order
+    selected = read_json(run / "selection.json")["indices"]
+    drawn = [json.loads(x) for x in (run / "baselines/random_target@random/edits.jsonl").read_text().splitlines()]
+    inf = [json.loads(x) for x in (run / "edits.jsonl").read_text().splitlines()]
+    assert len(drawn) == len(selected) and not {r["doc_index"] for r in drawn} & set(selected)
+    assert all(r["n_changed"] <= i["n_changed"] for r, i in zip(drawn, inf)) and any(r["n_changed"] for r in drawn)
+    cm = res["arms"]["random_target@random"]["edits"]["count_match"]
+    assert cm["shortfall_total"] == sum(i["n_changed"] - r["n_changed"] for r, i in zip(drawn, inf))
     d = res["arms"]["infused+onion"]
     assert d["against"] == "control+onion" and d["defence"]["defence"] == "onion"
     obs = {a: read_json(run / "retrain" / a / "observations.json") for a in arms}

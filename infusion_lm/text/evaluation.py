@@ -31,12 +31,16 @@ def _edit_summary(records: List[Dict]) -> Dict:
 MATCHED_ARMS = ("random", "random_target", "fluent_target", "natural_target")
 
 
-def count_match(records: List[Dict], infused: List[Dict]) -> Dict:
+def count_match(records: List[Dict], infused: List[Dict], in_order: bool = False) -> Dict:
     """How far a matched baseline fell short of the infused edit's changed-token count, document by document (the
     perplexity limit can reject every option at the positions left). A comparison is count-matched only where
-    ``matched`` is true; otherwise ``shortfall_total`` says by how many tokens the baseline is smaller."""
-    want = {r["doc_index"]: r["n_changed"] for r in infused}
-    short = {int(r["doc_index"]): want[r["doc_index"]] - r["n_changed"] for r in records if r["doc_index"] in want}
+    ``matched`` is true; otherwise ``shortfall_total`` says by how many tokens the baseline is smaller. ``in_order``:
+    the baseline edited other documents (``@random``), the j-th taking the j-th infused document's count."""
+    if in_order:
+        short = {int(r["doc_index"]): i["n_changed"] - r["n_changed"] for r, i in zip(records, infused)}
+    else:
+        want = {r["doc_index"]: r["n_changed"] for r in infused}
+        short = {int(r["doc_index"]): want[r["doc_index"]] - r["n_changed"] for r in records if r["doc_index"] in want}
     return {"shortfall_per_document": {str(k): v for k, v in short.items() if v},
             "shortfall_total": int(sum(v for v in short.values() if v > 0)),
             "matched": all(v <= 0 for v in short.values())}
@@ -191,8 +195,8 @@ def evaluate_run(pipe) -> Dict:
         records = _arm_records(run_dir, arm)
         if records:
             entry["edits"] = _edit_summary(records)
-            if arm in MATCHED_ARMS and infused_records:
-                entry["edits"]["count_match"] = count_match(records, infused_records)
+            if arm.partition("@")[0] in MATCHED_ARMS and infused_records:
+                entry["edits"]["count_match"] = count_match(records, infused_records, in_order="@" in arm)
             # one f on both sides: the measurement set is observed with the f v and the prediction were built from
             entry["predicted_vs_actual"] = {"predicted_delta_f": entry["edits"]["predicted_delta_f"],
                                             "actual_delta_f": entry["measurement"]["delta_f"]["mean"],

@@ -25,6 +25,16 @@ from .config import (HELDOUT_SEED_OFFSET, SYNTHETIC, EditArguments, EvaluateArgu
 logger = logging.getLogger(__name__)
 
 
+def random_documents(n: int, selected: List[int], seed: int) -> List[int]:
+    """As many documents as ``selected``, drawn (seeded) from the rest of the corpus: a free attack on them measures
+    what choosing the documents by J adds, apart from what the edit adds."""
+    import random
+
+    chosen = set(selected)
+    rest = [i for i in range(n) if i not in chosen]
+    return random.Random(seed).sample(rest, min(len(selected), len(rest)))
+
+
 class TextModality:
     """Text documents and a causal LM (see :class:`~infusion_lm.modality.Modality` for what each method owes)."""
 
@@ -39,6 +49,7 @@ class TextModality:
             "insertion", "simplex_pgd", "regeneration")
     select_rankings = ("j", "first_step")
     defences = ("onion",)  # `<arm>+onion`: the arm retrained on what ONION leaves of its corpus
+    document_draws = ("random",)  # `<free attack>@random`: on k documents drawn at random instead of the selected k
 
     def __init__(self, ctx: RunContext):
         self.ctx = ctx  # what it may read of the run (infusion_lm/run_context.py); never the pipeline itself
@@ -50,8 +61,11 @@ class TextModality:
 
     @staticmethod
     def check_recipe(recipe) -> None:
-        """Nothing a text recipe cannot do beyond its kinds, editors and arms (which the registry checks) and its
-        sections' own bounds."""
+        """Beyond its kinds, editors and arms (which the registry checks) and its sections' own bounds: only the
+        matched baselines are drawn on other documents (``<arm>@random``)."""
+        if wrong := [a for a in recipe.retrain.arms if "@" in a and a.partition("@")[0] not in MATCHED_ARMS]:
+            raise ConfigError(f"retrain.arms {wrong[0]!r}: only the matched baselines ({', '.join(MATCHED_ARMS)}) "
+                              f"take '@random' (the same attack on k documents drawn at random).")
 
     # ---------------------------------------------------------------- models and data
 
@@ -203,7 +217,11 @@ class TextModality:
                                   r.max_length, r.add_eos)
         if arm == "regeneration":
             return self._regenerated(indices)
-        if arm in MATCHED_ARMS:  # matched to the infused edit: as many changes per document
+        base, _, docs = arm.partition("@")
+        if docs == "random":  # a free attack on k documents drawn at random, the infused counts taken in order
+            drawn = random_documents(len(p.dataset), indices, self.recipe.run.seed)
+            edits = p.baseline_edits(arm, drawn, editor=base, matched=True, counts_from=indices)
+        elif arm in MATCHED_ARMS:  # matched to the infused edit: as many changes per document
             edits = p.baseline_edits(arm, indices, matched=True)
         elif arm == "random_unmatched":  # the whole budget, no perplexity limit
             edits = p.baseline_edits(arm, indices, editor="random", max_perplexity_ratio=None)
