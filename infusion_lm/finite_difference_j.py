@@ -137,6 +137,59 @@ def _two_branches(layers: nn.ModuleList, first: int, batch: int, deltas: Mapping
             h.remove()
 
 
+# The most the logits of one chunk of rows may take (with cross-entropy's softmax beside them): the peak of scoring a
+# candidate batch is then set by this, not by the batch (32 candidates × 128 tokens × 49,152 words is 0.8 GB of fp32
+# logits, twice that inside the loss).
+LOGITS_MEMORY_BYTES = 256 << 20
+
+
+class HeadCapture:
+    """Within ``capturing()``, the model's output layer sees an empty slice of its input and keeps the input itself
+    (the last hidden states, [B, T, d]); :meth:`row_losses` then applies the layer a few rows at a time. The forward
+    pass never holds [B, T, V] logits. Used only where the model's logits are exactly its output layer's (checked on
+    a short input when built: no soft-capping or scaling after it)."""
+
+    def __init__(self, model: nn.Module):
+        self.head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        self.hidden = None
+        self.usable = self.head is not None and self._same_logits(model)
+
+    @torch.no_grad()
+    def _same_logits(self, model: nn.Module) -> bool:
+        try:
+            device = next(model.parameters()).device
+            ids = (torch.arange(8, device=device) % self.head.weight.shape[0])[None]
+            with evaluating(model):
+                full = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+                with self.capturing():
+                    model(input_ids=ids, attention_mask=torch.ones_like(ids))
+                ours = self.head(self.hidden)
+            self.hidden = None
+            return full.shape == ours.shape and bool(torch.allclose(full.float(), ours.float(), rtol=1e-5, atol=1e-5))
+        except Exception:  # any model this does not fit keeps the plain path
+            self.hidden = None
+            return False
+
+    @contextmanager
+    def capturing(self):
+        def pre(mod, args):
+            self.hidden = args[0]
+            return (args[0][..., :0, :],) + tuple(args[1:])
+
+        handle = self.head.register_forward_pre_hook(pre)
+        try:
+            yield self
+        finally:
+            handle.remove()
+
+    def row_losses(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Summed next-token cross-entropy per row (as per_document_loss_from_logits), a chunk of rows at a time."""
+        B, T = hidden.shape[:2]
+        per = max(1, LOGITS_MEMORY_BYTES // (2 * T * self.head.weight.shape[0] * 4))
+        return torch.cat([per_document_loss_from_logits(self.head(hidden[i: i + per]), labels[i: i + per])
+                          for i in range(0, B, per)])
+
+
 class FiniteDifferenceJ:
     """J(z) ≈ [L(z; θ̂ + εv) − L(z; θ̂ − εv)] / (2ε), forward passes only.
 
@@ -165,12 +218,26 @@ class FiniteDifferenceJ:
                 dw, db = from_layout(mat.to(device=w.device, dtype=accumulation_dtype(w.dtype)), w, b)
                 deltas[model.get_submodule(name)] = (dw, db)
             self._branch = (found[0], found[1], deltas)
+        self._head = HeadCapture(model)
 
     def losses(self, batch: Dict[str, torch.Tensor], sign: int, **kw) -> torch.Tensor:
         params = self.plus if sign > 0 else self.minus
-        logits = functional_call(self.model, params, args=(), kwargs={
-            "input_ids": batch.get("input_ids"), "attention_mask": batch["attention_mask"], **kw}).logits
-        return per_document_loss_from_logits(logits, batch["labels"])
+        return self._loss(lambda: functional_call(self.model, params, args=(), kwargs={
+            "input_ids": batch.get("input_ids"), "attention_mask": batch["attention_mask"], **kw}), batch["labels"])
+
+    def _loss(self, forward, labels: torch.Tensor, halves: bool = False) -> torch.Tensor:
+        """Per-row summed loss of ``forward()``'s rows; ``halves``: the rows are the + and − copies of ``labels``'
+        rows, scored in two equal halves so both branches go through the same shapes (and the same rounding)."""
+        if not self._head.usable:
+            logits = forward().logits
+            return per_document_loss_from_logits(logits, torch.cat([labels, labels]) if halves else labels)
+        with self._head.capturing():
+            forward()
+        hidden, self._head.hidden = self._head.hidden, None
+        if not halves:
+            return self._head.row_losses(hidden, labels)
+        B = labels.shape[0]
+        return torch.cat([self._head.row_losses(hidden[:B], labels), self._head.row_losses(hidden[B:], labels)])
 
     @torch.no_grad()
     def __call__(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
@@ -187,8 +254,8 @@ class FiniteDifferenceJ:
             layers, first, deltas = self._branch
             B = batch["input_ids"].shape[0]
             with _two_branches(layers, first, B, deltas, self.eps):
-                logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            both = per_document_loss_from_logits(logits, torch.cat([batch["labels"], batch["labels"]]))
+                both = self._loss(lambda: self.model(input_ids=batch["input_ids"],
+                                                     attention_mask=batch["attention_mask"]), batch["labels"], halves=True)
             plus, minus = both[:B], both[B:]
         else:
             plus, minus = self.losses(batch, +1), self.losses(batch, -1)
@@ -238,12 +305,11 @@ class FiniteDifferenceJ:
                     cache = copy.deepcopy(out.cache)
                     cache.crop(-(T - p))  # negative: drop that many trailing positions (transformers 5)
                     cache.batch_repeat_interleave(n)
-                    tail = functional_call(self.model, params, args=(), kwargs={
+                    rest = self._loss(lambda: functional_call(self.model, params, args=(), kwargs={
                         "input_ids": ids[chunk, p:], "attention_mask": torch.ones(n, T, dtype=torch.long, device=ids.device),
-                        "cache": cache, "use_cache": True}).logits
+                        "cache": cache, "use_cache": True}), labels[chunk, p:]).double()
                     at_p = F.cross_entropy(logits0[p - 1].expand(n, -1), labels[chunk, p], ignore_index=IGNORE_INDEX,
                                            reduction="none").double()
-                    rest = per_document_loss_from_logits(tail, labels[chunk, p:]).double()
                     loss[chunk] = before[p - 1] + at_p + rest
             losses.append(loss)
         return (losses[0] - losses[1]) / (2 * self.eps), (losses[0] + losses[1]) / 2
