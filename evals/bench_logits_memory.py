@@ -2,16 +2,17 @@
 (``finite_difference_j.HeadCapture``) against the whole [B, T, V] logits, side by side in one run.
 
 SmolLM2-135M-Instruct (V = 49,152), a random v over layers 12 and 24 (MLP and attention; memory and time do not
-depend on v's values), TinyStories documents of ``--tokens`` tokens. Each mode runs in its own process, with the
-peak RSS (VmHWM) reset after the model is loaded, on:
+depend on v's values), TinyStories documents of ``--tokens`` tokens. Each mode and part runs in its own process
+(memory a part freed stays resident and would hide the next part's peak), with the peak RSS (VmHWM) reset after the
+model is loaded, on:
 
 1. ``full batch``: J and the loss of ``--rows`` documents in one batch (the editor's ``exact``, as in ``prepare``);
 2. ``prefix cache``: J of ``--rows`` variants of one document that first differ at position 8 (the swap editor's
    candidate scoring: the suffix rerun on the document's KV cache);
 3. ``swap editor``: the swap editor on 4 documents for ``--steps`` steps.
 
-Prints a table, writes JSON (default evals/results/bench_logits_memory.json), and the largest J difference between
-the two modes.
+Prints a table and writes JSON (default evals/results/bench_logits_memory.json) with the largest J difference
+between the two modes.
 
     python evals/bench_logits_memory.py [--tokens 128] [--rows 32] [--steps 2] [--note "..."]
 """
@@ -30,6 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 TINYSTORIES = ROOT.parent / "shared" / "data" / "tinystories" / "tinystories_valid_sample.jsonl"
+PARTS = ("full batch", "prefix cache", "swap editor")
 
 
 def _rss_mb(field: str) -> float:
@@ -80,22 +82,23 @@ def child(a) -> dict:
         out[name] = {"seconds": time.perf_counter() - t0, "peak_above_before_mb": _rss_mb("VmHWM") - before}
         return value
 
-    batch = CausalLMCollator(tok.pad_token_id)(rows[: a.rows])
-    j_full, _ = measure("full batch", lambda: J.with_loss(batch))
-    ids = torch.tensor(rows[0]["input_ids"])
-    variants = ids.repeat(a.rows, 1)
-    variants[:, 8] = torch.randint(1000, 2000, (a.rows,), generator=g)
-    j_var, _ = measure("prefix cache", lambda: J.variants_with_loss(ids, ids.clone(), variants, variants.clone()))
-    out["J"] = {"full_batch": j_full.tolist(), "prefix_cache": j_var.tolist()}
-    args = EditArguments(steps=a.steps, seed=0, max_perplexity_ratio=None)
+    if a.part == "full batch":
+        batch = CausalLMCollator(tok.pad_token_id)(rows[: a.rows])
+        out["J"] = measure(a.part, lambda: J.with_loss(batch))[0].tolist()
+    elif a.part == "prefix cache":
+        ids = torch.tensor(rows[0]["input_ids"])
+        variants = ids.repeat(a.rows, 1)
+        variants[:, 8] = torch.randint(1000, 2000, (a.rows,), generator=g)
+        out["J"] = measure(a.part, lambda: J.variants_with_loss(ids, ids.clone(), variants, variants.clone()))[0].tolist()
+    else:
+        args = EditArguments(steps=a.steps, seed=0, max_perplexity_ratio=None)
 
-    def edit():
-        ed = SwapEditor(model, tok, v, args)
-        ed.J._head.usable = ed.J._head.usable and a.mode == "chunked"
-        return ed.edit_many(rows[:4])
+        def edit():
+            ed = SwapEditor(model, tok, v, args)
+            ed.J._head.usable = ed.J._head.usable and a.mode == "chunked"
+            return ed.edit_many(rows[:4])
 
-    res = measure("swap editor", edit)
-    out["swap_editor_J_after"] = [r.J_after for r in res]
+        out["J"] = [r.J_after for r in measure(a.part, edit)]
     return out
 
 
@@ -106,34 +109,35 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--mode", choices=["chunked", "whole"], default=None, help=argparse.SUPPRESS)
+    p.add_argument("--part", choices=PARTS, default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=str(ROOT / "evals" / "results" / "bench_logits_memory.json"))
     p.add_argument("--note", default="")
     a = p.parse_args()
     if a.mode:  # a child: one mode, its figures as the last line
         print(json.dumps(child(a)))
         return
-    results = {}
-    for mode in ("whole", "chunked"):
-        cmd = [sys.executable, __file__, "--mode", mode, "--tokens", str(a.tokens), "--rows", str(a.rows),
-               "--steps", str(a.steps), "--threads", str(a.threads)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = {"whole": {}, "chunked": {}}
+    for part in PARTS:
+        for mode in ("whole", "chunked"):
+            cmd = [sys.executable, __file__, "--mode", mode, "--part", part, "--tokens", str(a.tokens), "--rows",
+                   str(a.rows), "--steps", str(a.steps), "--threads", str(a.threads)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            one = json.loads(proc.stdout.strip().splitlines()[-1])
+            results[mode][part] = {**one[part], "J": one["J"], "rss_after_loading_mb": one["rss_after_loading_mb"],
+                                   "head_capture": one["head_capture"]}
     w, c = results["whole"], results["chunked"]
     rel = lambda x, y: max(abs(p - q) / max(abs(q), 1e-12) for p, q in zip(x, y))
     out = {"command": "python evals/bench_logits_memory.py " + " ".join(sys.argv[1:]), "tokens": a.tokens,
            "rows": a.rows, "steps": a.steps, "threads": a.threads, "note": a.note, "modes": results,
-           "J_max_relative_difference": {k: rel(c["J"][k], w["J"][k]) for k in ("full_batch", "prefix_cache")},
-           "swap_editor_same_J_after": c["swap_editor_J_after"] == w["swap_editor_J_after"],
+           "J_max_relative_difference": {part: rel(c[part]["J"], w[part]["J"]) for part in PARTS},
            "ratios_whole_over_chunked": {part: {"peak": w[part]["peak_above_before_mb"] / max(c[part]["peak_above_before_mb"], 1e-9),
-                                                "seconds": w[part]["seconds"] / c[part]["seconds"]}
-                                         for part in ("full batch", "prefix cache", "swap editor")}}
+                                                "seconds": w[part]["seconds"] / c[part]["seconds"]} for part in PARTS}}
     Path(a.out).write_text(json.dumps(out, indent=1))
-    print(f"{'part':<14}{'whole: peak MB':>15}{'s':>7}{'chunked: peak MB':>18}{'s':>7}")
-    for part in ("full batch", "prefix cache", "swap editor"):
+    print(f"{'part':<14}{'whole: peak MB':>15}{'s':>7}{'chunked: peak MB':>18}{'s':>7}{'J rel. diff':>13}")
+    for part in PARTS:
         print(f"{part:<14}{w[part]['peak_above_before_mb']:>15.0f}{w[part]['seconds']:>7.1f}"
-              f"{c[part]['peak_above_before_mb']:>18.0f}{c[part]['seconds']:>7.1f}")
-    print("J max relative difference:", out["J_max_relative_difference"], "; swap editor same result:",
-          out["swap_editor_same_J_after"])
+              f"{c[part]['peak_above_before_mb']:>18.0f}{c[part]['seconds']:>7.1f}"
+              f"{out['J_max_relative_difference'][part]:>13.1e}")
 
 
 if __name__ == "__main__":
