@@ -96,7 +96,7 @@ def _deletion_perplexities(model, row: Dict, spans: Sequence[Span], batch_size: 
     labels = torch.as_tensor(row["labels"], device=device)
     L = len(ids)
     full = model(input_ids=ids[None], use_cache=True)
-    logits0, cache0 = full.logits[0], full.past_key_values
+    logits0, cache0 = full.logits[0], full.cache
     base = _perplexity(logits0, ids, labels)
     result: List[float] = []
     for c in range(0, len(spans), batch_size):
@@ -119,7 +119,7 @@ def _deletion_perplexities(model, row: Dict, spans: Sequence[Span], batch_size: 
         for layer, src in zip(range(len(cache0.layers)), cache0.layers):
             cache.update(src.keys.expand(B, -1, -1, -1).contiguous(), src.values.expand(B, -1, -1, -1).contiguous(),
                          layer)
-        logits = model(input_ids=suffix, attention_mask=mask, position_ids=positions, past_key_values=cache,
+        logits = model(input_ids=suffix, attention_mask=mask, position_ids=positions, cache=cache,
                        use_cache=True).logits
         for i, (a, b) in enumerate(chunk):
             kept_ids = torch.cat([ids[:a], ids[b:]])
