@@ -24,8 +24,10 @@ def unit_fingerprint(pipe, arm: str, seed: int) -> str:
 
     key = fingerprint_key(pipe, "retrain")
     section = {k: v for k, v in (key["settings"].get("retrain") or {}).items() if k not in ("arms", "seeds")}
-    key = {**key, "settings": {**key["settings"], "retrain": section}, "arm": arm, "seed": seed,
-           "observations_schema": OBSERVATIONS_SCHEMA}
+    settings = {**key["settings"], "retrain": section}
+    if "+" not in arm:  # the defence's own settings (the modality's defence_settings) move only the defended arms
+        settings = {k: v for k, v in settings.items() if k not in getattr(pipe.modality, "defence_settings", ())}
+    key = {**key, "settings": settings, "arm": arm, "seed": seed, "observations_schema": OBSERVATIONS_SCHEMA}
     if arm == "control":
         key["needs"] = {"control": pipe.stage_fingerprint("control")}
     return fingerprint(key)

@@ -401,6 +401,11 @@ def test_defended_arms_retrain_on_what_onion_keeps_against_a_defended_control(tm
     assert d["defence"]["threshold"] == c["threshold"]
     assert d["defence"]["words_removed_elsewhere"] <= c["words_removed_elsewhere"]
     assert obs["infused+onion"]["weights"] not in (obs["infused"]["weights"], obs["control+onion"]["weights"])
+    # a new cut retrains the defended arms only
+    before = {a: read_json(run / "retrain" / a / "seed-0.json")["unit_fingerprint"] for a in arms}
+    assert main(["run", str(recipe), "--quiet", "evaluate.onion_removal_rate=0.1"]) == 0
+    after = {a: read_json(run / "retrain" / a / "seed-0.json")["unit_fingerprint"] for a in arms}
+    assert {a for a in arms if before[a] != after[a]} == {"control+onion", "infused+onion"}
     gain = res["defended"]["infused+onion"]
     assert gain["target_specific_gain_undefended"] == res["arms"]["infused"][res["primary_set"]]["specificity"][
         "target_specific_gain"]["mean"]

@@ -49,6 +49,7 @@ class TextModality:
             "insertion", "simplex_pgd", "regeneration")
     select_rankings = ("j", "first_step")
     defences = ("onion",)  # `<arm>+onion`: the arm retrained on what ONION leaves of its corpus
+    defence_settings = ("evaluate.onion_removal_rate",)  # what only the `+onion` arms' retraining depends on
     document_draws = ("random",)  # `<free attack>@random`: on k documents drawn at random instead of the selected k
 
     def __init__(self, ctx: RunContext):
