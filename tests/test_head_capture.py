@@ -1,7 +1,6 @@
 """The finite-difference J without [B, T, V] logits: the output layer applied a few rows at a time gives the same J
 and losses as the whole logits, and a model whose logits are not its output layer's keeps the plain path."""
 
-import pytest
 import torch
 
 from infusion_lm import finite_difference_j as fdj
