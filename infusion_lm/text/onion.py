@@ -15,6 +15,7 @@ document is exactly the tokens that remain.
 from __future__ import annotations
 
 import math
+import os
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -68,8 +69,9 @@ def onion_scores(model, tokenizer, rows: Sequence[Dict], pad_token_id: int, batc
 
     spans = [word_spans(tokenizer, r["input_ids"], r["labels"]) for r in rows]
     out = []
+    quiet = os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true")  # passing disable= overrides tqdm's own env
     bar = tqdm(total=sum(len(sp) for sp in spans), desc=desc or "ONION word scores", leave=False,
-               disable=desc is None and len(rows) < 4)
+               disable=quiet or (desc is None and len(rows) < 4))
     for r, sp in zip(rows, spans):
         base, deleted = _deletion_perplexities(model, r, sp, batch_size, bar)
         out.append({"spans": [list(x) for x in sp], "scores": [base - p for p in deleted], "perplexity": base})
