@@ -70,17 +70,15 @@ def changed_sentences(record: dict) -> list:
 def arm_view(pipe, records, clean, cut, ppl_clean, grammar) -> dict:
     from infusion_lm.causal_lm import perplexities
     from infusion_lm.evaluation import detectors
+    from infusion_lm.text.defended import arm_onion
     from infusion_lm.text.grammar import grammar_report
-    from infusion_lm.text.onion import onion_report, onion_scores
 
-    pad = pipe.tokenizer.pad_token_id
     rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in records]
-    edited = onion_scores(pipe.base_model, pipe.tokenizer, rows, pad)
-    ppl = dict(zip([r["doc_index"] for r in records], perplexities(pipe.base_model, rows, pad)))
+    ppl = dict(zip([r["doc_index"] for r in records], perplexities(pipe.base_model, rows, pipe.tokenizer.pad_token_id)))
     return {"tokens_changed": sum(r["n_changed"] for r in records),
             "documents_changed": sum(r["n_changed"] > 0 for r in records),
             "changed_per_document": {str(r["doc_index"]): r["n_changed"] for r in records},
-            "onion": onion_report(records, edited, clean, cut),
+            "onion": arm_onion(pipe.base_model, pipe.tokenizer, records, clean, cut),
             "perplexity": detectors({r["doc_index"]: True for r in records}, {"perplexity": ppl_clean},
                                     {"perplexity": ppl}),
             "grammar": grammar_report(records, grammar),

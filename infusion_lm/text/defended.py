@@ -12,7 +12,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..atomic_io import read_json, write_json
 from ..fingerprints import fingerprint
-from .onion import defended_row, onion_scores, threshold
+from .onion import defended_row, onion_report, onion_scores, threshold
 
 
 def clean_onion(run, indices: Sequence[int]) -> Dict[int, Dict]:
@@ -35,8 +35,8 @@ def clean_onion(run, indices: Sequence[int]) -> Dict[int, Dict]:
 def detector_sample(run, edited: Sequence[int]) -> List[int]:
     """The clean documents the ONION detector scores: the edited documents' originals, and the rest of the corpus or
     ``evaluate.onion_clean_documents`` of it drawn with the run's seed."""
-    n, ev = len(run.dataset), run.recipe.evaluate
-    rest = [i for i in range(n) if i not in set(edited)]
+    n, ev, edited = len(run.dataset), run.recipe.evaluate, set(edited)
+    rest = [i for i in range(n) if i not in edited]
     if ev.onion_clean_documents is not None and ev.onion_clean_documents < len(rest):
         rest = random.Random(run.recipe.run.seed).sample(rest, ev.onion_clean_documents)
     return sorted(set(edited) | set(rest))
@@ -56,14 +56,21 @@ def defended_corpus(run, rows: List[Dict], label: Optional[str] = None) -> Tuple
         docs = onion_scores(run.base_model, run.tokenizer, [rows[i] for i in changed], run.tokenizer.pad_token_id,
                             desc=f"ONION, {label or 'received'} documents")
         scored.update(zip(changed, docs))
-    out, removed = [], {}
-    for i, r in enumerate(rows):
-        kept = defended_row(r, scored[i], cut)
-        removed[i] = sum(v > cut for v in scored[i]["scores"])
-        out.append({**r, **kept})
-    edited_words = sum(len(scored[i]["scores"]) for i in changed)
-    clean_words = sum(len(scored[i]["scores"]) for i in range(len(rows)) if i not in set(changed))
+    out = [{**r, **defended_row(r, scored[i], cut)} for i, r in enumerate(rows)]
+    removed = [sum(v > cut for v in scored[i]["scores"]) for i in range(len(rows))]
+    words = [len(scored[i]["scores"]) for i in range(len(rows))]
+    mine = set(changed)
     return out, {"defence": "onion", "threshold": cut, "documents_changed_by_the_arm": changed,
-                 "words_removed_in_those": int(sum(removed[i] for i in changed)), "words_in_those": edited_words,
-                 "words_removed_elsewhere": int(sum(v for i, v in removed.items() if i not in set(changed))),
-                 "words_elsewhere": clean_words}
+                 "words_removed_in_those": int(sum(removed[i] for i in mine)),
+                 "words_in_those": sum(words[i] for i in mine),
+                 "words_removed_elsewhere": int(sum(removed[i] for i in range(len(rows)) if i not in mine)),
+                 "words_elsewhere": sum(words[i] for i in range(len(rows)) if i not in mine)}
+
+
+def arm_onion(base_model, tokenizer, records: List[Dict], clean: Dict[int, Dict], cut: float,
+              label: Optional[str] = None) -> Dict:
+    """ONION on one arm's edited documents (its edit records), reported against the clean documents' scores and the
+    defender's cut (:func:`infusion_lm.text.onion.onion_report`)."""
+    rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in records]
+    edited = onion_scores(base_model, tokenizer, rows, tokenizer.pad_token_id, desc=f"ONION, {label or 'edits'}")
+    return onion_report(records, edited, clean, cut)

@@ -11,8 +11,8 @@ from typing import Dict, List, Optional, Sequence
 from ..atomic_io import read_json, write_json
 from ..evaluation import arm_difference, compare, detectors, per_seed, primary_set, verdict
 from ..run_folder import RunFolder
-from .defended import clean_onion, detector_sample
-from .onion import onion_report, onion_scores, threshold
+from .defended import arm_onion, clean_onion, detector_sample
+from .onion import threshold
 
 
 def _edit_summary(records: List[Dict]) -> Dict:
@@ -134,9 +134,7 @@ class DefenderView:
 
         out = {}
         if self.onion_clean is not None:
-            rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in records]
-            edited = onion_scores(self.base, self.pipe.tokenizer, rows, self.pad, desc=f"ONION, {arm}")
-            out["onion"] = onion_report(records, edited, self.onion_clean, self.onion_cut)
+            out["onion"] = arm_onion(self.base, self.pipe.tokenizer, records, self.onion_clean, self.onion_cut, arm)
         if "grammar" in self.pipe.recipe.evaluate.defences:
             out["grammar"] = grammar_report(records, self.grammar)
         return out
