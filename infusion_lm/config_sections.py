@@ -172,6 +172,14 @@ FIELD_FLAGS = {"clean_run": True, "evaluation_only": False, "observed": False, "
 NOT_CLEAN_RUN = {"clean_run": False}  # metadata: the setting does not change θ̂'s clean run
 
 
+def arm_parts(arm: str) -> tuple:
+    """An arm's name as (base arm, document draw, defence): ``random_target@random+onion`` is random_target, on
+    documents drawn at random, retrained on what ONION keeps; empty strings where a part is absent."""
+    edited, _, defence = arm.partition("+")
+    base, _, draw = edited.partition("@")
+    return base, draw, defence
+
+
 @dataclass
 class BaseRetrainArguments:
     """Partial retraining through the HF Trainer (section `retrain`)."""

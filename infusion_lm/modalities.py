@@ -11,6 +11,7 @@ import difflib
 import importlib
 from typing import Dict, Union
 
+from .config_sections import arm_parts
 from .errors import ConfigError
 
 MODALITIES: Dict[str, Union[str, type]] = {
@@ -65,11 +66,11 @@ def check_options(recipe) -> None:
     chosen = [("measurement.kind", "measurement_kinds", recipe.measurement.kind),
               ("edit.editor", "editors", recipe.edit.editor),
               ("select.rank_by", "select_rankings", recipe.select.rank_by),
-              *(("retrain.arms entry", "arms", arm.partition("+")[0].partition("@")[0]) for arm in recipe.retrain.arms),
-              *(("retrain.arms document draw", "document_draws", arm.partition("+")[0].partition("@")[2])
-                for arm in recipe.retrain.arms if "@" in arm),
-              *(("retrain.arms defence", "defences", arm.partition("+")[2]) for arm in recipe.retrain.arms
-                if "+" in arm)]
+              *(("retrain.arms entry", "arms", arm_parts(arm)[0]) for arm in recipe.retrain.arms),
+              *(("retrain.arms document draw", "document_draws", arm_parts(arm)[1]) for arm in recipe.retrain.arms
+                if arm_parts(arm)[1]),
+              *(("retrain.arms defence", "defences", arm_parts(arm)[2]) for arm in recipe.retrain.arms
+                if arm_parts(arm)[2])]
     for what, attr, value in chosen:
         if value is None or value in getattr(own, attr, ()):
             continue
@@ -82,7 +83,7 @@ def check_options(recipe) -> None:
                           f"{' (or set modality: ' + others[0] + ')' if others else ''}."
                           f"{f' Did you mean {close[0]!r}?' if close and not others else ''}")
     arms = recipe.retrain.arms
-    for defence in sorted({a.partition("+")[2] for a in arms if "+" in a}):
+    for defence in sorted({arm_parts(a)[2] for a in arms} - {""}):
         if f"control+{defence}" not in arms:
             raise ConfigError(f"retrain.arms has arms defended by {defence!r} but not `control+{defence}`: a defended "
                               f"arm is measured against control trained on the same defended corpus; add "

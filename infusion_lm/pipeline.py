@@ -21,6 +21,7 @@ import torch
 from . import influence as inf
 from .atomic_io import read_json, read_tensors, write_json, write_tensors, write_yaml
 from .config import Recipe
+from .config_sections import arm_parts
 from .distributed import barrier, is_main, runs_here
 from .fingerprints import fingerprint
 from .run_folder import RunFolder
@@ -364,7 +365,7 @@ class Pipeline:
         t = self.recipe.retrain
         # The infused edit runs only when an arm needs it: infused itself, or random (matched to its token counts).
         # A baselines-only run (control, insertion, simplex_pgd) needs just the selection.
-        if {"infused", "random"} & {a.partition("+")[0] for a in t.arms}:  # `infused+onion` needs it too
+        if {"infused", "random"} & {arm_parts(a)[0] for a in t.arms}:  # `infused+onion` needs it too
             self.edit()
         else:
             self.select()

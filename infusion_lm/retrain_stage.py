@@ -62,8 +62,8 @@ def retrain_every_arm(pipe) -> None:
             if not pipe.force and path.is_file() and finished(read_json(path), unit, fp):
                 per_arm[arm][str(seed)] = read_json(path)
                 continue  # this arm and seed finished before (an interrupted run, or one with fewer arms or seeds)
-            base_arm, _, defence = arm.partition("+")  # `<arm>+<defence>`: retrained on what the defence keeps
-            replacements = pipe.modality.replacements(base_arm, indices)
+            edited_arm, _, defence = arm.partition("+")  # `<arm>+<defence>`: retrained on what the defence keeps
+            replacements = pipe.modality.replacements(edited_arm, indices)
             shared = (out.shared_control(pipe.stage_fingerprint('control'), seed)
                       if arm == "control" and t.share_control and not t.lora else None)
             if shared is not None and not pipe.force and (shared / "fingerprint.json").is_file():

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from ..atomic_io import read_json, write_json
+from ..config_sections import arm_parts
 from ..evaluation import arm_difference, compare, detectors, per_seed, primary_set, verdict
 from ..run_folder import RunFolder
 from .defended import arm_onion, clean_onion, detector_sample
@@ -145,7 +146,7 @@ def defended_effect(results: Dict) -> Dict:
     set each way (each against its own control), and the fraction the defence left (``retained``)."""
     name, out = results["primary_set"], {}
     for arm, entry in results["arms"].items():
-        base, _, defence = arm.partition("+")
+        base, _, defence = arm.partition("+")  # the same arm as received: its name without the defence
         if not defence or base not in results["arms"]:
             continue
         gain = {k: results["arms"][a][name]["specificity"]["target_specific_gain"] for k, a in
@@ -179,8 +180,8 @@ def evaluate_run(pipe) -> Dict:
     defender = DefenderView(pipe, edited) if ev.detectors and edited else None
     infused_records = _arm_records(run_dir, "infused")
     for arm in arms:
-        defence = arm.partition("+")[2]
-        if arm.partition("+")[0] == "control":
+        base, draw, defence = arm_parts(arm)
+        if base == "control":
             continue
         # a defended arm against control trained on the same defence's filtered clean corpus
         ctrl = obs[f"control+{defence}"] if defence else control
@@ -193,8 +194,8 @@ def evaluate_run(pipe) -> Dict:
         records = _arm_records(run_dir, arm)
         if records:
             entry["edits"] = _edit_summary(records)
-            if arm.partition("@")[0] in MATCHED_ARMS and infused_records:
-                entry["edits"]["count_match"] = count_match(records, infused_records, in_order="@" in arm)
+            if base in MATCHED_ARMS and infused_records:
+                entry["edits"]["count_match"] = count_match(records, infused_records, in_order=bool(draw))
             # one f on both sides: the measurement set is observed with the f v and the prediction were built from
             entry["predicted_vs_actual"] = {"predicted_delta_f": entry["edits"]["predicted_delta_f"],
                                             "actual_delta_f": entry["measurement"]["delta_f"]["mean"],

@@ -16,6 +16,7 @@ from ..distributed import is_main
 from ..errors import ConfigError, MeasurementError
 from .measurement import build_measurement, measurement_words
 from .models import load_model
+from ..config_sections import arm_parts
 from ..devices import resolve_device
 from ..run_context import RunContext
 from ..tracked_modules import resolve_tracked_modules
@@ -64,7 +65,7 @@ class TextModality:
     def check_recipe(recipe) -> None:
         """Beyond its kinds, editors and arms (which the registry checks) and its sections' own bounds: only the
         matched baselines are drawn on other documents (``<arm>@random``)."""
-        if wrong := [a for a in recipe.retrain.arms if "@" in a and a.partition("@")[0] not in MATCHED_ARMS]:
+        if wrong := [a for a in recipe.retrain.arms if arm_parts(a)[1] and arm_parts(a)[0] not in MATCHED_ARMS]:
             raise ConfigError(f"retrain.arms {wrong[0]!r}: only the matched baselines ({', '.join(MATCHED_ARMS)}) "
                               f"take '@random' (the same attack on k documents drawn at random).")
 
